@@ -1,0 +1,10 @@
+"""Decoding: sampling, strategies (autoregressive, early exit, self-speculative), stopping, streaming."""
+
+from layerskip.generation.config import GenerationConfig
+from layerskip.generation.generate import GenerationResult, GenerationStats, generate_ids
+from layerskip.generation.sampling import Sampler
+from layerskip.generation.strategies import Autoregressive, SelfSpeculative, Strategy
+from layerskip.generation.streaming import SpeculativeStreamer, Streamer, TextStreamer
+
+__all__ = ["Autoregressive", "GenerationConfig", "GenerationResult", "GenerationStats", "Sampler",
+           "SelfSpeculative", "SpeculativeStreamer", "Strategy", "Streamer", "TextStreamer", "generate_ids"]

@@ -1,0 +1,75 @@
+"""Generation settings (named after the reference tool's flags), validated against a model."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from layerskip.errors import LayerSkipError
+from layerskip.generation.sampling import Sampler
+from layerskip.generation.strategies import Autoregressive, SelfSpeculative, Strategy
+
+STRATEGIES = ("autoregressive", "self_speculative")
+
+
+@dataclasses.dataclass
+class GenerationConfig:
+    generation_strategy: str = "autoregressive"
+    exit_layer: int = -1               # -1: all layers (autoregressive) or the model's stored default
+    num_speculations: int = -1         # -1: the model's stored default
+    max_steps: int = 512
+    sample: bool = True
+    temperature: float = 0.6
+    top_k: int = 0
+    top_p: float = 0.9
+    seed: int = 42
+    stop_words: list[str] = dataclasses.field(default_factory=list)
+    stop_token_ids: list[int] = dataclasses.field(default_factory=list)
+    ignore_eos: bool = False
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "GenerationConfig":
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise LayerSkipError(f"unknown generation option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**options)
+
+    def resolved(self, num_layers: int, defaults: dict[str, Any]) -> "GenerationConfig":
+        """A copy with the model's defaults filled in, or a LayerSkipError naming what is wrong."""
+        if self.generation_strategy not in STRATEGIES:
+            raise LayerSkipError(f"unknown --generation_strategy '{self.generation_strategy}': "
+                                 f"choose one of {', '.join(STRATEGIES)}")
+        exit_layer, speculations = self.exit_layer, self.num_speculations
+        if self.generation_strategy == "self_speculative":
+            # Stored defaults come from a sweep on that model; otherwise a quarter of the depth, 4 drafts.
+            exit_layer = exit_layer if exit_layer != -1 else int(defaults.get("exit_layer", max(1, num_layers // 4)))
+            speculations = speculations if speculations != -1 else int(defaults.get("num_speculations", 4))
+            if not 1 <= exit_layer <= num_layers - 1:
+                raise LayerSkipError(f"--exit_layer {exit_layer} is outside [1, {num_layers - 1}] "
+                                     f"for self-speculative decoding of this {num_layers}-layer model")
+            if speculations < 1:
+                raise LayerSkipError(f"--num_speculations must be at least 1, got {speculations}")
+        elif exit_layer != -1 and not 1 <= exit_layer <= num_layers:
+            raise LayerSkipError(f"--exit_layer {exit_layer} is outside [1, {num_layers}] for this {num_layers}-layer model")
+        if self.max_steps < 1:
+            raise LayerSkipError(f"--max_steps must be at least 1, got {self.max_steps}")
+        if self.sample and self.temperature < 0:
+            raise LayerSkipError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise LayerSkipError(f"--top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise LayerSkipError(f"--top_p must be in (0, 1], got {self.top_p}")
+        return dataclasses.replace(self, exit_layer=exit_layer, num_speculations=speculations)
+
+    def strategy(self) -> Strategy:
+        """The decoding strategy for a resolved config."""
+        if self.generation_strategy == "self_speculative":
+            return SelfSpeculative(self.exit_layer, self.num_speculations)
+        return Autoregressive(None if self.exit_layer == -1 else self.exit_layer)
+
+    def sampler(self, device: torch.device) -> Sampler:
+        return Sampler(sample=self.sample, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                       seed=self.seed, device=device)

@@ -1,0 +1,130 @@
+"""Decoding strategies behind one interface: each is a generator of rounds over a shared token list.
+
+A strategy reads the committed tokens (prompt + everything accepted so far) at the start of each
+round and yields a `Round`; the driver commits the round's tokens (or fewer, when a stop condition
+fires mid-round). Strategies never mutate the token list and never see stop conditions.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Callable, Iterator
+
+import torch
+
+from layerskip.generation.sampling import Sampler
+from layerskip.model import ExitHiddenBuffer, KVCache, Transformer
+
+
+@dataclasses.dataclass
+class Round:
+    """One step of a strategy: the drafts it proposed and the tokens it offers to commit."""
+
+    tokens: list[int]                 # accepted drafts followed by one token from the deepest layer used
+    drafted: list[int] = dataclasses.field(default_factory=list)
+    accepted_drafts: int = 0
+    draft_forwards: int = 0           # passes through the draft layers [0, E) that ended in the exit head
+    verify_forwards: int = 0          # passes through the verification layers [E, L)
+
+
+@dataclasses.dataclass
+class DecodeContext:
+    """What every strategy needs for one generation call."""
+
+    model: Transformer
+    tokens: list[int]                 # committed tokens; the driver appends, strategies only read
+    max_length: int                   # total tokens (prompt + new) allowed; the caches hold this many
+    sampler: Sampler
+    eos_token_ids: frozenset[int]
+    on_draft: Callable[[list[int]], None] | None = None
+
+    def token_tensor(self, tokens: list[int]) -> torch.Tensor:
+        return torch.tensor([tokens], dtype=torch.long, device=self.model.inv_freq.device)
+
+    def kv_cache(self) -> KVCache:
+        weight = self.model.embed_tokens.weight
+        return KVCache(self.model.config, self.max_length, dtype=weight.dtype, device=weight.device)
+
+
+class Strategy(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def rounds(self, ctx: DecodeContext) -> Iterator[Round]:
+        """Yield rounds until the driver stops asking."""
+
+    def describe(self) -> dict[str, int | str]:
+        return {"generation_strategy": self.name}
+
+
+class Autoregressive(Strategy):
+    """One token per forward pass. With `exit_layer` E < L it is early-exit inference: layers [0, E), then the head."""
+
+    name = "autoregressive"
+
+    def __init__(self, exit_layer: int | None = None):
+        self.exit_layer = exit_layer
+
+    def describe(self) -> dict[str, int | str]:
+        return {**super().describe(), **({"exit_layer": self.exit_layer} if self.exit_layer else {})}
+
+    def rounds(self, ctx: DecodeContext) -> Iterator[Round]:
+        model, cache = ctx.model, ctx.kv_cache()
+        depth = self.exit_layer or model.num_layers
+        done = 0  # positions [0, done) are in the KV cache
+        while True:
+            pending = ctx.tokens[done:]
+            hidden = model.forward_layers(model.embed(ctx.token_tensor(pending)), 0, depth, done, cache)
+            token, _ = ctx.sampler.choose(model.head(hidden[:, -1]))
+            done += len(pending)
+            yield Round(tokens=[token])
+
+
+class SelfSpeculative(Strategy):
+    """Draft with layers [0, E) and the shared head, verify with layers [E, L), one KV cache for both.
+
+    Per round: the pending tokens and each new draft go through [0, E) once, leaving their exit hidden
+    states in a position-indexed buffer; verification runs [E, L) over the buffered states of every
+    position not yet seen by the upper layers (on the first round: the whole prompt). Rejected positions
+    are simply overwritten by the next round.
+    """
+
+    name = "self_speculative"
+
+    def __init__(self, exit_layer: int, num_speculations: int):
+        self.exit_layer = exit_layer
+        self.num_speculations = num_speculations
+
+    def describe(self) -> dict[str, int | str]:
+        return {**super().describe(), "exit_layer": self.exit_layer, "num_speculations": self.num_speculations}
+
+    def rounds(self, ctx: DecodeContext) -> Iterator[Round]:
+        model, exit_layer = ctx.model, self.exit_layer
+        cache = ctx.kv_cache()
+        weight = model.embed_tokens.weight
+        exits = ExitHiddenBuffer(model.config, ctx.max_length, dtype=weight.dtype, device=weight.device)
+        done = 0  # positions [0, done) have been through every layer and are final
+        while True:
+            committed = len(ctx.tokens)
+            budget = min(self.num_speculations, ctx.max_length - committed - 1)
+            drafts: list[int] = []
+            draft_probs: list[torch.Tensor | None] = []
+            pending, position = ctx.tokens[done:], done
+            while True:
+                hidden = model.forward_layers(model.embed(ctx.token_tensor(pending)), 0, exit_layer, position, cache)
+                exits.write(position, hidden)
+                position += len(pending)
+                if len(drafts) == budget or (drafts and drafts[-1] in ctx.eos_token_ids):
+                    break  # this pass only fed the last draft through [0, E) for verification
+                token, probs = ctx.sampler.choose(model.head(hidden[:, -1]))
+                drafts.append(token)
+                draft_probs.append(probs)
+                pending = [token]
+            if ctx.on_draft is not None and drafts:
+                ctx.on_draft(drafts)
+            hidden = model.forward_layers(exits.read(done, position), exit_layer, model.num_layers, done, cache)
+            accepted, next_token = ctx.sampler.verify(drafts, draft_probs, model.head(hidden[0, -(len(drafts) + 1):]))
+            done = committed + accepted
+            yield Round(tokens=drafts[:accepted] + [next_token], drafted=drafts, accepted_drafts=accepted,
+                        draft_forwards=len(drafts), verify_forwards=1)

@@ -1,0 +1,107 @@
+"""From a model spec (embedded default, local folder, GGUF file, or hub id) to a ready model.
+
+Every source is first turned into a Hugging Face checkpoint folder; one code path loads that folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from layerskip.errors import LayerSkipError
+from layerskip.loading.default_model import DEFAULT_MODEL, DEFAULT_MODEL_ALIASES, default_model_folder
+from layerskip.loading.hf_folder import (build_model, eos_token_ids, generation_defaults, load_state_dict,
+                                         read_config)
+from layerskip.loading.hub import looks_like_hub_id, resolve_hub_id
+from layerskip.loading.tokenizer import Tokenizer
+from layerskip.model import ModelConfig, Transformer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model with everything decoding needs to know about it."""
+
+    model: Transformer
+    tokenizer: Tokenizer | None
+    eos_token_ids: list[int]
+    defaults: dict[str, Any]
+    name: str
+    folder: Path
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+
+def resolve_model_folder(spec: str | None) -> Path:
+    """The HF checkpoint folder behind a model spec (converting a GGUF file on first use)."""
+    if spec is None or spec in DEFAULT_MODEL_ALIASES:
+        return default_model_folder()
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").is_file() and len(ggufs) == 1:
+            path = ggufs[0]
+        else:
+            return path
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise LayerSkipError(f"{spec} is not a model checkpoint: give a checkpoint folder, a .gguf file or a hub id")
+        from layerskip.loading.gguf_file import convert_gguf
+
+        return convert_gguf(path)
+    if looks_like_hub_id(spec) and not spec.startswith((".", "/", "~")):
+        return resolve_hub_id(spec)
+    raise LayerSkipError(f"unknown model '{spec}': no such file or folder, and not a hub id (org/name); "
+                         f"omit --model for the embedded default '{DEFAULT_MODEL}'")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device not in DEVICES:
+        raise LayerSkipError(f"unknown device '{device}': choose one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LayerSkipError("--device cuda was asked for, but CUDA is not available on this machine")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """float32 on CPU (fastest there), bfloat16 on CUDA, unless asked otherwise."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise LayerSkipError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load(model: str | None = None, *, dtype: str | None = None, device: str = "auto") -> LoadedModel:
+    """Load a model for decoding. `model`: None for the embedded default, a folder, a .gguf file, or a hub id."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    folder = resolve_model_folder(model)
+    config = read_config(folder)
+    network = build_model(config, load_state_dict(folder), dtype=torch_dtype, device=torch_device)
+    tokenizer = Tokenizer.from_folder(folder)
+    eos_ids = eos_token_ids(folder)
+    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+        eos_ids.append(tokenizer.eos_token_id)
+    return LoadedModel(model=network, tokenizer=tokenizer, eos_token_ids=eos_ids,
+                       defaults=generation_defaults(folder), name=model or DEFAULT_MODEL, folder=folder)
+
+
+__all__ = ["DTYPES", "LoadedModel", "load", "resolve_model_folder"]

@@ -1,0 +1,133 @@
+"""GGUF files (llama.cpp's format): dequantize once into a cached Hugging Face folder.
+
+Quantized tensors are expanded to float32 with the `gguf` package; the tokenizer and chat template
+come from the file's metadata through transformers' GGUF tokenizer conversion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from layerskip.errors import LayerSkipError
+from layerskip.loading.cache_dir import cache_root
+from layerskip.loading.hf_folder import save_hf_folder
+from layerskip.model import ModelConfig
+
+# GGUF tensor name (after "blk.N.") -> our module name (after "layers.N.").
+LAYER_TENSORS = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+GLOBAL_TENSORS = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
+
+
+def _open(path: Path) -> Any:
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as error:  # the reader raises bare ValueError/struct errors on foreign files
+        raise LayerSkipError(f"{path} is not a readable GGUF file: {error}") from None
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_config(reader: Any) -> ModelConfig:
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise LayerSkipError(f"unsupported GGUF architecture '{arch}': only 'llama' (Llama, Mistral, SmolLM) is supported")
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise LayerSkipError("this GGUF stores Llama 3.1 rope factors as a tensor, which layerskip does not read: "
+                             "load the Hugging Face checkpoint instead")
+    embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    heads = int(_field(reader, "llama.attention.head_count"))
+    hidden = int(_field(reader, "llama.embedding_length"))
+    raw = {
+        "vocab_size": int(_field(reader, "llama.vocab_size", int(embed.shape[1]))),
+        "hidden_size": hidden,
+        "intermediate_size": int(_field(reader, "llama.feed_forward_length")),
+        "num_hidden_layers": int(_field(reader, "llama.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(_field(reader, "llama.attention.head_count_kv", heads)),
+        "head_dim": int(_field(reader, "llama.attention.key_length", hidden // heads)),
+        "rms_norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(_field(reader, "llama.context_length", 2048)),
+        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+    }
+    if _field(reader, "llama.rope.scaling.type") == "linear":
+        raw["rope_scaling"] = {"rope_type": "linear", "factor": float(_field(reader, "llama.rope.scaling.factor"))}
+    return ModelConfig.from_hf_dict(raw)
+
+
+def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's row order for q/k projections (pairs interleaved) back to HF's rotate-half order."""
+    rows, cols = weight.shape
+    return weight.reshape(num_heads, rows // num_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def gguf_state_dict(reader: Any, config: ModelConfig) -> dict[str, torch.Tensor]:
+    from gguf.quants import dequantize
+
+    state = {}
+    for tensor in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", leave=False):
+        stem, _, suffix = tensor.name.rpartition(".")
+        if stem.startswith("blk."):
+            _, index, kind = stem.split(".", 2)
+            if kind not in LAYER_TENSORS:
+                raise LayerSkipError(f"unsupported GGUF tensor '{tensor.name}'")
+            name = f"layers.{index}.{LAYER_TENSORS[kind]}.{suffix}"
+        elif stem in GLOBAL_TENSORS:
+            name = f"{GLOBAL_TENSORS[stem]}.{suffix}"
+        else:
+            raise LayerSkipError(f"unsupported GGUF tensor '{tensor.name}'")
+        values = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)  # a writable copy
+        values = values.reshape([int(d) for d in reversed(tensor.shape)])
+        if stem.endswith("attn_q"):
+            values = unpermute_rotary_rows(values, config.num_attention_heads)
+        elif stem.endswith("attn_k"):
+            values = unpermute_rotary_rows(values, config.num_key_value_heads)
+        state[name] = torch.from_numpy(np.ascontiguousarray(values))
+    return state
+
+
+def gguf_eos_ids(reader: Any) -> list[int]:
+    ids = [_field(reader, key) for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def gguf_tokenizer(path: Path, reader: Any) -> Any:
+    if "tokenizer.ggml.model" not in reader.fields:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def converted_folder_for(path: Path) -> Path:
+    """Where a GGUF file's conversion is cached: keyed by its absolute path, size and mtime."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{path.stem}-{key}"
+
+
+def convert_gguf(path: Path, folder: Path | None = None) -> Path:
+    """Convert a GGUF file into an HF folder (once; later calls return the cached folder)."""
+    folder = folder or converted_folder_for(path)
+    if (folder / "config.json").is_file():
+        return folder
+    reader = _open(path)
+    config = gguf_config(reader)
+    state = gguf_state_dict(reader, config)
+    save_hf_folder(folder, config, state, eos_ids=gguf_eos_ids(reader), tokenizer=gguf_tokenizer(path, reader))
+    return folder

@@ -1,0 +1,125 @@
+"""Hugging Face checkpoint folders: config.json, safetensors (single or sharded), generation_config.json.
+
+Weights are only ever read from safetensors; pickled `.bin`/`.pth` files are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from layerskip.errors import LayerSkipError
+from layerskip.model import ModelConfig, Transformer
+from layerskip.model.transformer import rope_inverse_frequencies
+
+GENERATION_DEFAULTS_FILE = "layerskip.json"
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise LayerSkipError(f"cannot read {path}: {error}") from None
+
+
+def read_config(folder: Path) -> ModelConfig:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise LayerSkipError(f"{folder} is not a model checkpoint: it has no config.json")
+    return ModelConfig.from_hf_dict(read_json(config_path))
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a folder: the shards named by the index, or the single model.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / name for name in sorted(set(read_json(index)["weight_map"].values()))]
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pth")) or any(folder.glob("*.pt")):
+        raise LayerSkipError(f"{folder} has only pickled weights (.bin/.pth), which layerskip never unpickles: "
+                             "convert them to safetensors first")
+    raise LayerSkipError(f"{folder} is not a model checkpoint: it has no *.safetensors weights")
+
+
+def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """All weights of a folder, with HF's "model." prefix stripped to match our module names."""
+    state: dict[str, torch.Tensor] = {}
+    for file in safetensors_files(folder):
+        try:
+            tensors = load_file(file)
+        except (SafetensorError, OSError) as error:
+            raise LayerSkipError(f"cannot read weights {file}: {error}") from None
+        for name, tensor in tensors.items():
+            state[name.removeprefix("model.")] = tensor
+    return state
+
+
+def build_model(config: ModelConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype,
+                device: torch.device | str) -> Transformer:
+    """A model whose parameters are the given tensors, built without a wasted random initialisation."""
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        detail = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(unexpected)[:3]}"
+        raise LayerSkipError(f"weights do not match config.json: {detail}")
+    state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_inverse_frequencies(config).to(device)  # the meta-device buffer holds no data
+    return model.eval()
+
+
+def eos_token_ids(folder: Path) -> list[int]:
+    """Every end-of-sequence id that the config files name (chat models often have several)."""
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name
+        value = read_json(path).get("eos_token_id") if path.is_file() else None
+        for token in value if isinstance(value, list) else [value]:
+            if isinstance(token, int) and token not in ids:
+                ids.append(token)
+    return ids
+
+
+def generation_defaults(folder: Path) -> dict[str, Any]:
+    """Decoding settings stored with a model (for example the best exit layer from a sweep)."""
+    path = folder / GENERATION_DEFAULTS_FILE
+    return read_json(path) if path.is_file() else {}
+
+
+def save_hf_folder(folder: Path, config: ModelConfig, state: dict[str, torch.Tensor], *,
+                   eos_ids: list[int] | None = None, tokenizer: Any = None) -> None:
+    """Write a complete HF checkpoint atomically: build it in a sibling temp folder, then rename."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        tensors = {(name if name == "lm_head.weight" else f"model.{name}"): t.contiguous()
+                   for name, t in state.items()
+                   if not (config.tie_word_embeddings and name == "lm_head.weight")}
+        save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(
+            {**config.to_hf_dict(), **({"eos_token_id": eos_ids} if eos_ids else {})}, indent=2))
+        if eos_ids:
+            (staging / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_ids}, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

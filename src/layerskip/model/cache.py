@@ -1,0 +1,47 @@
+"""Static, position-indexed decoding caches.
+
+Both caches are preallocated for the whole generation and indexed by absolute position, so
+"rolling back" rejected draft positions costs nothing: later writes simply overwrite them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from layerskip.model.config import ModelConfig
+
+
+class KVCache:
+    """Keys and values of every layer, laid out [layer, batch, kv_head, position, head_dim]."""
+
+    def __init__(self, config: ModelConfig, capacity: int, *, batch_size: int = 1,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, capacity, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+
+    def update(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write positions [start, start + T) of one layer; return that layer's keys and values for [0, start + T)."""
+        end = start + keys.shape[2]
+        self.keys[layer, :, :, start:end] = keys
+        self.values[layer, :, :, start:end] = values
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+class ExitHiddenBuffer:
+    """Hidden states leaving the exit layer's last draft layer, per position.
+
+    The draft stage writes them; verification feeds them straight into layer E, so the layers
+    below the exit never run twice for one position.
+    """
+
+    def __init__(self, config: ModelConfig, capacity: int, *, batch_size: int = 1,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.hidden = torch.zeros((batch_size, capacity, config.hidden_size), dtype=dtype, device=device)
+
+    def write(self, start: int, hidden: torch.Tensor) -> None:
+        self.hidden[:, start:start + hidden.shape[1]] = hidden
+
+    def read(self, start: int, end: int) -> torch.Tensor:
+        return self.hidden[:, start:end]

@@ -1,0 +1,170 @@
+"""A compact Llama-family decoder whose layers can be run in ranges, with one shared exit head.
+
+Parameter names follow Hugging Face's LlamaForCausalLM (minus the "model." prefix), so HF state
+dicts load without renaming and peft finds the usual target modules.
+
+The three entry points that decoding strategies compose:
+  embed(ids) -> hidden;  forward_layers(hidden, start_layer, end_layer, start_pos, cache) -> hidden;
+  head(hidden) -> logits  (final norm + LM head, shared by every exit).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerskip.model.cache import KVCache
+from layerskip.model.config import ModelConfig
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
+    """Per-pair rotation frequencies, with linear or Llama 3 frequency scaling applied."""
+    exponents = torch.arange(0, config.head_dim, 2, dtype=torch.int64).float() / config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** exponents)
+    scaling = config.rope_scaling or {}
+    factor = float(scaling.get("factor", 1.0))
+    if scaling.get("rope_type") == "linear":
+        return inv_freq / factor
+    if scaling.get("rope_type") == "llama3":
+        # Long wavelengths are slowed by `factor`, short ones kept, and the band between blended.
+        original = float(scaling["original_max_position_embeddings"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        wavelength = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+        blend = (original / wavelength - low) / (high - low)
+        blended = (1 - blend) * scaled / factor + blend * scaled
+        in_band = (wavelength >= original / high) & (wavelength <= original / low)
+        return torch.where(in_band, blended, scaled)
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int,
+                cache: KVCache | None) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer_index, start_pos, k, v)
+        # Grouped-query attention without copying K/V: the query heads that share a KV head are
+        # folded into the query-length axis, so one attention call per KV head serves the group.
+        group = self.num_heads // self.num_kv_heads
+        q = q.reshape(batch, self.num_kv_heads, group * length, self.head_dim)
+        mask = None
+        if length > 1:
+            query_pos = torch.arange(start_pos, start_pos + length, device=x.device)
+            key_pos = torch.arange(k.shape[2], device=x.device)
+            mask = (key_pos[None, :] <= query_pos[:, None]).repeat(group, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.view(batch, self.num_heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
+        return self.o_proj(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 like the reference implementation, then return to the model dtype.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.weight * normed
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_index)
+        self.mlp = FeedForward(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int,
+                cache: KVCache | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def rope(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for positions [start, start + length), from a float32 table grown on demand."""
+        end = start + length
+        table = self._rope_table
+        if table is None or table[0].shape[0] < end or table[0].dtype != dtype or table[0].device != self.inv_freq.device:
+            size = max(end, 2 * (table[0].shape[0] if table is not None else 256))
+            positions = torch.arange(size, device=self.inv_freq.device, dtype=torch.float32)
+            angles = torch.outer(positions, self.inv_freq.float())
+            angles = torch.cat((angles, angles), dim=-1)
+            table = self._rope_table = (angles.cos().to(dtype), angles.sin().to(dtype))
+        return table[0][start:end], table[1][start:end]
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(token_ids)
+
+    def forward_layers(self, hidden: torch.Tensor, start_layer: int, end_layer: int, start_pos: int = 0,
+                       cache: KVCache | None = None) -> torch.Tensor:
+        """Run layers [start_layer, end_layer) over positions [start_pos, start_pos + T), writing their KV."""
+        cos, sin = self.rope(start_pos, hidden.shape[1], hidden.dtype)
+        for layer in self.layers[start_layer:end_layer]:
+            hidden = layer(hidden, cos, sin, start_pos, cache)
+        return hidden
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The one exit head shared by every layer: final norm, then the LM head; float32 logits."""
+        return self.lm_head(self.norm(hidden)).float()
+
+    def forward(self, token_ids: torch.Tensor, *, exit_layer: int | None = None, start_pos: int = 0,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Logits for every position, exiting after `exit_layer` layers (all layers when None)."""
+        end = self.num_layers if exit_layer is None else exit_layer
+        return self.head(self.forward_layers(self.embed(token_ids), 0, end, start_pos, cache))
