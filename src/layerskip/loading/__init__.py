@@ -96,6 +96,7 @@ def load(model: str | None = None, *, dtype: str | None = None, device: str = "a
     folder = resolve_model_folder(model)
     config = read_config(folder)
     network = build_model(config, load_state_dict(folder), dtype=torch_dtype, device=torch_device)
+    network.pack_for_cpu_inference()
     tokenizer = Tokenizer.from_folder(folder)
     eos_ids = eos_token_ids(folder)
     if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:

@@ -1,0 +1,180 @@
+"""`layerskip` command line. Flag names follow the reference LayerSkip tool so its users need not relearn them.
+
+A user mistake prints one line, `layerskip: error: ...`, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import sys
+from typing import Any, NoReturn, Sequence
+
+from layerskip.errors import LayerSkipError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise LayerSkipError(f"{message} (see `{self.prog} --help`)")
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
+def parse_int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def unescape(text: str) -> str:
+    """Let users type stop words such as '\\n\\n' on a shell line."""
+    return codecs.decode(text, "unicode_escape") if "\\" in text else text
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="checkpoint folder, .gguf file or hub id (default: the embedded smollm2-135m)")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default) or float16")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation")
+    group.add_argument("--generation_strategy", default="autoregressive", help="autoregressive or self_speculative")
+    group.add_argument("--exit_layer", type=int, default=-1,
+                       help="layers used by the draft (self_speculative) or by early-exit inference (autoregressive)")
+    group.add_argument("--num_speculations", type=int, default=-1, help="draft tokens per self-speculative round")
+    group.add_argument("--max_steps", type=int, default=512, help="maximum new tokens")
+    group.add_argument("--sample", type=parse_bool, nargs="?", const=True, default=True,
+                       help="sample (default) or, with --sample false, decode greedily")
+    group.add_argument("--temperature", type=float, default=0.6)
+    group.add_argument("--top_k", type=int, default=0, help="0 disables top-k")
+    group.add_argument("--top_p", type=float, default=0.9, help="1.0 disables nucleus sampling")
+    group.add_argument("--seed", type=int, default=42)
+    group.add_argument("--stop_words", nargs="*", type=unescape, default=[],
+                       help="stop when the text contains one of these (backslash escapes allowed: '\\n\\n')")
+    group.add_argument("--stop_token_ids", type=parse_int_list, default=[], help="comma-separated ids that end decoding")
+    group.add_argument("--ignore_eos", action="store_true", help="keep decoding past end-of-sequence tokens")
+
+
+def generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in (
+        "generation_strategy", "exit_layer", "num_speculations", "max_steps", "sample", "temperature", "top_k",
+        "top_p", "seed", "stop_words", "stop_token_ids", "ignore_eos")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="layerskip", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    generate = commands.add_parser("generate", help="generate text (one-shot, from stdin, or interactive)",
+                                   description="Generate with autoregressive, early-exit or self-speculative decoding.")
+    add_model_arguments(generate)
+    add_generation_arguments(generate)
+    prompt = generate.add_argument_group("prompt and output")
+    prompt.add_argument("--prompt", default=None, help="the prompt; without it, stdin is read (or a chat starts on a terminal)")
+    prompt.add_argument("--prompt_ids", type=parse_int_list, default=None, help="token ids instead of a prompt: 1,17,42")
+    prompt.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                        help="wrap the prompt in the model's chat template (default: when the model has one)")
+    prompt.add_argument("--streamer", choices=("text", "speculative", "none"), default="text",
+                        help="print text as it is accepted; 'speculative' also shows drafts and which were accepted")
+    prompt.add_argument("--output", choices=("text", "json"), default="text",
+                        help="'json' prints one object with text, token_ids and stats (no streaming)")
+    generate.set_defaults(run=run_generate)
+    return parser
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    line = (f"{stats['new_tokens']} tokens in {stats['seconds']:.2f} s: {stats['tokens_per_second']:.1f} tokens/s, "
+            f"{1000 * stats['time_per_token']:.1f} ms/token")
+    if stats["acceptance_rate"] is not None:
+        line += (f"; acceptance {100 * stats['acceptance_rate']:.1f}%, {stats['mean_tokens_per_round']:.2f} tokens/round, "
+                 f"accepted lengths {stats['accepted_length_counts']}, "
+                 f"{stats['draft_forwards']} draft / {stats['verify_forwards']} verify forwards")
+    return line
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import layerskip
+    from layerskip.generation import GenerationConfig, SpeculativeStreamer, TextStreamer
+
+    loaded = layerskip.load(args.model, dtype=args.dtype, device=args.device)
+    config = GenerationConfig.from_options(generation_options(args)).resolved(loaded.config.num_hidden_layers,
+                                                                             loaded.defaults)
+
+    def streamer_for() -> Any:
+        if args.output == "json" or args.streamer == "none" or loaded.tokenizer is None:
+            return None
+        kind = SpeculativeStreamer if args.streamer == "speculative" else TextStreamer
+        return kind(loaded.tokenizer, config.stop_words)
+
+    def run_once(prompt: Any, prompt_ids: Sequence[int] | None) -> Any:
+        ids = layerskip.encode_prompt(loaded, prompt, prompt_ids=prompt_ids, chat=args.chat)
+        streamer = streamer_for()
+        result = layerskip.api.generate_with_config(loaded, ids, config, streamer=streamer)
+        if args.output == "json":
+            print(json.dumps({"model": loaded.name, **result.as_dict()}, ensure_ascii=False))
+        else:
+            if streamer is None:
+                print(result.text if result.text is not None else ",".join(map(str, result.token_ids)))
+            print(format_stats(result.stats.as_dict()), file=sys.stderr)
+        return result
+
+    if args.prompt_ids is not None or args.prompt is not None:
+        run_once(args.prompt, args.prompt_ids)
+    elif not sys.stdin.isatty():
+        run_once(sys.stdin.read(), None)
+    else:
+        interactive(loaded, run_once, args.chat)
+    return 0
+
+
+def interactive(loaded: Any, run_once: Any, chat: bool | None) -> None:
+    """A chat loop: the conversation is kept for chat models; /reset clears it, /quit or Ctrl-D leaves."""
+    use_chat = loaded.tokenizer is not None and loaded.tokenizer.has_chat_template and chat is not False
+    print(f"layerskip chat with {loaded.name} ({'chat template' if use_chat else 'plain prompts'}); "
+          "/reset clears the history, /quit or Ctrl-D leaves.", file=sys.stderr)
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if line.strip() in {"/quit", "/exit"}:
+            return
+        if line.strip() == "/reset":
+            history.clear()
+            continue
+        if not line.strip():
+            continue
+        if use_chat:
+            history.append({"role": "user", "content": line})
+            result = run_once(history, None)
+            history.append({"role": "assistant", "content": result.text or ""})
+        else:
+            run_once(line, None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.run(args)
+    except LayerSkipError as error:
+        print(f"layerskip: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
