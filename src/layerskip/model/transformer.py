@@ -42,11 +42,13 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """nn.Linear with an optional oneDNN-prepacked copy of its weight for CPU float32 inference.
+    """nn.Linear with an optional oneDNN-prepacked copy of its weight for CPU float32 decoding steps.
 
-    Decoding multiplies one activation row by each weight: MKL's default path streams weights at about
-    10 GB/s on our 2-core machine, the prepacked oneDNN path at about 13 GB/s (see docs/BENCHMARKS.md).
-    The packed copy costs the weight's memory again; gradients always use the plain weight.
+    A decoding step multiplies one activation row by each weight: MKL's default path streams weights at
+    about 10 GB/s on our 2-core machine, the prepacked oneDNN path at about 13 GB/s (docs/BENCHMARKS.md).
+    Only single-row inputs take it: several rows (prefill, verification) are efficient in MKL already and
+    stay bit-identical to transformers. The packed copy costs the weight's memory again; gradients
+    always use the plain weight.
     """
 
     packed: torch.Tensor | None = None
@@ -55,7 +57,7 @@ class Linear(nn.Linear):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and not torch.is_grad_enabled():
+        if self.packed is not None and x.numel() == x.shape[-1] and not torch.is_grad_enabled():
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 

@@ -1,0 +1,215 @@
+"""Greedy self-speculative decoding is token-identical to autoregressive decoding; caches roll back exactly."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import layerskip
+from layerskip.generation import Autoregressive, Sampler, SelfSpeculative, Streamer, generate_ids
+from layerskip.generation.strategies import DecodeContext
+from layerskip.model import KVCache
+
+GREEDY = dict(sample=False)
+
+
+class RoundRecorder(Streamer):
+    """Counts rounds whose tokens were cut short by a stop condition (a stop reached mid-round)."""
+
+    def __init__(self) -> None:
+        self.cut_rounds = 0
+
+    def on_tokens(self, committed, step) -> None:
+        self.cut_rounds += len(committed) < len(step.tokens)
+
+
+# ---------------------------------------------------------------- tiny random model: many configurations
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from conftest import make_hf_model
+
+    folder = tmp_path_factory.mktemp("tiny")
+    make_hf_model(num_hidden_layers=5).save_pretrained(folder)
+    return layerskip.load(str(folder))
+
+
+TINY_PROMPTS = [[3, 14, 15, 92, 65], [2, 71, 82, 81, 82, 84, 59, 4, 52], [9], [60, 61, 62, 63, 64, 65, 66, 67]]
+
+
+@pytest.mark.parametrize("exit_layer", [1, 2, 4])
+@pytest.mark.parametrize("num_speculations", [1, 3, 8])
+def test_tiny_self_speculative_greedy_equals_autoregressive(tiny, exit_layer, num_speculations):
+    for prompt in TINY_PROMPTS:
+        reference = layerskip.generate(tiny, prompt_ids=prompt, max_steps=30, **GREEDY)
+        result = layerskip.generate(tiny, prompt_ids=prompt, max_steps=30, generation_strategy="self_speculative",
+                                    exit_layer=exit_layer, num_speculations=num_speculations, **GREEDY)
+        assert result.token_ids == reference.token_ids
+        stats = result.stats
+        assert stats.new_tokens == 30 and stats.verify_forwards == stats.rounds
+        # Every round drafts except, possibly, a last one with a single token of budget left.
+        assert stats.rounds - 1 <= sum(stats.accepted_length_counts) <= stats.rounds
+        assert sum(i * n for i, n in enumerate(stats.accepted_length_counts)) == stats.accepted_drafts
+
+
+def test_stop_token_reached_mid_round(tiny):
+    prompt = TINY_PROMPTS[1]
+    reference = layerskip.generate(tiny, prompt_ids=prompt, max_steps=30, **GREEDY).token_ids
+    stop = reference[7]
+    recorder = RoundRecorder()
+    result = layerskip.generate(tiny, prompt_ids=prompt, max_steps=30, generation_strategy="self_speculative",
+                                exit_layer=4, num_speculations=8, stop_token_ids=[stop], streamer=recorder, **GREEDY)
+    assert result.token_ids == reference[:reference.index(stop) + 1]
+    assert result.finish_reason == "stop_token"
+
+
+def test_early_exit_equals_argmax_of_exit_logits(tiny):
+    prompt = list(TINY_PROMPTS[0])
+    result = layerskip.generate(tiny, prompt_ids=prompt, max_steps=12, exit_layer=2, **GREEDY)
+    tokens = list(prompt)
+    with torch.inference_mode():
+        for _ in range(12):
+            tokens.append(int(tiny.model(torch.tensor([tokens]), exit_layer=2)[0, -1].argmax()))
+    assert result.token_ids == tokens[len(prompt):]
+
+
+class RecordingContext(DecodeContext):
+    def kv_cache(self) -> KVCache:
+        self.cache = super().kv_cache()
+        return self.cache
+
+
+def test_kv_cache_after_rejections_equals_cache_of_accepted_tokens_only(tiny):
+    model = tiny.model
+    tokens = list(TINY_PROMPTS[1])
+    ctx = RecordingContext(model=model, tokens=tokens, max_length=64, sampler=Sampler(sample=False),
+                           eos_token_ids=frozenset())
+    rejected_rounds = 0
+    with torch.inference_mode():
+        rounds = SelfSpeculative(exit_layer=1, num_speculations=4).rounds(ctx)
+        for _ in range(12):
+            step = next(rounds)
+            tokens.extend(step.tokens)
+            rejected_rounds += step.accepted_drafts < len(step.drafted)
+            if step.accepted_drafts < len(step.drafted):
+                # Positions [0, len-1) are final; the newest token is not yet in any cache.
+                final = len(tokens) - 1
+                reference = KVCache(model.config, 64)
+                model(torch.tensor([tokens[:final]]), cache=reference)
+                assert torch.allclose(ctx.cache.keys[:, :, :, :final], reference.keys[:, :, :, :final], atol=1e-5)
+                assert torch.allclose(ctx.cache.values[:, :, :, :final], reference.values[:, :, :, :final], atol=1e-5)
+        rounds.close()
+    assert rejected_rounds >= 3
+
+
+def test_max_steps_and_context_length_bound_every_strategy(tiny_checkpoint):
+    folder, _ = tiny_checkpoint(max_position_embeddings=24)
+    loaded = layerskip.load(str(folder))
+    prompt = list(range(10, 20))
+    for options in ({}, dict(generation_strategy="self_speculative", exit_layer=2, num_speculations=5)):
+        capped = layerskip.generate(loaded, prompt_ids=prompt, max_steps=7, **options, **GREEDY)
+        assert len(capped.token_ids) == 7 and capped.finish_reason == "max_steps"
+        full = layerskip.generate(loaded, prompt_ids=prompt, max_steps=100, **options, **GREEDY)
+        assert len(full.token_ids) == 24 - len(prompt) and full.finish_reason == "context_length"
+
+
+# ---------------------------------------------------------------- the embedded default: real text
+
+CODE = [
+    "def quicksort(items):\n",
+    "import os\n\ndef list_python_files(folder):\n    \"\"\"Return the .py files under folder.\"\"\"\n",
+    "class Stack:\n    def __init__(self):\n",
+    "# Compute the n-th Fibonacci number iteratively\ndef fib(n):\n",
+    "SELECT name, COUNT(*) FROM orders",
+    "function debounce(fn, wait) {\n",
+    "for i in range(10):\n    if i % 3 == 0:\n",
+    "#include <stdio.h>\n\nint main(void) {\n",
+]
+PROSE = [
+    "The history of the printing press begins",
+    "Photosynthesis is the process by which",
+    "Once upon a time, in a small village by the sea,",
+    "The three most important things to know about volcanoes are",
+    "In economics, inflation refers to",
+    "The first rule of writing clear documentation is",
+    "Mount Everest is",
+    "A good night's sleep matters because",
+]
+CHAT = [
+    "What is the capital of France? Answer in one word.",
+    "Say hello.",
+    "Give me a synonym for 'happy'. One word only.",
+    "Write a haiku about autumn.",
+    "What is 2 + 2? Reply with the number only.",
+    "Translate 'thank you' into Spanish. One word.",
+    "Name a primary colour.",
+    "Is the sun a star? Answer yes or no.",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    prompt: str
+    chat: bool
+    stop_words: tuple[str, ...] = ()
+    max_steps: int = 20
+
+
+CASES = ([Case(p, False, max_steps=16) for p in CODE[:6]] + [Case(p, False, ("\n",)) for p in CODE[6:]]
+         + [Case(p, False, max_steps=16) for p in PROSE[:5]] + [Case(p, False, (". ", ", ")) for p in PROSE[5:]]
+         + [Case(p, True, max_steps=40) for p in CHAT])
+CONFIGS = [(1, 3), (8, 2), (15, 1), (22, 4), (29, 6)]  # (exit_layer, num_speculations); L = 30
+
+
+def cases_for(config_index: int) -> list[Case]:
+    """Each case runs under two configurations (to bound CI time): case i under configs i and i + 2 (mod 5)."""
+    return [case for i, case in enumerate(CASES) if config_index in (i % len(CONFIGS), (i + 2) % len(CONFIGS))]
+
+
+def run_case(loaded, case: Case, streamer=None, **options):
+    return layerskip.generate(loaded, case.prompt, chat=case.chat, stop_words=list(case.stop_words),
+                              max_steps=case.max_steps, streamer=streamer, **GREEDY, **options)
+
+
+@pytest.fixture(scope="module")
+def references(default_model):
+    return {case: run_case(default_model, case) for case in CASES}
+
+
+def test_the_default_cases_reach_eos_and_stop_words(references):
+    reasons = [result.finish_reason for result in references.values()]
+    assert len(CASES) >= 20
+    assert reasons.count("eos") >= 3 and reasons.count("stop_word") >= 2
+
+
+@pytest.mark.parametrize("config_index", range(len(CONFIGS)), ids=[f"E{e}-k{k}" for e, k in CONFIGS])
+def test_default_self_speculative_greedy_is_token_identical(default_model, references, config_index):
+    exit_layer, num_speculations = CONFIGS[config_index]
+    recorder = RoundRecorder()
+    for case in cases_for(config_index):
+        reference = references[case]
+        result = run_case(default_model, case, streamer=recorder, generation_strategy="self_speculative",
+                          exit_layer=exit_layer, num_speculations=num_speculations)
+        assert result.token_ids == reference.token_ids, case.prompt
+        assert result.text == reference.text and result.finish_reason == reference.finish_reason
+    if exit_layer == 29:  # drafts this deep are accepted often enough to run past EOS or a stop word
+        assert recorder.cut_rounds > 0
+
+
+def test_stop_word_spanning_two_tokens_cuts_text_before_it(default_model):
+    case = Case("The history of the printing press begins", False, max_steps=30)
+    full = run_case(default_model, case)
+    pieces = default_model.tokenizer.token_texts(full.token_ids)
+    index = next(i for i in range(3, len(pieces) - 1) if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 2)
+    stop_word = pieces[index][-2:] + pieces[index + 1][:2]
+    expected_text = full.text[:full.text.index(stop_word)]
+    for options in ({}, dict(generation_strategy="self_speculative", exit_layer=26, num_speculations=6)):
+        result = run_case(default_model, dataclasses.replace(case, stop_words=(stop_word,)), **options)
+        assert result.finish_reason == "stop_word"
+        assert result.text == expected_text
+        assert result.token_ids == full.token_ids[:len(result.token_ids)]
+        assert stop_word in default_model.tokenizer.decode(result.token_ids)
+        assert stop_word not in default_model.tokenizer.decode(result.token_ids[:-1])

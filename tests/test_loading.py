@@ -1,0 +1,196 @@
+"""Loading from sharded folders, GGUF files, the local hub cache and the embedded default; refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import layerskip
+from layerskip.errors import LayerSkipError
+from layerskip.loading import resolve_model_folder
+
+
+def logits_of(loaded, ids):
+    with torch.inference_mode():
+        return loaded.model(ids)
+
+
+def hf_logits(hf, ids):
+    with torch.no_grad():
+        return hf(ids).logits
+
+
+IDS = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(5))
+
+
+def test_sharded_safetensors_with_index(tiny_checkpoint, tmp_path):
+    folder, hf = tiny_checkpoint()
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    assert (logits_of(layerskip.load(str(sharded)), IDS) - hf_logits(hf, IDS)).abs().max() < 1e-4
+
+
+def test_generation_config_supplies_several_eos_ids(tiny_checkpoint):
+    folder, _ = tiny_checkpoint()
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 7]}))
+    assert layerskip.load(str(folder)).eos_token_ids[:2] == [5, 7]
+
+
+def llama_cpp_row_order(weight: np.ndarray, heads: int) -> np.ndarray:
+    """The q/k row permutation that llama.cpp's converter applies (the forward direction)."""
+    rows, cols = weight.shape
+    return weight.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def write_tiny_gguf(path, hf) -> None:
+    """A llama GGUF holding the HF model's weights: norms F32, matrices F16, token embeddings Q8_0."""
+    import gguf
+    from gguf.quants import quantize
+
+    config = hf.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_eos_token_id(3)
+    names = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for name, tensor in hf.state_dict().items():
+        stem = name.removeprefix("model.").removesuffix(".weight")
+        if stem.startswith("layers."):
+            _, index, module = stem.split(".", 2)
+            gguf_name = f"blk.{index}.{names[module]}.weight"
+        else:
+            gguf_name = f"{names[stem]}.weight"
+        array = tensor.detach().float().numpy()
+        if module_is("q_proj", stem):
+            array = llama_cpp_row_order(array, config.num_attention_heads)
+        elif module_is("k_proj", stem):
+            array = llama_cpp_row_order(array, config.num_key_value_heads)
+        if stem == "embed_tokens":
+            writer.add_tensor(gguf_name, quantize(array, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        elif array.ndim == 2:
+            writer.add_tensor(gguf_name, array.astype(np.float16))
+        else:
+            writer.add_tensor(gguf_name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def module_is(kind: str, stem: str) -> bool:
+    return stem.endswith(kind)
+
+
+def round_like_the_gguf(hf) -> None:
+    """Give the HF reference the values the GGUF holds: F16 matrices, Q8_0 embeddings."""
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    with torch.no_grad():
+        for name, parameter in hf.named_parameters():
+            if name == "model.embed_tokens.weight":
+                array = parameter.numpy()
+                q8 = quantize(array, gguf.GGMLQuantizationType.Q8_0)
+                parameter.copy_(torch.from_numpy(dequantize(q8, gguf.GGMLQuantizationType.Q8_0).reshape(array.shape)))
+            elif parameter.ndim == 2:
+                parameter.copy_(parameter.half().float())
+
+
+def test_gguf_file_loads_like_the_checkpoint_it_came_from(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERSKIP_CACHE", str(tmp_path / "cache"))
+    _, hf = tiny_checkpoint(num_key_value_heads=2)
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, hf)
+    round_like_the_gguf(hf)
+    loaded = layerskip.load(str(path))
+    assert loaded.tokenizer is None and loaded.eos_token_ids == [3]
+    assert (logits_of(loaded, IDS) - hf_logits(hf, IDS)).abs().max() < 1e-4
+    # The conversion is cached: a second load reuses the folder rather than converting again.
+    folder = resolve_model_folder(str(path))
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model_folder(str(path)) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def make_hub_cache(root, repo_id: str, source) -> None:
+    """The folder layout huggingface_hub keeps: models--org--name/{refs/main, snapshots/<commit>/...}."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(source, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_hub_id_resolves_from_the_local_cache_offline(tiny_checkpoint, tmp_path, monkeypatch):
+    folder, hf = tiny_checkpoint()
+    make_hub_cache(tmp_path / "hub", "facebook/layerskip-tiny", folder)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = layerskip.load("facebook/layerskip-tiny")
+    assert (logits_of(loaded, IDS) - hf_logits(hf, IDS)).abs().max() < 1e-4
+    with pytest.raises(LayerSkipError, match="not in the local hub cache.*hf download facebook/absent"):
+        layerskip.load("facebook/absent")
+
+
+def test_pickled_weights_are_refused_not_unpickled(tiny_checkpoint):
+    folder, _ = tiny_checkpoint()
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(LayerSkipError, match="never unpickles"):
+        layerskip.load(str(folder))
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda p: p / "missing", "unknown model"),
+    (lambda p: (p / "notes.txt").write_text("hi") and p / "notes.txt", "not a model checkpoint"),
+    (lambda p: (p / "bad.gguf").write_bytes(b"not gguf at all") and p / "bad.gguf", "not a readable GGUF"),
+    (lambda p: p, "no config.json"),
+])
+def test_bad_model_paths_get_clear_errors(tmp_path, make, fragment):
+    with pytest.raises(LayerSkipError, match=fragment):
+        layerskip.load(str(make(tmp_path)))
+
+
+def test_bad_dtype_and_device(tiny_checkpoint):
+    folder, _ = tiny_checkpoint()
+    with pytest.raises(LayerSkipError, match="unknown dtype 'float8'"):
+        layerskip.load(str(folder), dtype="float8")
+    with pytest.raises(LayerSkipError, match="unknown device 'tpu'"):
+        layerskip.load(str(folder), device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(LayerSkipError, match="CUDA is not available"):
+            layerskip.load(str(folder), device="cuda")
+
+
+def test_bfloat16_loads_and_decodes(tiny_checkpoint):
+    folder, hf = tiny_checkpoint()
+    loaded = layerskip.load(str(folder), dtype="bfloat16")
+    assert loaded.dtype == torch.bfloat16
+    # bfloat16 keeps about 3 significant digits: the logits stay close to float32 ones.
+    assert (logits_of(loaded, IDS) - hf_logits(hf, IDS)).abs().max() < 0.5
+
+
+def test_embedded_default_is_converted_once_with_tokenizer_and_chat_template(default_model):
+    folder = resolve_model_folder(None)
+    assert folder == default_model.folder
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    assert default_model.tokenizer.has_chat_template
+    assert default_model.eos_token_ids == [2]
+    ids = default_model.tokenizer.encode_chat([{"role": "user", "content": "hi"}])
+    assert default_model.tokenizer.hf.decode(ids).endswith("<|im_start|>assistant\n")

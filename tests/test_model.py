@@ -1,0 +1,123 @@
+"""Our transformer against transformers.LlamaForCausalLM: full logits, early-exit logits, cached decoding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import layerskip
+from layerskip.errors import LayerSkipError
+from layerskip.model import KVCache, ModelConfig
+
+VARIANTS = {
+    "mha_tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
+    "gqa_untied": dict(num_key_value_heads=2),
+    "llama3_rope": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "linear_rope": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "explicit_head_dim": dict(head_dim=24, num_attention_heads=4, num_key_value_heads=1),
+    "attention_bias": dict(attention_bias=True, rope_theta=500000.0),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_logits_match_transformers(tiny_checkpoint, variant):
+    folder, hf = tiny_checkpoint(**VARIANTS[variant])
+    ours = layerskip.load(str(folder))
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(ids).logits
+    with torch.inference_mode():
+        actual = ours.model(ids)
+    assert (actual - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("variant", ["gqa_untied", "mha_tied"])
+def test_early_exit_logits_equal_hf_head_on_hidden_states(tiny_checkpoint, variant):
+    folder, hf = tiny_checkpoint(**VARIANTS[variant])
+    ours = layerskip.load(str(folder))
+    ids = torch.randint(0, 97, (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        hidden_states = hf(ids, output_hidden_states=True).hidden_states
+    for exit_layer in range(1, ours.config.num_hidden_layers):
+        with torch.no_grad():
+            expected = hf.lm_head(hf.model.norm(hidden_states[exit_layer]))
+        with torch.inference_mode():
+            actual = ours.model(ids, exit_layer=exit_layer)
+        assert (actual - expected).abs().max().item() < 1e-4, exit_layer
+
+
+def test_cached_incremental_decoding_equals_one_full_pass(tiny_checkpoint):
+    folder, _ = tiny_checkpoint()
+    model = layerskip.load(str(folder)).model
+    ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(3))
+    cache = KVCache(model.config, 64)
+    with torch.inference_mode():
+        full = model(ids)
+        pieces = [model(ids[:, :10], cache=cache)]
+        pieces += [model(ids[:, i:i + 1], start_pos=i, cache=cache) for i in range(10, 20)]
+        pieces.append(model(ids[:, 20:], start_pos=20, cache=cache))
+    assert (torch.cat(pieces, dim=1) - full).abs().max().item() < 1e-4
+
+
+def test_packed_and_plain_linears_agree(tiny_checkpoint):
+    folder, _ = tiny_checkpoint()
+    loaded = layerskip.load(str(folder))
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        packed = loaded.model(ids)
+    for module in loaded.model.modules():
+        if hasattr(module, "packed"):
+            module.packed = None
+    with torch.inference_mode():
+        plain = loaded.model(ids)
+    assert (packed - plain).abs().max().item() < 1e-5
+
+
+def test_embedded_default_logits_match_transformers_gguf_loader(default_model):
+    """transformers dequantizes the same GGUF with its own code: an independent check of our loader.
+
+    Multi-position passes (prefill, verification) use the same kernels as transformers: under 1e-4.
+    Single-token decoding steps use oneDNN-prepacked weights, which sum in another order: their
+    logits (scale ~30) may differ by a few 1e-4, bounded here at 1e-3.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from layerskip.loading.default_model import embedded_gguf_path
+
+    path = embedded_gguf_path()
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    ids = torch.tensor([default_model.tokenizer.encode("def fibonacci(n):\n    \"\"\"Return the n-th number.")])
+    with torch.no_grad():
+        expected = hf(ids).logits
+    model = default_model.model
+    cache = KVCache(model.config, ids.shape[1])
+    with torch.inference_mode():
+        prefill = model(ids[:, :-3], cache=cache)
+        steps = [model(ids[:, i:i + 1], start_pos=i, cache=cache) for i in range(ids.shape[1] - 3, ids.shape[1])]
+    assert default_model.config.num_hidden_layers == 30
+    assert (prefill - expected[:, :-3]).abs().max().item() < 1e-4
+    assert (torch.cat(steps, dim=1) - expected[:, -3:]).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    ({"model_type": "mixtral", "num_local_experts": 8}, "unsupported architecture 'mixtral'"),
+    ({"model_type": "gemma"}, "unsupported architecture 'gemma'"),
+    ({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope type 'yarn'"),
+])
+def test_unsupported_architectures_are_refused_with_what_is_supported(tmp_path, raw, fragment):
+    config = {"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+              "num_attention_heads": 2, **raw}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LayerSkipError, match=fragment) as error:
+        layerskip.load(str(tmp_path))
+    assert "Llama-family" in str(error.value)
+
+
+def test_mistral_sliding_window_caps_the_context():
+    config = ModelConfig.from_hf_dict({"model_type": "mistral", "vocab_size": 10, "hidden_size": 8,
+                                       "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                       "max_position_embeddings": 32768, "sliding_window": 4096})
+    assert config.max_position_embeddings == 4096

@@ -1,0 +1,113 @@
+"""Warping values, and speculative sampling reproducing plain sampling's distribution exactly."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from layerskip.generation import Autoregressive, Sampler, SelfSpeculative, generate_ids
+from layerskip.model import ModelConfig, Transformer
+
+
+def test_temperature_top_k_top_p_warping_exact_values():
+    logits = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
+    top_k = Sampler(sample=True, temperature=1.0, top_k=3).warp(logits)
+    assert torch.allclose(top_k, torch.tensor([0.5, 0.2, 0.15, 0, 0]) / 0.85)
+    # Nucleus 0.7: 0.5 alone is below 0.7, 0.5 + 0.2 reaches it, so exactly the two best remain.
+    top_p = Sampler(sample=True, temperature=1.0, top_p=0.7).warp(logits)
+    assert torch.allclose(top_p, torch.tensor([0.5, 0.2, 0, 0, 0]) / 0.7)
+    # Temperature 0.5 squares the probabilities before normalising.
+    hot = Sampler(sample=True, temperature=0.5).warp(logits)
+    squares = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]) ** 2
+    assert torch.allclose(hot, squares / squares.sum())
+
+
+def test_greedy_verify_accepts_the_matching_prefix():
+    sampler = Sampler(sample=False)
+    targets = torch.full((4, 6), -1.0)
+    targets[0, 2] = targets[1, 5] = targets[2, 1] = targets[3, 0] = 1.0  # argmaxes 2, 5, 1, 0
+    assert sampler.verify([2, 5, 3], [None] * 3, targets) == (2, 1)
+    assert sampler.verify([2, 5, 1], [None] * 3, targets) == (3, 0)
+    assert sampler.verify([4, 5, 1], [None] * 3, targets) == (0, 2)
+
+
+VOCAB = 8
+SETTINGS = dict(sample=True, temperature=0.8, top_k=6, top_p=0.95)
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> Transformer:
+    config = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5,
+                         rope_theta=10000.0, max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(11)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" not in name:
+                parameter.normal_(0.0, 0.4)
+    return model
+
+
+PROMPT = [1, 4, 2]
+
+
+def exact_two_token_distribution(model: Transformer, exit_layer: int | None = None) -> dict[tuple[int, int], float]:
+    """P(t1, t2) of plain sampling from the warped model, by enumeration."""
+    warp = Sampler(**SETTINGS).warp
+    with torch.inference_mode():
+        first = warp(model(torch.tensor([PROMPT]), exit_layer=exit_layer)[0, -1])
+        table = {}
+        for t1 in range(VOCAB):
+            second = warp(model(torch.tensor([PROMPT + [t1]]), exit_layer=exit_layer)[0, -1])
+            for t2 in range(VOCAB):
+                table[(t1, t2)] = float(first[t1] * second[t2])
+    return table
+
+
+def empirical_counts(model: Transformer, strategy, runs: int) -> dict[tuple[int, int], int]:
+    counts = dict.fromkeys(itertools.product(range(VOCAB), repeat=2), 0)
+    for seed in range(runs):
+        result = generate_ids(model, PROMPT, strategy, Sampler(**SETTINGS, seed=seed), max_new_tokens=2)
+        counts[tuple(result.token_ids)] += 1
+    return counts
+
+
+def chi_square_p_value(counts: dict, probabilities: dict) -> float:
+    """Pearson's test against exact probabilities; cells expected under 5 times are pooled."""
+    runs = sum(counts.values())
+    observed, expected, pooled_observed, pooled_expected = [], [], 0, 0.0
+    for cell, probability in probabilities.items():
+        if probability * runs >= 5:
+            observed.append(counts[cell])
+            expected.append(probability * runs)
+        else:
+            pooled_observed += counts[cell]
+            pooled_expected += probability * runs
+    if pooled_observed and not pooled_expected:
+        return 0.0  # outcomes that plain sampling can never produce
+    if pooled_expected > 0:
+        observed.append(pooled_observed)
+        expected.append(pooled_expected)
+    scale = runs / sum(expected)  # float32 probabilities sum to 1 only up to rounding
+    return float(chisquare(observed, [e * scale for e in expected]).pvalue)
+
+
+RUNS = 2000
+SIGNIFICANCE = 0.001
+
+
+def test_speculative_sampling_matches_plain_sampling_distribution(tiny_model):
+    exact = exact_two_token_distribution(tiny_model)
+    # The draft (1 of 3 layers) is a genuinely different distribution: the test has power.
+    draft = exact_two_token_distribution(tiny_model, exit_layer=1)
+    assert 0.5 * sum(abs(exact[c] - draft[c]) for c in exact) > 0.15
+    for strategy in (SelfSpeculative(exit_layer=1, num_speculations=2), SelfSpeculative(exit_layer=2, num_speculations=1)):
+        counts = empirical_counts(tiny_model, strategy, RUNS)
+        assert chi_square_p_value(counts, exact) > SIGNIFICANCE, strategy.describe()
+    # Plain sampling passes the same test, and sampling from the draft would fail it.
+    assert chi_square_p_value(empirical_counts(tiny_model, Autoregressive(), RUNS), exact) > SIGNIFICANCE
+    assert chi_square_p_value(empirical_counts(tiny_model, Autoregressive(exit_layer=1), RUNS), exact) < SIGNIFICANCE
