@@ -10,6 +10,7 @@ import torch
 import layerskip
 from layerskip.errors import LayerSkipError
 from layerskip.model import KVCache, ModelConfig
+from layerskip.model.transformer import PACKED_MAX_ROWS
 
 VARIANTS = {
     "mha_tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
@@ -62,26 +63,28 @@ def test_cached_incremental_decoding_equals_one_full_pass(tiny_checkpoint):
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() < 1e-4
 
 
-def test_packed_and_plain_linears_agree(tiny_checkpoint):
-    folder, _ = tiny_checkpoint()
-    loaded = layerskip.load(str(folder))
+def test_packed_decoding_agrees_with_plain_weights(tiny_checkpoint):
+    folder, _ = tiny_checkpoint(attention_bias=True)
+    model = layerskip.load(str(folder)).model
+    assert model.packed_head is not None
     ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(4))
-    with torch.inference_mode():
-        packed = loaded.model(ids)
-    for module in loaded.model.modules():
-        if hasattr(module, "packed"):
-            module.packed = None
-    with torch.inference_mode():
-        plain = loaded.model(ids)
-    assert (packed - plain).abs().max().item() < 1e-5
+
+    def decode_one_by_one():
+        cache = KVCache(model.config, 12)
+        with torch.inference_mode():
+            return torch.cat([model(ids[:, i:i + 1], start_pos=i, cache=cache) for i in range(12)], dim=1)
+
+    packed = decode_one_by_one()
+    model.unpack()
+    assert (packed - decode_one_by_one()).abs().max().item() < 1e-5
 
 
 def test_embedded_default_logits_match_transformers_gguf_loader(default_model):
     """transformers dequantizes the same GGUF with its own code: an independent check of our loader.
 
-    Multi-position passes (prefill, verification) use the same kernels as transformers: under 1e-4.
-    Single-token decoding steps use oneDNN-prepacked weights, which sum in another order: their
-    logits (scale ~30) may differ by a few 1e-4, bounded here at 1e-3.
+    Long passes (a prefill of more than PACKED_MAX_ROWS tokens) use the same kernels as transformers:
+    under 1e-4. Decoding steps and verification passes use oneDNN-prepacked weights, which sum in
+    another order: their logits (scale ~30) may differ by a few 1e-4, bounded here at 1e-3.
     """
     from transformers import AutoModelForCausalLM
 
@@ -89,7 +92,9 @@ def test_embedded_default_logits_match_transformers_gguf_loader(default_model):
 
     path = embedded_gguf_path()
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    ids = torch.tensor([default_model.tokenizer.encode("def fibonacci(n):\n    \"\"\"Return the n-th number.")])
+    text = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number, counting from zero.\"\"\"\n" * 3
+    ids = torch.tensor([default_model.tokenizer.encode(text)])
+    assert ids.shape[1] - 3 > PACKED_MAX_ROWS
     with torch.no_grad():
         expected = hf(ids).logits
     model = default_model.model

@@ -41,25 +41,32 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     return inv_freq
 
 
-class Linear(nn.Linear):
-    """nn.Linear with an optional oneDNN-prepacked copy of its weight for CPU float32 decoding steps.
+# ---- CPU decoding fast path -------------------------------------------------------------------------
+# Decoding multiplies a few activation rows (1 per step, k+1 per verification) by every weight matrix.
+# MKL's default path streams the weights at about 10 GB/s on our 2-core machine; oneDNN's prepacked path
+# is 25-45% faster for 1 to 32 rows, more so with the q/k/v and gate/up matrices fused into one
+# (docs/BENCHMARKS.md). Longer passes (prompt prefill) stay on the default path, which is bit-identical
+# to transformers; the packed path sums in another order (logits differ by ~1e-4). Packed copies cost
+# the weights' memory again; training always uses the plain weights.
 
-    A decoding step multiplies one activation row by each weight: MKL's default path streams weights at
-    about 10 GB/s on our 2-core machine, the prepacked oneDNN path at about 13 GB/s (docs/BENCHMARKS.md).
-    Only single-row inputs take it: several rows (prefill, verification) are efficient in MKL already and
-    stay bit-identical to transformers. The packed copy costs the weight's memory again; gradients
-    always use the plain weight.
-    """
+PACKED_MAX_ROWS = 32
+PackedWeight = tuple[torch.Tensor, torch.Tensor | None]
 
-    packed: torch.Tensor | None = None
 
-    def pack(self) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
+def pack_linears(*linears: nn.Linear) -> PackedWeight:
+    """One oneDNN-prepacked matrix for several linears that read the same input (outputs concatenated)."""
+    weight = torch.cat([linear.weight.detach() for linear in linears])
+    biases = [linear.bias for linear in linears]
+    bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 1), bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.numel() == x.shape[-1] and not torch.is_grad_enabled():
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+
+def packed_applies(packed: PackedWeight | None, x: torch.Tensor) -> bool:
+    return packed is not None and x.numel() <= PACKED_MAX_ROWS * x.shape[-1] and not torch.is_grad_enabled()
+
+
+def packed_linear(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed[0], packed[1], "none", [], "")
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -74,17 +81,28 @@ class Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.attention_bias)
-        self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
-        self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+        self.packed_qkv: PackedWeight | None = None
+        self.packed_o: PackedWeight | None = None
+
+    def pack(self) -> None:
+        self.packed_qkv = pack_linears(self.q_proj, self.k_proj, self.v_proj)
+        self.packed_o = pack_linears(self.o_proj)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int,
                 cache: KVCache | None) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if packed_applies(self.packed_qkv, x):
+            kv_size = self.num_kv_heads * self.head_dim
+            q, k, v = packed_linear(x, self.packed_qkv).split([self.num_heads * self.head_dim, kv_size, kv_size], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
@@ -100,17 +118,26 @@ class Attention(nn.Module):
             mask = (key_pos[None, :] <= query_pos[:, None]).repeat(group, 1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.view(batch, self.num_heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
-        return self.o_proj(out)
+        return packed_linear(out, self.packed_o) if packed_applies(self.packed_o, out) else self.o_proj(out)
 
 
 class FeedForward(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.packed_gate_up: PackedWeight | None = None
+        self.packed_down: PackedWeight | None = None
+
+    def pack(self) -> None:
+        self.packed_gate_up = pack_linears(self.gate_proj, self.up_proj)
+        self.packed_down = pack_linears(self.down_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if packed_applies(self.packed_gate_up, x):
+            gate, up = packed_linear(x, self.packed_gate_up).chunk(2, dim=-1)
+            return packed_linear(F.silu(gate) * up, self.packed_down)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -148,14 +175,15 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.packed_head: PackedWeight | None = None
 
     def pack_for_cpu_inference(self) -> bool:
-        """Prepack every linear weight for oneDNN (CPU, float32 only); returns whether it did.
+        """Prepack the weights for CPU float32 decoding passes of a few rows (see above); returns whether it did.
 
         Call after the weights are final (after loading and merging adapters): packing copies them.
         """
@@ -163,15 +191,21 @@ class Transformer(nn.Module):
         if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
             return False
         try:
-            for module in self.modules():
-                if isinstance(module, Linear):
-                    module.pack()
+            for layer in self.layers:
+                layer.self_attn.pack()
+                layer.mlp.pack()
+            self.packed_head = pack_linears(self.lm_head)
         except (RuntimeError, AttributeError):  # a torch build without the oneDNN ops: keep the plain path
-            for module in self.modules():
-                if isinstance(module, Linear):
-                    module.packed = None
+            self.unpack()
             return False
         return True
+
+    def unpack(self) -> None:
+        """Drop the packed copies (for example before changing weights)."""
+        for layer in self.layers:
+            layer.self_attn.packed_qkv = layer.self_attn.packed_o = None
+            layer.mlp.packed_gate_up = layer.mlp.packed_down = None
+        self.packed_head = None
 
     @property
     def num_layers(self) -> int:
@@ -202,7 +236,9 @@ class Transformer(nn.Module):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """The one exit head shared by every layer: final norm, then the LM head; float32 logits."""
-        return self.lm_head(self.norm(hidden)).float()
+        normed = self.norm(hidden)
+        logits = packed_linear(normed, self.packed_head) if packed_applies(self.packed_head, normed) else self.lm_head(normed)
+        return logits.float()
 
     def forward(self, token_ids: torch.Tensor, *, exit_layer: int | None = None, start_pos: int = 0,
                 cache: KVCache | None = None) -> torch.Tensor:

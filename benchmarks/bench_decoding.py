@@ -1,0 +1,187 @@
+"""Decoding speed, side by side in one run: HF transformers greedy `generate`, our autoregressive decoding,
+and our self-speculative decoding at several (exit_layer, num_speculations).
+
+Engines are interleaved prompt by prompt and repetition by repetition, so machine noise hits all of them
+alike. Every measurement is appended to <output_dir>/runs.jsonl as it finishes; rerunning the same command
+resumes. The table compares each self-speculative point with the cost model of the LayerSkip notes,
+speedup = (1 - a^(k+1)) / ((1 - a)(k c_d + c_v)), using c_d and c_v measured on this engine.
+
+    python benchmarks/bench_decoding.py --output_dir logs/bench_decoding
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import layerskip
+from layerskip.model import KVCache
+
+PROMPTS = [
+    ("code", "Write a Python function that merges two sorted lists into one sorted list."),
+    ("prose", "Explain in a short paragraph why the sky is blue."),
+    ("chat", "Give me three tips for writing clear documentation."),
+    ("code", "Write a JavaScript function that debounces another function."),
+]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--max_steps", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--configs", default="8:2,15:3,22:4,26:6", help="exit_layer:num_speculations, comma-separated")
+    parser.add_argument("--output_dir", default="logs/bench_decoding")
+    parser.add_argument("--no_hf", action="store_true", help="skip the transformers baseline")
+    return parser.parse_args()
+
+
+def timed(fn, repeats: int = 20) -> float:
+    """Median wall time of fn()."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.inference_mode()
+def measure_step_costs(model, exit_layer: int, speculations: int, context: int = 64) -> tuple[float, float]:
+    """(c_d, c_v): a draft step and a k-draft verification, in units of one full decoding step."""
+    cache = KVCache(model.config, context + speculations + 2)
+    model(torch.arange(context)[None] % model.config.vocab_size, cache=cache)
+    one = model.embed(torch.tensor([[7]]))
+    many = model.embed(torch.full((1, speculations + 1), 7))
+    layers = model.num_layers
+    full = timed(lambda: model.head(model.forward_layers(one, 0, layers, context, cache)))
+    draft = timed(lambda: model.head(model.forward_layers(one, 0, exit_layer, context, cache)))
+    verify = timed(lambda: (model.forward_layers(one, 0, exit_layer, context, cache),
+                            model.head(model.forward_layers(many, exit_layer, layers, context, cache))))
+    return draft / full, verify / full
+
+
+def predicted_speedup(acceptance: float, speculations: int, c_draft: float, c_verify: float) -> float:
+    if acceptance >= 1.0:
+        tokens = speculations + 1
+    else:
+        tokens = (1 - acceptance ** (speculations + 1)) / (1 - acceptance)
+    return tokens / (speculations * c_draft + c_verify)
+
+
+def main() -> None:
+    args = parse_args()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs_path = out / "runs.jsonl"
+    done = {}
+    if runs_path.exists():
+        for line in runs_path.read_text().splitlines():
+            record = json.loads(line)
+            done[(record["engine"], record["prompt"], record["repeat"])] = record
+
+    loaded = layerskip.load(args.model)
+    configs = [tuple(int(x) for x in item.split(":")) for item in args.configs.split(",")]
+    engines = (["hf_transformers"] if not args.no_hf else []) + ["layerskip_autoregressive"] + [
+        f"layerskip_self_speculative_E{e}_k{k}" for e, k in configs]
+    prompt_ids = [layerskip.encode_prompt(loaded, text) for _, text in PROMPTS]
+
+    hf_model = None
+    if not args.no_hf:
+        from transformers import AutoModelForCausalLM
+
+        hf_model = AutoModelForCausalLM.from_pretrained(str(loaded.folder), dtype=torch.float32).eval()
+
+    def run(engine: str, ids: list[int]) -> dict:
+        if engine == "hf_transformers":
+            inputs = torch.tensor([ids])
+            start = time.perf_counter()
+            with torch.inference_mode():
+                output = hf_model.generate(inputs, max_new_tokens=args.max_steps, min_new_tokens=args.max_steps,
+                                           do_sample=False, pad_token_id=loaded.eos_token_ids[0])
+            seconds = time.perf_counter() - start
+            return {"new_tokens": output.shape[1] - len(ids), "seconds": seconds, "acceptance_rate": None,
+                    "token_ids": output[0, len(ids):].tolist()}
+        options = dict(sample=False, max_steps=args.max_steps, ignore_eos=True)
+        if "self_speculative" in engine:
+            e, k = engine.rsplit("_E", 1)[1].split("_k")
+            options.update(generation_strategy="self_speculative", exit_layer=int(e), num_speculations=int(k))
+        result = layerskip.generate(loaded, prompt_ids=ids, **options)
+        stats = result.stats
+        return {"new_tokens": stats.new_tokens, "seconds": stats.seconds, "acceptance_rate": stats.acceptance_rate,
+                "drafted": stats.drafted_tokens, "accepted": stats.accepted_drafts, "token_ids": result.token_ids}
+
+    for engine in engines:  # warm-up: first calls pay for allocation and kernel selection
+        run(engine, prompt_ids[0][:8])
+    jobs = [(r, p, e) for r in range(args.repeats) for p in range(len(PROMPTS)) for e in engines]
+    with runs_path.open("a") as sink:
+        for repeat, prompt, engine in tqdm(jobs, desc="decoding", unit="run"):
+            if (engine, prompt, repeat) in done:
+                continue
+            record = {"engine": engine, "prompt": prompt, "repeat": repeat, **run(engine, prompt_ids[prompt])}
+            sink.write(json.dumps(record) + "\n")
+            sink.flush()
+            done[(engine, prompt, repeat)] = record
+
+    with torch.inference_mode():
+        costs = {(e, k): measure_step_costs(loaded.model, e, k) for e, k in configs}
+    rows = summarize(engines, done, costs)
+    lines = render(rows, args)
+    print("\n".join(lines))
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+
+
+def summarize(engines: list[str], done: dict, costs: dict) -> list[dict]:
+    reference = {}
+    rows = []
+    for engine in engines:
+        records = [r for key, r in done.items() if key[0] == engine]
+        tokens = sum(r["new_tokens"] for r in records)
+        seconds = sum(r["seconds"] for r in records)
+        drafted = sum(r.get("drafted", 0) for r in records)
+        row = {"engine": engine, "tokens": tokens, "tokens_per_second": tokens / seconds,
+               "acceptance": sum(r.get("accepted", 0) for r in records) / drafted if drafted else None}
+        if engine == "layerskip_autoregressive":
+            reference = {(r["prompt"], r["repeat"]): r["token_ids"] for r in records}
+        if "_E" in engine:
+            e, k = (int(x) for x in engine.rsplit("_E", 1)[1].split("_k"))
+            row["c_draft"], row["c_verify"] = costs[(e, k)]
+            row["predicted"] = predicted_speedup(row["acceptance"], k, *costs[(e, k)])
+            row["identical"] = all(r["token_ids"] == reference.get((r["prompt"], r["repeat"])) for r in records)
+        rows.append(row)
+    by_name = {row["engine"]: row for row in rows}
+    for row in rows:
+        row["vs_hf"] = (row["tokens_per_second"] / by_name["hf_transformers"]["tokens_per_second"]
+                        if "hf_transformers" in by_name else None)
+        row["vs_ar"] = row["tokens_per_second"] / by_name["layerskip_autoregressive"]["tokens_per_second"]
+    return rows
+
+
+def render(rows: list[dict], args: argparse.Namespace) -> list[str]:
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    lines = [f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+             f"torch {torch.__version__}; {args.max_steps} new tokens x {len(PROMPTS)} prompts x {args.repeats} repeats, "
+             "greedy, float32",
+             "",
+             "| engine | tokens/s | ms/token | vs HF | vs our AR | acceptance | c_d | c_v | cost-model speedup | greedy output = AR |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(
+            f"| {row['engine']} | {row['tokens_per_second']:.1f} | {1000 / row['tokens_per_second']:.1f} | "
+            f"{fmt(row['vs_hf'], '.2f')}x | {row['vs_ar']:.2f}x | {fmt(row['acceptance'], '.1%')} | "
+            f"{fmt(row.get('c_draft'), '.2f')} | {fmt(row.get('c_verify'), '.2f')} | "
+            f"{fmt(row.get('predicted'), '.2f')}{'x' if row.get('predicted') else ''} | "
+            f"{'-' if 'identical' not in row else ('yes' if row['identical'] else 'NO')} |")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
