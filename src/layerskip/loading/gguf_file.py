@@ -7,6 +7,7 @@ come from the file's metadata through transformers' GGUF tokenizer conversion.
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,7 @@ def convert_gguf(path: Path, folder: Path | None = None) -> Path:
         return folder
     reader = _open(path)
     config = gguf_config(reader)
+    print(f"layerskip: converting {path.name} once into {folder} (later loads take under a second)", file=sys.stderr)
     state = gguf_state_dict(reader, config)
     save_hf_folder(folder, config, state, eos_ids=gguf_eos_ids(reader), tokenizer=gguf_tokenizer(path, reader))
     return folder
