@@ -9,6 +9,7 @@ import argparse
 import codecs
 import json
 import sys
+from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from layerskip.errors import LayerSkipError
@@ -66,6 +67,31 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ignore_eos", action="store_true", help="keep decoding past end-of-sequence tokens")
 
 
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", required=True, help="cnn_dm_summarization, xsum_summarization, cnn_dm_lm, "
+                       "human_eval, top_v2 or custom_jsonl")
+    group.add_argument("--data_path", default=None, help="a local .jsonl file, or a folder with test.jsonl/train.jsonl")
+    group.add_argument("--prompt_field", default="prompt", help="custom_jsonl: the prompt field")
+    group.add_argument("--response_field", default="response", help="custom_jsonl: the reference field")
+    group.add_argument("--num_samples", type=int, default=None, help="a deterministic subset of this size (by --seed)")
+    group.add_argument("--n_shot", type=int, default=0, help="exemplars from the train split before each prompt")
+    group.add_argument("--template", default=None, help="wrap each prompt: a string containing {prompt}")
+    group.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False,
+                       help="wrap prompts in the model's chat template")
+    group.add_argument("--output_dir", default="./logs", help="where reports are written")
+
+
+def load_dataset_samples(args: argparse.Namespace) -> list[Any]:
+    from layerskip.eval.datasets import load_samples
+
+    if args.num_samples is not None and args.num_samples < 1:
+        raise LayerSkipError(f"--num_samples must be at least 1, got {args.num_samples}")
+    return load_samples(args.dataset, data_path=args.data_path, num_samples=args.num_samples, seed=args.seed,
+                        n_shot=args.n_shot, template=args.template, prompt_field=args.prompt_field,
+                        response_field=args.response_field)
+
+
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in (
         "generation_strategy", "exit_layer", "num_speculations", "max_steps", "sample", "temperature", "top_k",
@@ -89,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--output", choices=("text", "json"), default="text",
                         help="'json' prints one object with text, token_ids and stats (no streaming)")
     generate.set_defaults(run=run_generate)
+
+    correctness = commands.add_parser(
+        "correctness", help="check that greedy self-speculative decoding equals autoregressive decoding",
+        description="Greedy autoregressive and self-speculative decoding on the same samples; exit status 1 "
+                    "when any sample differs. Writes <output_dir>/correctness.json.")
+    add_model_arguments(correctness)
+    add_generation_arguments(correctness)
+    add_dataset_arguments(correctness)
+    correctness.set_defaults(run=run_correctness, generation_strategy="self_speculative", max_steps=128)
     return parser
 
 
@@ -135,6 +170,29 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         interactive(loaded, run_once, args.chat)
     return 0
+
+
+def run_correctness(args: argparse.Namespace) -> int:
+    import layerskip
+    from layerskip.eval.correctness import compare
+    from layerskip.generation import GenerationConfig
+
+    options = {**generation_options(args), "generation_strategy": "self_speculative"}
+    samples = load_dataset_samples(args)
+    loaded = layerskip.load(args.model, dtype=args.dtype, device=args.device)
+    config = GenerationConfig.from_options(options).resolved(loaded.config.num_hidden_layers, loaded.defaults)
+    report = {"model": loaded.name, "dataset": args.dataset, **compare(loaded, samples, config, chat=args.chat)}
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "correctness.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    for record in report["results"]:
+        if not record["identical"]:
+            print(f"{record['id']}: differs at token {record['first_difference']}: "
+                  f"autoregressive {record['autoregressive'][:60]!r} vs self-speculative "
+                  f"{record['self_speculative'][:60]!r}")
+    print(f"{report['errors']} of {report['samples']} samples differ ({report['error_percentage']:.1f}%); "
+          f"report: {output / 'correctness.json'}")
+    return 1 if report["errors"] else 0
 
 
 def interactive(loaded: Any, run_once: Any, chat: bool | None) -> None:
