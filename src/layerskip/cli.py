@@ -48,12 +48,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
 
-def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+def add_generation_arguments(parser: argparse.ArgumentParser, *, grid: bool = False) -> None:
+    """Generation flags; with `grid`, --exit_layers/--num_speculations take lists or ranges (for sweeps)."""
     group = parser.add_argument_group("generation")
-    group.add_argument("--generation_strategy", default="autoregressive", help="autoregressive or self_speculative")
-    group.add_argument("--exit_layer", type=int, default=-1,
-                       help="layers used by the draft (self_speculative) or by early-exit inference (autoregressive)")
-    group.add_argument("--num_speculations", type=int, default=-1, help="draft tokens per self-speculative round")
+    if grid:
+        group.add_argument("--exit_layers", required=True, help="'4,8,12' or 'start:stop:step'")
+        group.add_argument("--num_speculations", required=True, help="'2,4,6' or 'start:stop:step'")
+    else:
+        group.add_argument("--generation_strategy", default="autoregressive", help="autoregressive or self_speculative")
+        group.add_argument("--exit_layer", type=int, default=-1,
+                           help="layers used by the draft (self_speculative) or by early-exit inference (autoregressive)")
+        group.add_argument("--num_speculations", type=int, default=-1, help="draft tokens per self-speculative round")
     group.add_argument("--max_steps", type=int, default=512, help="maximum new tokens")
     group.add_argument("--sample", type=parse_bool, nargs="?", const=True, default=True,
                        help="sample (default) or, with --sample false, decode greedily")
@@ -93,9 +98,11 @@ def load_dataset_samples(args: argparse.Namespace) -> list[Any]:
 
 
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in (
-        "generation_strategy", "exit_layer", "num_speculations", "max_steps", "sample", "temperature", "top_k",
-        "top_p", "seed", "stop_words", "stop_token_ids", "ignore_eos")}
+    names = ("generation_strategy", "exit_layer", "num_speculations", "max_steps", "sample", "temperature", "top_k",
+             "top_p", "seed", "stop_words", "stop_token_ids", "ignore_eos")
+    if hasattr(args, "exit_layers"):  # a sweep: the grid flags are not single settings
+        names = tuple(name for name in names if name not in ("generation_strategy", "exit_layer", "num_speculations"))
+    return {name: getattr(args, name) for name in names}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,7 +131,38 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_arguments(correctness)
     add_dataset_arguments(correctness)
     correctness.set_defaults(run=run_correctness, generation_strategy="self_speculative", max_steps=128)
+
+    benchmark = commands.add_parser(
+        "benchmark", help="run a dataset through one configuration: quality and speed",
+        description="Quality (ROUGE, BLEU, exact match, HumanEval pass@1) and speed of one generation configuration "
+                    "on a dataset. Writes <output_dir>/benchmark/<run>/records.jsonl as it goes and summary.json.")
+    add_model_arguments(benchmark)
+    add_generation_arguments(benchmark)
+    add_dataset_arguments(benchmark)
+    add_bench_arguments(benchmark)
+    benchmark.add_argument("--compare", choices=("hf",), default=None,
+                           help="also run the same configuration through HF transformers and print the ratios")
+    benchmark.set_defaults(run=run_benchmark_command)
+
+    sweep = commands.add_parser(
+        "sweep", help="grid of exit layers x speculations, with an autoregressive baseline, CSV and heatmap",
+        description="Benchmark every (exit_layer, num_speculations) of a grid on the same samples. Writes "
+                    "<output_dir>/sweep/sweep.csv row by row (rerun to resume) and sweep_heatmap.png.")
+    add_model_arguments(sweep)
+    add_generation_arguments(sweep, grid=True)
+    add_dataset_arguments(sweep)
+    add_bench_arguments(sweep)
+    sweep.set_defaults(run=run_sweep_command)
     return parser
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("benchmark")
+    group.add_argument("--engine", choices=("layerskip", "hf"), default="layerskip",
+                       help="ours, or HF transformers generate() as the peer baseline")
+    group.add_argument("--execute_code", action="store_true",
+                       help="human_eval: run each problem's tests on the generation (executes generated code)")
+    group.add_argument("--resume", action="store_true", help="continue an interrupted run in the same --output_dir")
 
 
 def format_stats(stats: dict[str, Any]) -> str:
@@ -193,6 +231,78 @@ def run_correctness(args: argparse.Namespace) -> int:
     print(f"{report['errors']} of {report['samples']} samples differ ({report['error_percentage']:.1f}%); "
           f"report: {output / 'correctness.json'}")
     return 1 if report["errors"] else 0
+
+
+def prepare_benchmark(args: argparse.Namespace) -> tuple[Any, list[Any], Any]:
+    import layerskip
+    from layerskip.generation import GenerationConfig
+
+    if args.execute_code and args.dataset != "human_eval":
+        raise LayerSkipError("--execute_code applies to --dataset human_eval only")
+    samples = load_dataset_samples(args)
+    loaded = layerskip.load(args.model, dtype=args.dtype, device=args.device)
+    config = GenerationConfig.from_options(generation_options(args)).resolved(loaded.config.num_hidden_layers,
+                                                                             loaded.defaults)
+    return loaded, samples, config
+
+
+def run_name(args: argparse.Namespace, engine: str, config: Any) -> str:
+    suffix = f"_E{config.exit_layer}_k{config.num_speculations}" if config.generation_strategy == "self_speculative" \
+        else (f"_E{config.exit_layer}" if config.exit_layer != -1 else "")
+    return f"{args.dataset}_{engine}_{config.generation_strategy}{suffix}"
+
+
+def run_benchmark_command(args: argparse.Namespace) -> int:
+    from layerskip.bench.engines import make_engine
+    from layerskip.bench.runner import run_benchmark
+
+    loaded, samples, config = prepare_benchmark(args)
+    engines = [args.engine] + ([args.compare] if args.compare and args.compare != args.engine else [])
+    summaries = {}
+    for engine in engines:
+        folder = Path(args.output_dir) / "benchmark" / run_name(args, engine, config)
+        summaries[engine] = run_benchmark(loaded, make_engine(engine, loaded, config), samples, folder,
+                                          arguments=vars_for_json(args), chat=args.chat, resume=args.resume,
+                                          execute_code=args.execute_code, description=engine)["metrics"]
+        print(f"{engine}: {json.dumps(summaries[engine])}")
+        print(f"summary: {folder / 'summary.json'}", file=sys.stderr)
+    if len(summaries) == 2:
+        print(compare_table(summaries, engines))
+    return 0
+
+
+def compare_table(summaries: dict[str, dict[str, Any]], engines: list[str]) -> str:
+    ours, peer = (summaries[name] for name in engines)
+    lines = [f"| metric | {engines[0]} | {engines[1]} | ratio |", "|---|---|---|---|"]
+    for key in ("tokens_per_second", "time_per_token", "total_time", "acceptance_rate", "rouge1", "rouge2", "rougeL",
+                "bleu", "exact_match", "pass@1"):
+        if key in ours or key in peer:
+            a, b = ours.get(key), peer.get(key)
+            ratio = f"{a / b:.2f}x" if isinstance(a, float) and isinstance(b, float) and b else "-"
+            lines.append(f"| {key} | {'-' if a is None else f'{a:.4g}'} | {'-' if b is None else f'{b:.4g}'} | {ratio} |")
+    return "\n".join(lines)
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    from layerskip.bench.engines import make_engine
+    from layerskip.bench.sweep import parse_grid, run_sweep
+
+    loaded, samples, config = prepare_benchmark(args)
+    exits = parse_grid(args.exit_layers, "--exit_layers")
+    speculations = parse_grid(args.num_speculations, "--num_speculations")
+    output = Path(args.output_dir) / "sweep"
+    rows = run_sweep(loaded, samples, config, exits, speculations, output,
+                     make_engine=lambda point: make_engine(args.engine, loaded, point),
+                     arguments=vars_for_json(args), chat=args.chat)
+    best = max(rows, key=lambda row: float(row["speedup_vs_autoregressive"]))
+    print(f"best: exit_layer {best['exit_layer']}, num_speculations {best['num_speculations']}: "
+          f"{float(best['speedup_vs_autoregressive']):.2f}x autoregressive, {float(best['tokens_per_second']):.1f} tokens/s; "
+          f"table: {output / 'sweep.csv'}, heatmap: {output / 'sweep_heatmap.png'}")
+    return 0
+
+
+def vars_for_json(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: value for key, value in vars(args).items() if key != "run"}
 
 
 def interactive(loaded: Any, run_once: Any, chat: bool | None) -> None:

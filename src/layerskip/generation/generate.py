@@ -64,7 +64,7 @@ class GenerationResult:
                 "settings": self.settings, "stats": self.stats.as_dict()}
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -86,7 +86,7 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[int], strategy: Strate
     new_tokens: list[int] = []
     finish_reason = None
     device = model.inv_freq.device
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     rounds = strategy.rounds(context)
     for step in rounds:
@@ -112,7 +112,7 @@ def generate_ids(model: Transformer, prompt_ids: Sequence[int], strategy: Strate
         if finish_reason:
             break
     rounds.close()
-    _synchronize(device)
+    synchronize(device)
     stats.seconds = time.perf_counter() - start
     stats.new_tokens = len(new_tokens)
     text = None

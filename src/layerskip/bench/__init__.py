@@ -1,0 +1,1 @@
+"""Benchmarks on datasets: engines (ours and HF transformers), a resumable runner, and grid sweeps."""

@@ -1,0 +1,89 @@
+"""Engines a benchmark can drive on the same prompts: ours, and Hugging Face transformers `generate()`.
+
+The HF engine is the peer baseline: autoregressive, or self-speculative through its
+`assistant_early_exit=E, num_assistant_tokens=k` (which shares weights but keeps a second KV cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Protocol
+
+import torch
+
+from layerskip.api import generate_with_config
+from layerskip.generation import GenerationConfig
+from layerskip.generation.generate import synchronize
+from layerskip.loading import LoadedModel
+
+ENGINES = ("layerskip", "hf")
+
+
+@dataclasses.dataclass
+class Outcome:
+    token_ids: list[int]
+    text: str
+    stats: dict[str, Any]  # at least new_tokens and seconds (generation only, device synchronised)
+
+
+class Engine(Protocol):
+    name: str
+
+    def generate(self, prompt_ids: list[int]) -> Outcome: ...
+
+
+class LayerSkipEngine:
+    name = "layerskip"
+
+    def __init__(self, loaded: LoadedModel, config: GenerationConfig):
+        self.loaded, self.config = loaded, config
+
+    def generate(self, prompt_ids: list[int]) -> Outcome:
+        result = generate_with_config(self.loaded, prompt_ids, self.config)
+        return Outcome(result.token_ids, result.text or "", result.stats.as_dict())
+
+
+class HFEngine:
+    name = "hf"
+
+    def __init__(self, loaded: LoadedModel, config: GenerationConfig):
+        from transformers import AutoModelForCausalLM
+
+        self.loaded, self.config = loaded, config
+        self.model = AutoModelForCausalLM.from_pretrained(str(loaded.folder), dtype=loaded.dtype).to(loaded.device).eval()
+
+    def generate(self, prompt_ids: list[int]) -> Outcome:
+        config, loaded = self.config, self.loaded
+        options: dict[str, Any] = dict(max_new_tokens=config.max_steps, do_sample=config.sample,
+                                       pad_token_id=(loaded.eos_token_ids or [0])[0])
+        if config.sample:
+            options.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or None)
+        if config.ignore_eos:
+            options.update(min_new_tokens=config.max_steps, eos_token_id=None)
+        else:
+            options["eos_token_id"] = loaded.eos_token_ids or None
+        if config.stop_words:
+            options.update(stop_strings=config.stop_words, tokenizer=loaded.tokenizer.hf)
+        if config.generation_strategy == "self_speculative":
+            options.update(assistant_early_exit=config.exit_layer, num_assistant_tokens=config.num_speculations,
+                           num_assistant_tokens_schedule="constant")
+        inputs = torch.tensor([prompt_ids], device=loaded.device)
+        torch.manual_seed(config.seed)
+        synchronize(loaded.device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            output = self.model.generate(inputs, attention_mask=torch.ones_like(inputs), **options)
+        synchronize(loaded.device)
+        seconds = time.perf_counter() - start
+        new = output[0, len(prompt_ids):].tolist()
+        text = loaded.tokenizer.decode(new) if loaded.tokenizer is not None else ""
+        if config.stop_words:
+            from layerskip.generation.stopping import cut_at_stop_words
+
+            text, _ = cut_at_stop_words(text, config.stop_words)
+        return Outcome(new, text, {"new_tokens": len(new), "seconds": seconds})
+
+
+def make_engine(name: str, loaded: LoadedModel, config: GenerationConfig) -> Engine:
+    return HFEngine(loaded, config) if name == "hf" else LayerSkipEngine(loaded, config)

