@@ -123,36 +123,37 @@ def build_parser() -> argparse.ArgumentParser:
                         help="'json' prints one object with text, token_ids and stats (no streaming)")
     generate.set_defaults(run=run_generate)
 
-    correctness = commands.add_parser(
-        "correctness", help="check that greedy self-speculative decoding equals autoregressive decoding",
-        description="Greedy autoregressive and self-speculative decoding on the same samples; exit status 1 "
-                    "when any sample differs. Writes <output_dir>/correctness.json.")
-    add_model_arguments(correctness)
-    add_generation_arguments(correctness)
-    add_dataset_arguments(correctness)
+    correctness = dataset_command(
+        commands, "correctness", "check that greedy self-speculative decoding equals autoregressive decoding",
+        "Greedy autoregressive and self-speculative decoding on the same samples; exit status 1 "
+        "when any sample differs. Writes <output_dir>/correctness.json.", bench=False)
     correctness.set_defaults(run=run_correctness, generation_strategy="self_speculative", max_steps=128)
 
-    benchmark = commands.add_parser(
-        "benchmark", help="run a dataset through one configuration: quality and speed",
-        description="Quality (ROUGE, BLEU, exact match, HumanEval pass@1) and speed of one generation configuration "
-                    "on a dataset. Writes <output_dir>/benchmark/<run>/records.jsonl as it goes and summary.json.")
-    add_model_arguments(benchmark)
-    add_generation_arguments(benchmark)
-    add_dataset_arguments(benchmark)
-    add_bench_arguments(benchmark)
+    benchmark = dataset_command(
+        commands, "benchmark", "run a dataset through one configuration: quality and speed",
+        "Quality (ROUGE, BLEU, exact match, HumanEval pass@1) and speed of one generation configuration "
+        "on a dataset. Writes <output_dir>/benchmark/<run>/records.jsonl as it goes and summary.json.")
     benchmark.add_argument("--compare", choices=("hf",), default=None,
                            help="also run the same configuration through HF transformers and print the ratios")
     benchmark.set_defaults(run=run_benchmark_command)
 
-    sweep = commands.add_parser(
-        "sweep", help="grid of exit layers x speculations, with an autoregressive baseline, CSV and heatmap",
-        description="Benchmark every (exit_layer, num_speculations) of a grid on the same samples. Writes "
-                    "<output_dir>/sweep/sweep.csv row by row (rerun to resume) and sweep_heatmap.png.")
-    add_model_arguments(sweep)
-    add_generation_arguments(sweep, grid=True)
-    add_dataset_arguments(sweep)
-    add_bench_arguments(sweep)
+    sweep = dataset_command(
+        commands, "sweep", "grid of exit layers x speculations, with an autoregressive baseline, CSV and heatmap",
+        "Benchmark every (exit_layer, num_speculations) of a grid on the same samples. Writes "
+        "<output_dir>/sweep/sweep.csv row by row (rerun to resume) and sweep_heatmap.png.", grid=True)
     sweep.set_defaults(run=run_sweep_command)
+    return parser
+
+
+def dataset_command(commands: Any, name: str, summary: str, description: str, *, grid: bool = False,
+                    bench: bool = True) -> argparse.ArgumentParser:
+    """A subcommand that runs generation over a dataset: model, generation, data (and benchmark) flags."""
+    parser = commands.add_parser(name, help=summary, description=description)
+    add_model_arguments(parser)
+    add_generation_arguments(parser, grid=grid)
+    add_dataset_arguments(parser)
+    if bench:
+        add_bench_arguments(parser)
     return parser
 
 
