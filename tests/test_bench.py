@@ -95,6 +95,12 @@ def test_human_eval_execution_runs_the_problem_tests():
     problem = load_samples("human_eval", num_samples=1, seed=0)[0]
     assert passes_tests(problem, problem.extra["canonical_solution"])
     assert not passes_tests(problem, "    return None\n")
+    # a chat reply: the function rewritten in a fenced block, with prose around it
+    entry = problem.extra["entry_point"]
+    signature = next(line for line in problem.prompt.splitlines() if line.startswith(f"def {entry}"))
+    reply = f"Here it is:\n```python\n{signature}\n{problem.extra['canonical_solution']}```\nIt works."
+    assert passes_tests(problem, reply)
+    assert not passes_tests(problem, f"```python\n{signature}\n    return None\n```")
 
 
 def test_benchmark_compare_hf_prints_ratios(tmp_path, capsys):

