@@ -41,6 +41,12 @@ def test_cnn_dm_lm_splits_after_100_words(tmp_path):
     assert sample.prompt == " ".join(words[:100]) and sample.reference == " " + " ".join(words[100:])
 
 
+def test_xsum_uses_document_and_summary(tmp_path):
+    write_jsonl(tmp_path / "test.jsonl", [{"document": "A long report.", "summary": "Short.", "id": "x1"}])
+    sample, = load_samples("xsum_summarization", data_path=str(tmp_path))
+    assert (sample.id, sample.prompt, sample.reference) == ("x1", "Article: A long report.\nSummary:", " Short.")
+
+
 def test_top_v2_and_custom_fields_and_template(tmp_path):
     write_jsonl(tmp_path / "eval.jsonl", [{"utterance": "wake me at 7", "semantic_parse": "[IN:CREATE_ALARM ]"}])
     sample, = load_samples("top_v2", data_path=str(tmp_path), template="Parse: {prompt}\nParse:")

@@ -295,10 +295,12 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     rows = run_sweep(loaded, samples, config, exits, speculations, output,
                      make_engine=lambda point: make_engine(args.engine, loaded, point),
                      arguments=vars_for_json(args), chat=args.chat)
-    best = max(rows, key=lambda row: float(row["speedup_vs_autoregressive"]))
-    print(f"best: exit_layer {best['exit_layer']}, num_speculations {best['num_speculations']}: "
-          f"{float(best['speedup_vs_autoregressive']):.2f}x autoregressive, {float(best['tokens_per_second']):.1f} tokens/s; "
-          f"table: {output / 'sweep.csv'}, heatmap: {output / 'sweep_heatmap.png'}")
+    best = max((row for row in rows if int(row["num_speculations"]) > 0),
+               key=lambda row: float(row["speedup_vs_autoregressive"]))
+    print(f"best self-speculative point: exit_layer {best['exit_layer']}, num_speculations {best['num_speculations']}: "
+          f"{float(best['speedup_vs_autoregressive']):.2f}x autoregressive, {float(best['tokens_per_second']):.1f} tokens/s, "
+          f"acceptance {float(best['acceptance_rate']):.1%}; table: {output / 'sweep.csv'}, "
+          f"heatmap: {output / 'sweep_heatmap.png'}")
     return 0
 
 

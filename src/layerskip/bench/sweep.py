@@ -80,6 +80,7 @@ def draw_heatmap(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import TwoSlopeNorm
 
     if not rows:
         return
@@ -90,8 +91,9 @@ def draw_heatmap(rows: Sequence[dict[str, Any]], path: Path) -> None:
         grid[specs.index(int(row["num_speculations"]))][exits.index(int(row["exit_layer"]))] = \
             float(row["speedup_vs_autoregressive"])
     figure, axes = plt.subplots(figsize=(1.2 * len(exits) + 2.5, 0.8 * len(specs) + 2))
-    image = axes.imshow(grid, cmap="RdYlGn", vmin=min(0.5, min(map(min, grid))), vmax=max(1.5, max(map(max, grid))),
-                        origin="lower", aspect="auto")
+    values = [value for line in grid for value in line if value == value]
+    norm = TwoSlopeNorm(vcenter=1.0, vmin=min(0.5, *values), vmax=max(1.5, *values))  # red: slower, green: faster
+    image = axes.imshow(grid, cmap="RdYlGn", norm=norm, origin="lower", aspect="auto")
     for y, line in enumerate(grid):
         for x, value in enumerate(line):
             axes.text(x, y, f"{value:.2f}x", ha="center", va="center", fontsize=9)
