@@ -10,7 +10,7 @@ import torch
 
 import layerskip
 from layerskip.bench.engines import HFEngine, LayerSkipEngine
-from layerskip.bench.runner import passes_tests, read_records, run_benchmark
+from layerskip.bench.runner import passes_tests, read_records, run_benchmark, run_benchmarks
 from layerskip.bench.sweep import parse_grid, run_sweep
 from layerskip.cli import main
 from layerskip.eval.datasets import Sample, load_samples
@@ -22,13 +22,15 @@ GREEDY = GenerationConfig(sample=False, max_steps=4, ignore_eos=True)
 
 
 class CountingEngine:
-    """Wraps an engine and counts the generations it runs (the warm-up included)."""
+    """Wraps an engine and counts the generations it runs (the warm-up included), logging them in `log`."""
 
-    def __init__(self, inner):
-        self.inner, self.name, self.calls = inner, inner.name, 0
+    def __init__(self, inner, log=None, label=""):
+        self.inner, self.name, self.calls, self.log, self.label = inner, inner.name, 0, log, label
 
     def generate(self, prompt_ids):
         self.calls += 1
+        if self.log is not None:
+            self.log.append(self.label)
         return self.inner.generate(prompt_ids)
 
 
@@ -48,6 +50,23 @@ def test_records_are_written_as_they_go_and_resume_continues(default_model, tmp_
     assert metrics["rouge1"] == pytest.approx(sum(r["scores"]["rouge1"] for r in records) / 3)
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["arguments"] == {"x": 1} and saved["environment"]["torch"] == torch.__version__
+
+
+def test_compared_engines_run_interleaved_and_resume_separately(default_model, tmp_path):
+    log = []
+    ours = CountingEngine(LayerSkipEngine(default_model, GREEDY), log, "ours")
+    peer = CountingEngine(HFEngine(default_model, GREEDY), log, "hf")
+    runs = {"ours": (ours, tmp_path / "ours"), "hf": (peer, tmp_path / "hf")}
+    run_benchmarks(default_model, runs, SAMPLES[:1], arguments={})
+    assert log == ["ours", "hf", "ours", "hf"]  # warm-ups, then sample a on each
+    log.clear()
+    summaries = run_benchmarks(default_model, runs, SAMPLES, arguments={}, resume=True)
+    assert log == ["ours", "hf", "ours", "hf", "ours", "hf"]  # warm-ups, then b and c interleaved
+    for name in runs:
+        assert [r["id"] for r in read_records(tmp_path / name / "records.jsonl")] == ["a", "b", "c"]
+        assert summaries[name]["metrics"]["samples"] == 3 and summaries[name]["engine"] == runs[name][0].name
+    texts = {name: [r["generation"] for r in read_records(tmp_path / name / "records.jsonl")] for name in runs}
+    assert texts["ours"] == texts["hf"]  # greedy: the same continuations through both engines
 
 
 def test_sweep_writes_csv_rows_and_heatmap_and_resumes(default_model, tmp_path):

@@ -255,16 +255,16 @@ def run_name(args: argparse.Namespace, engine: str, config: Any) -> str:
 
 def run_benchmark_command(args: argparse.Namespace) -> int:
     from layerskip.bench.engines import make_engine
-    from layerskip.bench.runner import run_benchmark
+    from layerskip.bench.runner import run_benchmarks
 
     loaded, samples, config = prepare_benchmark(args)
     engines = [args.engine] + ([args.compare] if args.compare and args.compare != args.engine else [])
-    summaries = {}
-    for engine in engines:
-        folder = Path(args.output_dir) / "benchmark" / run_name(args, engine, config)
-        summaries[engine] = run_benchmark(loaded, make_engine(engine, loaded, config), samples, folder,
-                                          arguments=vars_for_json(args), chat=args.chat, resume=args.resume,
-                                          execute_code=args.execute_code, description=engine)["metrics"]
+    runs = {engine: (make_engine(engine, loaded, config),
+                     Path(args.output_dir) / "benchmark" / run_name(args, engine, config)) for engine in engines}
+    results = run_benchmarks(loaded, runs, samples, arguments=vars_for_json(args), chat=args.chat,
+                             resume=args.resume, execute_code=args.execute_code)
+    summaries = {engine: result["metrics"] for engine, result in results.items()}
+    for engine, (_, folder) in runs.items():
         print(f"{engine}: {json.dumps(summaries[engine])}")
         print(f"summary: {folder / 'summary.json'}", file=sys.stderr)
     if len(summaries) == 2:

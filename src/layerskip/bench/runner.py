@@ -93,32 +93,58 @@ def run_benchmark(loaded: LoadedModel, engine: Engine, samples: Sequence[Sample]
                   arguments: dict[str, Any], chat: bool = False, resume: bool = False,
                   execute_code: bool = False, description: str = "benchmark") -> dict[str, Any]:
     """Generate and score every sample (skipping those already in records.jsonl when resuming)."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    records_path = output_dir / "records.jsonl"
-    records = read_records(records_path) if resume else []
-    done = {record["id"] for record in records}
-    todo = [sample for sample in samples if sample.id not in done]
+    return run_benchmarks(loaded, {description: (engine, output_dir)}, samples, arguments=arguments, chat=chat,
+                          resume=resume, execute_code=execute_code)[description]
+
+
+def run_benchmarks(loaded: LoadedModel, runs: dict[str, tuple[Engine, Path]], samples: Sequence[Sample], *,
+                   arguments: dict[str, Any], chat: bool = False, resume: bool = False,
+                   execute_code: bool = False) -> dict[str, dict[str, Any]]:
+    """Several engines on the same samples, interleaved sample by sample, so that a noisy machine slows
+    them alike and their speed ratio holds; each run keeps its own records.jsonl and summary.json."""
+    records: dict[str, list[dict[str, Any]]] = {}
+    for name, (engine, output_dir) in runs.items():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        records[name] = read_records(output_dir / "records.jsonl") if resume else []
+    done = {name: {record["id"] for record in kept} for name, kept in records.items()}
+    todo = [sample for sample in samples if any(sample.id not in ids for ids in done.values())]
     prompts = {sample.id: encode_prompt(loaded, sample.prompt, chat=chat) for sample in todo}
-    if todo:
-        engine.generate(prompts[todo[0].id])  # warm-up on a real prompt: first-call kernel set-up is not timed
-    with records_path.open("w") as sink:
-        for record in records:
-            sink.write(json.dumps(record) + "\n")
-        progress = tqdm(todo, desc=description, unit="sample")
+    sinks = {}
+    for name, (engine, output_dir) in runs.items():
+        if todo:
+            engine.generate(prompts[todo[0].id])  # warm-up on a real prompt: first-call kernel set-up is not timed
+        sinks[name] = (output_dir / "records.jsonl").open("w")
+        for record in records[name]:
+            sinks[name].write(json.dumps(record, ensure_ascii=False) + "\n")
+    progress = tqdm(todo, desc=" vs ".join(runs), unit="sample")
+    try:
         for sample in progress:
-            outcome = engine.generate(prompts[sample.id])
-            scores = metrics.sample_scores(outcome.text, sample.reference)
-            if execute_code:
-                scores["pass@1"] = float(passes_tests(sample, outcome.text))
-            record = {"id": sample.id, "prompt": sample.prompt, "generation": outcome.text,
-                      "reference": sample.reference, "scores": scores, "stats": outcome.stats}
-            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-            sink.flush()
-            records.append(record)
-            live = summarize(records)
-            progress.set_postfix({"tok/s": f"{live['tokens_per_second']:.1f}",
-                                  **({"accept": f"{live['acceptance_rate']:.0%}"} if "acceptance_rate" in live else {})})
-    summary = {"arguments": arguments, "model": loaded.name, "environment": environment(loaded),
-               "metrics": summarize([r for r in records if r["id"] in {s.id for s in samples}])}
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+            live = {}
+            for name, (engine, _) in runs.items():
+                if sample.id in done[name]:
+                    continue
+                outcome = engine.generate(prompts[sample.id])
+                scores = metrics.sample_scores(outcome.text, sample.reference)
+                if execute_code:
+                    scores["pass@1"] = float(passes_tests(sample, outcome.text))
+                record = {"id": sample.id, "prompt": sample.prompt, "generation": outcome.text,
+                          "reference": sample.reference, "scores": scores, "stats": outcome.stats}
+                sinks[name].write(json.dumps(record, ensure_ascii=False) + "\n")
+                sinks[name].flush()
+                records[name].append(record)
+                current = summarize(records[name])
+                live[f"{name} tok/s"] = f"{current['tokens_per_second']:.1f}"
+                if "acceptance_rate" in current:
+                    live[f"{name} accept"] = f"{current['acceptance_rate']:.0%}"
+            progress.set_postfix(live)
+    finally:
+        for sink in sinks.values():
+            sink.close()
+    wanted = {sample.id for sample in samples}
+    summaries = {}
+    for name, (engine, output_dir) in runs.items():
+        summaries[name] = {"arguments": arguments, "model": loaded.name, "engine": engine.name,
+                           "environment": environment(loaded),
+                           "metrics": summarize([r for r in records[name] if r["id"] in wanted])}
+        (output_dir / "summary.json").write_text(json.dumps(summaries[name], indent=2))
+    return summaries
