@@ -10,7 +10,8 @@ import torch
 
 import layerskip
 from layerskip.bench.engines import HFEngine, LayerSkipEngine
-from layerskip.bench.runner import passes_tests, read_records, run_benchmark, run_benchmarks
+from layerskip.bench.runner import passes_tests, run_benchmark, run_benchmarks
+from layerskip.eval.records import read_records
 from layerskip.bench.sweep import parse_grid, run_sweep
 from layerskip.cli import main
 from layerskip.eval.datasets import Sample, load_samples

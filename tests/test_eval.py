@@ -145,3 +145,11 @@ def test_correctness_reports_a_planted_difference(tmp_path, monkeypatch, capsys)
         assert not record["identical"] and 2 <= record["first_difference"] <= 8
         assert record["autoregressive"] != record["self_speculative"]
     assert "2 of 2 samples differ" in capsys.readouterr().out
+
+    # An interruption after the first sample: --resume keeps its record and checks only the second one.
+    records = tmp_path / "correctness.jsonl"
+    records.write_text(records.read_text().splitlines()[0] + "\n" + '{"id": "1", "ident')
+    monkeypatch.undo()
+    assert main(common + ["--resume"]) == 1
+    resumed = json.loads((tmp_path / "correctness.json").read_text())
+    assert [r["identical"] for r in resumed["results"]] == [False, True] and resumed["errors"] == 1

