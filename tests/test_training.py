@@ -1,0 +1,384 @@
+"""Training: layer dropout, early-exit loss weights, curricula, data, LoRA, the recipe loop and its checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import layerskip
+from layerskip.errors import LayerSkipError
+from layerskip.loading.hf_folder import build_model, load_state_dict, read_config
+from layerskip.training import load_config, merge_lora, train
+from layerskip.training.config import DataConfig, DataSource
+from layerskip.training.curriculum import Gradual, Rotational, make_curriculum
+from layerskip.training.data import PackedSequences, tokenize_sources
+from layerskip.training.distributed import setup_distributed
+from layerskip.training.early_exit_loss import exit_scales, exit_weights, head_losses
+from layerskip.training.layer_dropout import LayerDropout, layer_shape, step_scale
+from layerskip.training.lora import add_lora, lora_disabled, save_adapter
+from layerskip.training.model import TrainingModel
+from layerskip.training.trainer import Run
+
+CORPUS = ["def add(a, b):\n    return a + b\n", "the cat sat on the mat. the dog sat on the log.\n",
+          "for i in range(10):\n    print(i * i)\n", "class Point:\n    x: int\n    y: int\n"] * 6
+
+
+# ---- layer dropout --------------------------------------------------------------------------------------
+
+def test_layer_dropout_rates_per_layer_and_step():
+    ln2 = math.log(2)
+    assert layer_shape("exp", 5).tolist() == pytest.approx([math.exp(layer * ln2 / 4) - 1 for layer in range(5)])
+    assert layer_shape("exp", 5)[[0, -1]].tolist() == [0.0, 1.0]
+    assert layer_shape("linear", 5).tolist() == pytest.approx([0, 0.25, 0.5, 0.75, 1])
+    assert layer_shape("uniform", 5).tolist() == [1.0] * 5
+    assert step_scale("constant", 3, 10) == 1.0
+    assert [step_scale("exp", t, 5) for t in (0, 2, 4)] == pytest.approx([0.0, math.sqrt(2) - 1, 1.0])
+    dropout = LayerDropout(5, 0.2, layer_shape_name="exp", step_shape_name="exp", total_steps=5)
+    expected = [(math.sqrt(2) - 1) * (math.exp(layer * ln2 / 4) - 1) * 0.2 for layer in range(5)]
+    assert dropout.rates(2).tolist() == pytest.approx(expected)
+
+
+def test_layer_dropout_masks_per_sample_reproducible_and_rank_independent():
+    dropout = LayerDropout(6, 0.5, layer_shape_name="linear", seed=3)
+    masks = dropout.keep_masks(7, 20000)
+    assert masks.shape == (6, 20000) and masks.dtype == torch.bool
+    drop_rates = 1 - masks.double().mean(dim=1)
+    assert drop_rates.tolist() == pytest.approx(dropout.rates(7).tolist(), abs=0.015)
+    assert masks[0].all()  # D(0) = 0: the first layer is never skipped
+    assert not (masks[-1] == masks[-1][0]).all()  # per sample, not per batch
+    # Another rank (another object, same seed) draws the same matrix; another step draws another one.
+    assert torch.equal(LayerDropout(6, 0.5, layer_shape_name="linear", seed=3).keep_masks(7, 20000), masks)
+    assert not torch.equal(dropout.keep_masks(8, 20000), masks)
+    assert LayerDropout(6, 0.0).keep_masks(0, 50).all()
+
+
+def test_dropped_sample_passes_through_the_layer_unchanged(tiny_checkpoint):
+    folder, _ = tiny_checkpoint()
+    model = build_model(read_config(folder), load_state_dict(folder), dtype=torch.float32, device="cpu")
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = torch.roll(ids, -1, dims=1)
+    keep = [[True, True], [False, True], [True, True], [True, False]]  # sample 0 skips layer 1, sample 1 layer 3
+    _, metrics = TrainingModel(model)(ids, labels, keep, [0, 0, 0, 1.0])
+    with torch.no_grad():
+        cos, sin = model.rope(0, 12, torch.float32)
+        rows = []
+        for sample in range(2):
+            hidden = model.embed(ids[sample:sample + 1])
+            for index, layer in enumerate(model.layers):
+                if keep[index][sample]:
+                    hidden = layer(hidden, cos, sin, 0, None)
+            rows.append(hidden)
+        expected = torch.nn.functional.cross_entropy(model.head(torch.cat(rows)).flatten(0, 1), labels.flatten())
+    assert metrics[3].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert metrics[:3].isnan().all()  # only the enabled exit was computed
+
+
+# ---- early-exit loss --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape, expected", [
+    ("sum_l", [0, 0.5, 1.5, 3 + 0.5 * 3]),  # e(l) = 0.5 * (0 + ... + l); e(3) = 3 + 0.5 * (0 + 1 + 2)
+    ("l", [0, 0.5, 1.0, 3 + 0.5 * 2]),
+    ("inv_l", [0.5, 0.25, 0.5 / 3, 3 + 0.5 / 3]),
+    ("uniform", [0.5, 0.5, 0.5, 3.5]),
+])
+def test_exit_scales_hand_computed(shape, expected):
+    assert exit_scales(4, shape, 0.5).tolist() == pytest.approx(expected)
+
+
+def test_exit_weights_normalise_over_enabled_exits():
+    scales = exit_scales(4, "sum_l", 0.5)  # [0, 0.5, 1.5, 4.5]
+    assert exit_weights(scales, torch.ones(4, dtype=torch.bool)).tolist() == pytest.approx(
+        [0, 0.5 / 6.5, 1.5 / 6.5, 4.5 / 6.5])
+    assert exit_weights(scales, torch.tensor([False, True, False, True])).tolist() == pytest.approx(
+        [0, 0.1, 0, 0.9])
+    # L = 2 with the paper's e_scale: e(0) = 0, e(1) = 1
+    assert exit_scales(2, "sum_l", 0.1).tolist() == pytest.approx([0.0, 1.0])
+
+
+def test_chunked_head_losses_equal_one_pass():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11)
+    teacher = torch.nn.Linear(8, 11)
+    hidden = torch.randn(3, 5, 8, requires_grad=True)
+    teacher_hidden = torch.randn(3, 5, 8)
+    labels = torch.randint(0, 11, (3, 5))
+    labels[0, 0] = -100
+    results = []
+    for chunk in (0, 4):
+        hidden.grad = None
+        ce, kl = head_losses(head, hidden, labels, chunk_rows=chunk, teacher_head=teacher, teacher_hidden=teacher_hidden)
+        (ce + kl).backward()
+        results.append((ce.item(), kl.item(), hidden.grad.clone()))
+    expected_ce = torch.nn.functional.cross_entropy(head(hidden).flatten(0, 1), labels.flatten())
+    assert results[0][0] == pytest.approx(expected_ce.item(), rel=1e-6)
+    assert results[1][:2] == pytest.approx(results[0][:2], rel=1e-6)
+    assert torch.allclose(results[1][2], results[0][2], atol=1e-6)
+
+
+# ---- curricula --------------------------------------------------------------------------------------------
+
+def exits_of(curriculum) -> list[int]:
+    return curriculum.enabled_exits().nonzero().flatten().tolist()
+
+
+def test_rotational_curriculum_shifts_each_step_and_resumes():
+    curriculum = Rotational(6, rotation=3)
+    seen = []
+    for _ in range(4):
+        seen.append(exits_of(curriculum))
+        curriculum.step()
+    assert seen == [[2, 5], [1, 4, 5], [0, 3, 5], [2, 5]]
+    resumed = Rotational(6, rotation=3)
+    resumed.load_state_dict(curriculum.state_dict())
+    for _ in range(3):
+        assert exits_of(resumed) == exits_of(curriculum)
+        resumed.step(), curriculum.step()
+
+
+def test_gradual_curriculum_adds_exits_from_the_top_and_resumes():
+    curriculum = make_curriculum("gradual", 4, total_steps=16)  # one more exit every 16 / (2 * 4) = 2 steps
+    assert isinstance(curriculum, Gradual)
+    seen = []
+    for _ in range(3):
+        seen.append(exits_of(curriculum))
+        curriculum.step()
+    state = curriculum.state_dict()
+    resumed = make_curriculum("gradual", 4, total_steps=16)
+    resumed.load_state_dict(state)
+    for _ in range(5):
+        seen.append(exits_of(resumed))
+        resumed.step()
+    assert seen == [[3], [3], [2, 3], [2, 3], [1, 2, 3], [1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]]
+    with pytest.raises(ValueError):
+        Rotational(4, 2).load_state_dict(state)
+
+
+# ---- config and data ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.lrr=1e-4"], "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+    (["bogus=1"], "unknown config key 'bogus'"),
+    (["steps=many"], "config key 'steps' must be int, got 'many'"),
+    (["layer_dropout.layer_shape=cubic"], "'layer_dropout.layer_shape' must be one of exp, linear, uniform"),
+    (["early_exit.curriculum=random"], "'early_exit.curriculum' must be one of"),
+    (["lora.enabled=maybe"], "'lora.enabled' must be bool"),
+    (["steps"], "must look like key=value"),
+    ([], "'data.sources' must be at least one source"),
+])
+def test_bad_config_is_a_clear_error(overrides, message):
+    with pytest.raises(LayerSkipError) as error:
+        load_config(None, (["data.sources=x.txt"] if overrides else []) + overrides)
+    assert message in str(error.value)
+
+
+def test_recipes_and_overrides_load():
+    recipes = Path(__file__).parent.parent / "recipes"
+    paper = load_config(recipes / "continual_pretraining_paper.yaml")
+    assert (paper.layer_dropout.p_max, paper.early_exit.e_scale, paper.early_exit.rotation) == (0.1, 0.2, 8)
+    smol = load_config(recipes / "smollm2_135m_layerskip.yaml", ["optim.lr=3e-4", "data.sources=notes.txt"])
+    assert smol.lora.enabled and smol.optim.lr == 3e-4
+    assert [s.path for s in smol.data.sources] == ["notes.txt"]
+
+
+def test_data_sources_read_text_code_gzip_jsonl_and_datasets(tmp_path):
+    import datasets
+
+    code = tmp_path / "code"
+    (code / "pkg").mkdir(parents=True)
+    (code / "pkg" / "a.py").write_text("x = 1\n")
+    (code / "b.bin").write_bytes(b"\x00\x01binary")
+    (code / "notes.txt.gz").write_bytes(gzip.compress(b"zipped"))
+    (tmp_path / "records.jsonl").write_text(json.dumps({"text": "from jsonl"}) + "\n\n"
+                                            + json.dumps({"text": "again"}) + "\n")
+    (tmp_path / "ids.jsonl").write_text(json.dumps({"input_ids": [5, 6, 7]}) + "\n")
+    datasets.Dataset.from_dict({"body": ["from datasets"]}).save_to_disk(str(tmp_path / "saved"))
+
+    class CharTokenizer:  # one id per character, BOS 1, EOS 2
+        bos_token_id, eos_token_id, name_or_path = 1, 2, "chars"
+
+        def __call__(self, texts, add_special_tokens):
+            return {"input_ids": [[3 + ord(c) % 90 for c in text] for text in texts]}
+
+        def __len__(self):
+            return 93
+
+    config = DataConfig(sources=[DataSource(path=str(code)), DataSource(path=str(tmp_path / "records.jsonl")),
+                                 DataSource(path=str(tmp_path / "ids.jsonl"), field="input_ids"),
+                                 DataSource(dataset=str(tmp_path / "saved"), field="body")])
+    stream = tokenize_sources(config, CharTokenizer(), 97, progress=False).tolist()
+    texts = ["zipped", "x = 1\n", "from jsonl", "again"]  # binary file skipped; files in sorted order
+    expected = [t for text in texts for t in [1, *[3 + ord(c) % 90 for c in text], 2]] + [5, 6, 7]
+    expected += [1, *[3 + ord(c) % 90 for c in "from datasets"], 2]
+    assert stream == expected
+
+
+def test_missing_or_insufficient_data_is_a_clear_error(tmp_path):
+    with pytest.raises(LayerSkipError, match="data source '/no/such/dir' does not exist"):
+        tokenize_sources(DataConfig(sources=[DataSource(path="/no/such/dir")]), None, 97)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LayerSkipError, match="has no files matching"):
+        tokenize_sources(DataConfig(sources=[DataSource(path=str(tmp_path / "empty"), glob="*.py")]), None, 97)
+    (tmp_path / "t.txt").write_text("hello")
+    with pytest.raises(LayerSkipError, match="ships no tokenizer"):
+        tokenize_sources(DataConfig(sources=[DataSource(path=str(tmp_path / "t.txt"))]), None, 97, progress=False)
+    with pytest.raises(LayerSkipError, match="fewer than one sequence"):
+        PackedSequences(torch.arange(10).numpy(), seq_len=16, seed=0)
+
+
+def test_packed_order_is_a_function_of_position():
+    data = PackedSequences(torch.arange(50).numpy(), seq_len=4, seed=1)  # 10 sequences of 5 tokens
+    inputs, labels = data.batch(0, 10)
+    assert sorted(inputs[:, 0].tolist()) == list(range(0, 50, 5))  # one epoch visits every sequence once
+    assert torch.equal(labels[:, :-1], inputs[:, 1:])
+    again = PackedSequences(torch.arange(50).numpy(), seq_len=4, seed=1)
+    assert torch.equal(again.batch(7, 6)[0], torch.cat([inputs[7:], data.batch(10, 3)[0]]))
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------------------
+
+def test_lora_merge_equals_unmerged_adapter_and_peft(tiny_checkpoint, tmp_path):
+    folder, hf = tiny_checkpoint()
+    config = read_config(folder)
+    model = build_model(config, load_state_dict(folder), dtype=torch.float32, device="cpu")
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base_logits = model(ids)
+    torch.manual_seed(0)
+    add_lora(model, rank=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj", "down_proj"])
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+        adapted = model(ids)
+        with lora_disabled(model):
+            assert torch.equal(model(ids), base_logits)
+    assert (adapted - base_logits).abs().max() > 1e-2
+    save_adapter(tmp_path / "adapter", {n: p for n, p in model.named_parameters() if "lora_" in n},
+                 rank=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj", "down_proj"], base_model=str(folder))
+    merged_state = merge_lora(load_state_dict(folder), tmp_path / "adapter")
+    with torch.no_grad():
+        from_state = build_model(config, merged_state, dtype=torch.float32, device="cpu")(ids)
+        in_place = merge_lora(layerskip.load(str(folder)).model, tmp_path / "adapter")
+        assert (from_state - adapted).abs().max() < 1e-4
+        assert (in_place(ids) - adapted).abs().max() < 1e-4
+    from peft import PeftModel  # our adapter files are peft's format: transformers + peft agree
+
+    with torch.no_grad():
+        peft_logits = PeftModel.from_pretrained(hf, str(tmp_path / "adapter"))(ids).logits
+    assert (peft_logits - adapted).abs().max() < 1e-4
+    with pytest.raises(LayerSkipError, match="do not exist in this model's layers: choose among"):
+        add_lora(model, rank=2, alpha=2, dropout=0.0, targets=["query_key_value"])
+
+
+# ---- the recipe loop ----------------------------------------------------------------------------------------
+
+def write_tokenizer(folder: Path) -> None:
+    """A tiny BPE tokenizer fitting the tiny model's 97-token vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=97, special_tokens=["<unk>", "<s>", "</s>"])
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
+
+
+def tiny_run(folder: Path, data: Path, output: Path, *extra: str):
+    return load_config(None, [f"model={folder}", f"output_dir={output}", f"data.sources={data}",
+                              "data.seq_len=16", "data.batch_size=4", "optim.lr=3e-3", "optim.warmup_steps=2",
+                              "log_every=1", "layer_dropout.p_max=0.3", "early_exit.rotation=2",
+                              "early_exit.loss_chunk_rows=24", "seed=5", *extra])
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture
+def tiny_text_model(tiny_checkpoint, tmp_path):
+    folder, _ = tiny_checkpoint()
+    write_tokenizer(folder)
+    data = tmp_path / "corpus"
+    data.mkdir()
+    for index, text in enumerate(CORPUS):
+        (data / f"doc{index}.py").write_text(text)
+    return folder, data
+
+
+def test_tiny_run_lowers_early_exit_loss_and_checkpoint_loads(tiny_text_model, tmp_path):
+    folder, data = tiny_text_model
+    config = tiny_run(folder, data, tmp_path / "out", "steps=24", "early_exit.curriculum=all",
+                      "optim.grad_accum=2")
+    run = Run(config, setup_distributed("cpu"))
+    checkpoint = run.train()
+    rows = csv_rows(tmp_path / "out" / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 25))
+    for column in ("loss", "ce_e2", "ce_e4"):  # the mean of the last 3 steps against the first 3
+        values = [float(row[column]) for row in rows]
+        assert sum(values[-3:]) < 0.8 * sum(values[:3]), column
+    assert float(rows[0]["tokens_per_second"]) > 0
+    # An HF checkpoint that layerskip.load reads back, tokenizer and all, with the trained weights.
+    assert {"model.safetensors", "config.json", "tokenizer.json", "training_state.pt"} <= {
+        p.name for p in checkpoint.iterdir()}
+    loaded = layerskip.load(str(checkpoint))
+    assert loaded.tokenizer is not None
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids, exit_layer=2), run.model.eval()(ids, exit_layer=2))
+
+
+@pytest.mark.parametrize("variant", [[], ["lora.enabled=true", "lora.rank=4", "lora.dropout=0.2",
+                                          "early_exit.distill_weight=0.5", "optim.lr=1e-2"]],
+                         ids=["full", "lora_distill"])
+def test_resume_continues_bit_identically(tiny_text_model, tmp_path, variant):
+    folder, data = tiny_text_model
+    common = ["steps=4", "save_every=2", "optim.grad_accum=2", "early_exit.curriculum=rotational", *variant]
+    straight = train(tiny_run(folder, data, tmp_path / "straight", *common))
+    resumed_root = tmp_path / "resumed" / "checkpoints"
+    resumed_root.mkdir(parents=True)
+    # What an interrupted run leaves behind: its step-2 checkpoint, and metrics past it (which resume drops).
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step_0000002", resumed_root / "step_0000002")
+    rows = csv_rows(tmp_path / "straight" / "metrics.csv")
+    (tmp_path / "resumed" / "metrics.csv").write_text((tmp_path / "straight" / "metrics.csv").read_text())
+    resumed = train(tiny_run(folder, data, tmp_path / "resumed", *common))
+    assert csv_rows(tmp_path / "resumed" / "metrics.csv") == [
+        {**row, "tokens_per_second": ANY} for row in rows]
+    weights = "adapter_model.safetensors" if variant else "model.safetensors"
+    final = [load_file(path.parent / "checkpoints" / "step_0000004" / weights) if variant else load_file(path / weights)
+             for path in (straight, resumed)]
+    assert final[0].keys() == final[1].keys()
+    assert all(torch.equal(final[0][name], final[1][name]) for name in final[0])
+    if variant:  # LoRA: the merged model is a full checkpoint too
+        assert straight.name == "merged" and (straight / "model.safetensors").is_file()
+
+
+class _Anything:
+    def __eq__(self, other):
+        return True
+
+
+ANY = _Anything()
+
+
+def test_model_that_cannot_be_trained_is_a_clear_error(tiny_checkpoint, tmp_path):
+    folder, _ = tiny_checkpoint()
+    (tmp_path / "d.jsonl").write_text(json.dumps({"input_ids": list(range(40))}) + "\n")
+    data = f"data.sources=[{{path: {tmp_path / 'd.jsonl'}, field: input_ids}}]"
+    with pytest.raises(LayerSkipError, match="LoRA target module\\(s\\) attention do not exist"):
+        train(load_config(None, [f"model={folder}", f"output_dir={tmp_path / 'o'}", data, "lora.enabled=true",
+                                 "lora.targets=[attention]"]))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(LayerSkipError, match="unsupported architecture 'gpt2'"):
+        train(load_config(None, [f"model={folder}", f"output_dir={tmp_path / 'o'}", data]))
