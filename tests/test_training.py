@@ -318,15 +318,15 @@ def tiny_text_model(tiny_checkpoint, tmp_path):
 
 def test_tiny_run_lowers_early_exit_loss_and_checkpoint_loads(tiny_text_model, tmp_path):
     folder, data = tiny_text_model
-    config = tiny_run(folder, data, tmp_path / "out", "steps=24", "early_exit.curriculum=all",
+    config = tiny_run(folder, data, tmp_path / "out", "steps=12", "early_exit.curriculum=all",
                       "optim.grad_accum=2")
     run = Run(config, setup_distributed("cpu"))
     checkpoint = run.train()
     rows = csv_rows(tmp_path / "out" / "metrics.csv")
-    assert [int(r["step"]) for r in rows] == list(range(1, 25))
+    assert [int(r["step"]) for r in rows] == list(range(1, 13))
     for column in ("loss", "ce_e2", "ce_e4"):  # the mean of the last 3 steps against the first 3
         values = [float(row[column]) for row in rows]
-        assert sum(values[-3:]) < 0.8 * sum(values[:3]), column
+        assert sum(values[-3:]) < 0.7 * sum(values[:3]), column
     assert float(rows[0]["tokens_per_second"]) > 0
     # An HF checkpoint that layerskip.load reads back, tokenizer and all, with the trained weights.
     assert {"model.safetensors", "config.json", "tokenizer.json", "training_state.pt"} <= {
@@ -361,6 +361,8 @@ def test_resume_continues_bit_identically(tiny_text_model, tmp_path, variant):
     assert all(torch.equal(final[0][name], final[1][name]) for name in final[0])
     if variant:  # LoRA: the merged model is a full checkpoint too
         assert straight.name == "merged" and (straight / "model.safetensors").is_file()
+    with pytest.raises(LayerSkipError, match="already has checkpoints \\(step_0000004\\)"):
+        train(tiny_run(folder, data, tmp_path / "resumed", *common, "resume=false"))
 
 
 class _Anything:
@@ -374,11 +376,54 @@ ANY = _Anything()
 def test_model_that_cannot_be_trained_is_a_clear_error(tiny_checkpoint, tmp_path):
     folder, _ = tiny_checkpoint()
     (tmp_path / "d.jsonl").write_text(json.dumps({"input_ids": list(range(40))}) + "\n")
-    data = f"data.sources=[{{path: {tmp_path / 'd.jsonl'}, field: input_ids}}]"
+    base = [f"model={folder}", f"output_dir={tmp_path / 'o'}",
+            f"data.sources=[{{path: {tmp_path / 'd.jsonl'}, field: input_ids}}]"]
+    with pytest.raises(LayerSkipError, match="fewer than one sequence of data.seq_len \\+ 1 = 513"):
+        train(load_config(None, base))
+    base.append("data.seq_len=16")
     with pytest.raises(LayerSkipError, match="LoRA target module\\(s\\) attention do not exist"):
-        train(load_config(None, [f"model={folder}", f"output_dir={tmp_path / 'o'}", data, "lora.enabled=true",
-                                 "lora.targets=[attention]"]))
+        train(load_config(None, [*base, "lora.enabled=true", "lora.targets=[attention]"]))
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
     with pytest.raises(LayerSkipError, match="unsupported architecture 'gpt2'"):
-        train(load_config(None, [f"model={folder}", f"output_dir={tmp_path / 'o'}", data]))
+        train(load_config(None, base))
+
+
+def test_train_and_merge_lora_commands(tiny_checkpoint, tmp_path, capsys):
+    from layerskip.cli import ArgumentParser
+    from layerskip.training.command import add_training_commands
+
+    parser = ArgumentParser(prog="layerskip")
+    add_training_commands(parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser))
+    args = parser.parse_args(["train", "--config", "r.yaml", "optim.lr=1e-4", "steps=3"])
+    assert (args.config, args.overrides) == ("r.yaml", ["optim.lr=1e-4", "steps=3"])
+
+    folder, _ = tiny_checkpoint()
+    model = build_model(read_config(folder), load_state_dict(folder), dtype=torch.float32, device="cpu")
+    torch.manual_seed(0)
+    add_lora(model, rank=2, alpha=4, dropout=0.0, targets=["o_proj", "up_proj"])
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    save_adapter(tmp_path / "adapter", {n: p for n, p in model.named_parameters() if "lora_" in n},
+                 rank=2, alpha=4, dropout=0.0, targets=["o_proj", "up_proj"], base_model=str(folder))
+    args = parser.parse_args(["merge-lora", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "m")])
+    assert args.run(args) == 0 and capsys.readouterr().out.strip() == str(tmp_path / "m")
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (layerskip.load(str(tmp_path / "m")).model(ids) - model(ids)).abs().max() < 1e-4
+
+
+def test_module_entry_point_reports_errors_on_one_line(tiny_checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    folder, _ = tiny_checkpoint()
+    for overrides, message in ((["optim.lrr=1"], "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+                               (["data.sources=/no/such/data"], "data source '/no/such/data' does not exist")):
+        result = subprocess.run([sys.executable, "-m", "layerskip.training", f"model={folder}",
+                                 f"output_dir={tmp_path / 'out'}", *overrides],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2
+        assert result.stderr.startswith("layerskip: error: ") and message in result.stderr

@@ -116,7 +116,7 @@ class DocumentTokenizer:
             if config.add_eos:
                 named = config.eos_token
                 end = tokenizer.eos_token_id if named is None else tokenizer.convert_tokens_to_ids(named)
-                if end is None or (named is not None and end == tokenizer.unk_token_id):
+                if end is None or (named is not None and tokenizer.convert_ids_to_tokens(end) != named):
                     raise LayerSkipError(f"config key 'data.eos_token': the tokenizer has no token {config.eos_token!r}")
                 self.suffix = [end]
 
@@ -181,6 +181,9 @@ def load_token_stream(config: DataConfig, tokenizer: Any, vocab_size: int, cache
     path = cache_dir / f"tokens-{cache_key(config, tokenizer)}.npy"
     if is_main and not path.is_file():
         tokens = tokenize_sources(config, tokenizer, vocab_size)
+        if len(tokens) and int(tokens.max()) >= vocab_size:
+            raise LayerSkipError(f"the tokenizer produced id {int(tokens.max())}, outside the model's vocabulary "
+                                 f"of {vocab_size}: the tokenizer does not belong to the model")
         cache_dir.mkdir(parents=True, exist_ok=True)
         staging = path.with_suffix(f".{os.getpid()}.tmp.npy")
         np.save(staging, tokens)

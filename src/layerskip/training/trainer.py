@@ -20,11 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 from tqdm import tqdm
 
 from layerskip.errors import LayerSkipError
@@ -37,20 +34,10 @@ from layerskip.training import checkpoint as ckpt
 from layerskip.training.config import TrainConfig, dump_config
 from layerskip.training.curriculum import Curriculum, make_curriculum
 from layerskip.training.data import PackedSequences, load_token_stream
-from layerskip.training.distributed import (
-    DistributedContext,
-    full_tensor,
-    setup_distributed,
-    shard,
-)
+from layerskip.training.distributed import DistributedContext, full_tensor, setup_distributed, shard
 from layerskip.training.early_exit_loss import exit_scales, exit_weights
 from layerskip.training.layer_dropout import LayerDropout
-from layerskip.training.lora import (
-    add_lora,
-    is_lora_parameter,
-    read_adapter,
-    save_adapter,
-)
+from layerskip.training.lora import add_lora, is_lora_parameter, read_adapter, save_adapter
 from layerskip.training.model import Teacher, TrainingModel
 
 CHECKPOINTS = "checkpoints"
@@ -92,10 +79,16 @@ class Run:
         self.checkpoint_root = self.output / CHECKPOINTS
         if config.precision == "bf16" and context.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise LayerSkipError("precision bf16 was asked for, but this GPU has no bfloat16: use precision=fp32")
-        self.resume_from = ckpt.latest_checkpoint(self.checkpoint_root) if config.resume else None
+        self.resume_from = ckpt.latest_checkpoint(self.checkpoint_root)
+        if self.resume_from is not None and not config.resume:
+            raise LayerSkipError(f"{self.output} already has checkpoints ({self.resume_from.name}): "
+                                 "choose another output_dir, or resume=true to continue from them")
         self.source_folder = resolve_model_folder(config.model)
         self.model_config = read_config(self.source_folder)
         tokenizer = Tokenizer.from_folder(self.source_folder)
+        tokens = load_token_stream(config.data, tokenizer and tokenizer.hf, self.model_config.vocab_size,
+                                   self.output / "data", is_main=context.is_main, barrier=context.barrier)
+        self.data = PackedSequences(tokens, config.data.seq_len, config.seed)
         self.model = self._load_model()
         self.num_layers = self.model.num_layers
         teacher = None
@@ -110,9 +103,6 @@ class Run:
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(
             step, warmup=config.optim.warmup_steps, total=config.steps, min_ratio=config.optim.min_lr_ratio))
-        tokens = load_token_stream(config.data, tokenizer and tokenizer.hf, self.model_config.vocab_size,
-                                   self.output / "data", is_main=context.is_main, barrier=context.barrier)
-        self.data = PackedSequences(tokens, config.data.seq_len, config.seed)
         self.dropout = LayerDropout(self.num_layers, config.layer_dropout.p_max,
                                     layer_shape_name=config.layer_dropout.layer_shape,
                                     step_shape_name=config.layer_dropout.step_shape, total_steps=config.steps,
