@@ -167,6 +167,30 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument("--apply_chat_template", action="store_true", help="render prompts with the model's chat template")
     tasks.add_argument("--log_samples", action="store_true", help="also write each sample's prompt, response and metrics")
     tasks.add_argument("--output_dir", default="./logs", help="where results are written")
+
+    exits = commands.add_parser(
+        "exits", help="per-layer early-exit quality and simulated self-speculation on a text set: table and plot",
+        description="For every exit layer l: top-1 agreement with the last layer and early-exit perplexity on the "
+                    "text, and the acceptance that greedy self-speculation with E = l would see on the model's own "
+                    "continuations, with an estimated speedup. Writes <output_dir>/exits/exits.csv and exits.png; "
+                    "measurements are kept per model, so rerunning continues an interrupted run.")
+    add_model_arguments(exits)
+    exits.add_argument("--compare", default=None, help="a second model (e.g. before training), drawn dashed on the same plot")
+    data = exits.add_argument_group("data")
+    data.add_argument("--data_path", action="extend", nargs="+", required=True,
+                      help="text files, folders (their .txt/.md/.py/... files), glob patterns or .jsonl files; "
+                           "repeatable, or comma-separated")
+    data.add_argument("--text_field", default="text", help="JSONL: the field with the text (or a list of token ids)")
+    data.add_argument("--seq_len", type=int, default=256, help="tokens per chunk of the text set")
+    data.add_argument("--num_samples", type=int, default=None, help="a deterministic subset of this many chunks (by --seed)")
+    data.add_argument("--seed", type=int, default=42)
+    data.add_argument("--output_dir", default="./logs", help="where reports are written")
+    speculation = exits.add_argument_group("self-speculation")
+    speculation.add_argument("--gen_tokens", type=int, default=64,
+                             help="greedy tokens generated after each chunk, on which acceptance is measured (0: skip)")
+    speculation.add_argument("--num_speculations", type=int, default=4,
+                             help="drafts per round k for the simulated acceptance")
+    exits.set_defaults(run=run_exits)
     return parser
 
 
@@ -356,6 +380,20 @@ def run_eval(args: argparse.Namespace) -> int:
     for task, speed in lm.speed_report().items():
         print(f"{task}: {format_stats(speed)}")
     print(f"results: {folder}", file=sys.stderr)
+    return 0
+
+
+def run_exits(args: argparse.Namespace) -> int:
+    from layerskip.eval.exits import format_report, run_exit_analysis
+
+    output = Path(args.output_dir) / "exits"
+    reports = run_exit_analysis([args.model] + ([args.compare] if args.compare else []), args.data_path, output,
+                                text_field=args.text_field, seq_len=args.seq_len, num_samples=args.num_samples,
+                                gen_tokens=args.gen_tokens, num_speculations=args.num_speculations, seed=args.seed,
+                                dtype=args.dtype, device=args.device)
+    for report in reports:
+        print(format_report(report) + "\n")
+    print(f"table: {output / 'exits.csv'}, plot: {output / 'exits.png'}", file=sys.stderr)
     return 0
 
 
