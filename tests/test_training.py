@@ -21,7 +21,7 @@ from layerskip.training.config import DataConfig, DataSource
 from layerskip.training.curriculum import Gradual, Rotational, make_curriculum
 from layerskip.training.data import PackedSequences, tokenize_sources
 from layerskip.training.distributed import setup_distributed
-from layerskip.training.early_exit_loss import exit_scales, exit_weights, head_losses
+from layerskip.training.early_exit_loss import Head, exit_scales, exit_weights, head_losses
 from layerskip.training.layer_dropout import LayerDropout, layer_shape, step_scale
 from layerskip.training.lora import add_lora, lora_disabled, save_adapter
 from layerskip.training.model import TrainingModel
@@ -103,24 +103,38 @@ def test_exit_weights_normalise_over_enabled_exits():
     assert exit_scales(2, "sum_l", 0.1).tolist() == pytest.approx([0.0, 1.0])
 
 
-def test_chunked_head_losses_equal_one_pass():
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_chunked_head_losses_equal_plain_autograd(autocast):
     torch.manual_seed(0)
-    head = torch.nn.Linear(8, 11)
-    teacher = torch.nn.Linear(8, 11)
+    norm, teacher_norm = torch.nn.RMSNorm(8), torch.nn.RMSNorm(8).requires_grad_(False)
+    weight, teacher_weight = torch.nn.Parameter(torch.randn(11, 8)), torch.randn(11, 8)
     hidden = torch.randn(3, 5, 8, requires_grad=True)
     teacher_hidden = torch.randn(3, 5, 8)
     labels = torch.randint(0, 11, (3, 5))
     labels[0, 0] = -100
+    mask = (labels != -100).flatten()
+
+    def plain():
+        logits = (norm(hidden) @ weight.t()).float().flatten(0, 1)
+        target = torch.log_softmax((teacher_norm(teacher_hidden) @ teacher_weight.t()).float().flatten(0, 1), -1)
+        kl = torch.nn.functional.kl_div(torch.log_softmax(logits, -1), target, log_target=True, reduction="none")
+        ce = torch.nn.functional.cross_entropy(logits, labels.flatten(), ignore_index=-100)
+        return ce, (kl.sum(-1) * mask).sum() / mask.sum()
+
     results = []
-    for chunk in (0, 4):
-        hidden.grad = None
-        ce, kl = head_losses(head, hidden, labels, chunk_rows=chunk, teacher_head=teacher, teacher_hidden=teacher_hidden)
-        (ce + kl).backward()
-        results.append((ce.item(), kl.item(), hidden.grad.clone()))
-    expected_ce = torch.nn.functional.cross_entropy(head(hidden).flatten(0, 1), labels.flatten())
-    assert results[0][0] == pytest.approx(expected_ce.item(), rel=1e-6)
-    assert results[1][:2] == pytest.approx(results[0][:2], rel=1e-6)
-    assert torch.allclose(results[1][2], results[0][2], atol=1e-6)
+    for run in (plain, *(lambda c=chunk: head_losses(Head(norm, weight), hidden, labels, chunk_rows=c,
+                                                      teacher=(Head(teacher_norm, teacher_weight), teacher_hidden))
+                         for chunk in (0, 4))):
+        hidden.grad = weight.grad = norm.weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            ce, kl = run()
+        (0.7 * ce + 1.3 * kl).backward()
+        results.append([ce.item(), kl.item(), hidden.grad.clone(), weight.grad.clone(), norm.weight.grad.clone()])
+    tolerance = 2e-2 if autocast else 1e-5
+    for other in results[1:]:
+        assert other[:2] == pytest.approx(results[0][:2], rel=tolerance)
+        for got, expected in zip(other[2:], results[0][2:], strict=True):
+            assert torch.allclose(got, expected, rtol=tolerance, atol=tolerance)
 
 
 # ---- curricula --------------------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     """Yield a staging folder; on success it replaces `target` in one rename (a failure leaves target as it was)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would make the checkpoint private
     try:
         yield staging
         if target.exists():

@@ -75,7 +75,7 @@ class EarlyExitConfig:
     rotation: int = 8  # rotational: every R-th layer is an exit, shifted by one layer each step
     gradual_interval: int = 0  # gradual: steps between enabling one more exit; 0 means steps / (2 L)
     distill_weight: float = 0.0  # weight of KL(original model's final logits || trained final logits)
-    loss_chunk_rows: int = 1024  # head + loss in chunks of this many positions, recomputed in backward; 0: one pass
+    loss_chunk_rows: int = 1024  # head + loss over this many positions at a time (bounds logits memory); 0: all
 
 
 @dataclasses.dataclass

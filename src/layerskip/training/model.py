@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from layerskip.model import Transformer
-from layerskip.training.early_exit_loss import head_losses
+from layerskip.training.early_exit_loss import Head, head_losses
 from layerskip.training.lora import lora_disabled
 
 
@@ -66,9 +66,8 @@ class TrainingModel(nn.Module):
             if weight <= 0:
                 continue
             last = index == num_layers - 1
-            ce, kl = head_losses(model.head, hidden, labels, chunk_rows=self.loss_chunk_rows,
-                                 teacher_head=self.teacher.model.head if last and use_teacher else None,
-                                 teacher_hidden=teacher_hidden if last else None)
+            teacher = (Head.of(self.teacher.model), teacher_hidden) if last and teacher_hidden is not None else None
+            ce, kl = head_losses(Head.of(model), hidden, labels, chunk_rows=self.loss_chunk_rows, teacher=teacher)
             loss = loss + weight * ce
             metrics[index] = ce.detach()
             if kl is not None:
