@@ -116,8 +116,10 @@ class DocumentTokenizer:
             if config.add_eos:
                 named = config.eos_token
                 end = tokenizer.eos_token_id if named is None else tokenizer.convert_tokens_to_ids(named)
-                if end is None or (named is not None and tokenizer.convert_ids_to_tokens(end) != named):
-                    raise LayerSkipError(f"config key 'data.eos_token': the tokenizer has no token {config.eos_token!r}")
+                if named is None and end is None:
+                    raise LayerSkipError("the tokenizer has no EOS token: set data.eos_token, or data.add_eos=false")
+                if named is not None and (end is None or tokenizer.convert_ids_to_tokens(end) != named):
+                    raise LayerSkipError(f"config key 'data.eos_token': the tokenizer has no token {named!r}")
                 self.suffix = [end]
 
     def __call__(self, batch: list[Document]) -> list[list[int]]:

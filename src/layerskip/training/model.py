@@ -1,8 +1,8 @@
 """The decoder as trained: per-sample layer dropout and losses at the enabled exits, through the shared head.
 
-The inference model is used as is: its embedding, its `layers` (each called as `layer(x, cos, sin, 0, None)`)
-and its `head`. This module's forward is the one entry point of a training step, which is what FSDP2
-needs (the root's parameters, the embedding and the head, are gathered around the root's forward).
+The inference model is used as is: its embedding, its `layers` (each called as `layer(x, cos, sin, 0, None)`),
+its final norm and LM head. This module's forward is the one entry point of a training step, which is what
+FSDP2 needs (the root's parameters, the embedding, final norm and head, are gathered around the root's forward).
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ class Teacher:
 
 
 class TrainingModel(nn.Module):
+    """Wraps a Transformer for training; the wrapped model is unchanged and still decodes as before."""
+
     def __init__(self, model: Transformer, *, loss_chunk_rows: int = 0, activation_checkpointing: bool = False,
                  teacher: Teacher | None = None, distill_weight: float = 0.0):
         super().__init__()

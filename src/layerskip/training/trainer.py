@@ -143,8 +143,6 @@ class Run:
 
     def _optimizer(self) -> torch.optim.Optimizer:
         trainable = [parameter for parameter in self.module.parameters() if parameter.requires_grad]
-        if not trainable:
-            raise LayerSkipError("the model has no trainable parameters")
         optim = self.config.optim
         groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": optim.weight_decay},
                   {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
