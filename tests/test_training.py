@@ -314,6 +314,16 @@ def tiny_run(folder: Path, data: Path, output: Path, *extra: str):
                               "early_exit.loss_chunk_rows=24", "seed=5", *extra])
 
 
+class _Anything:
+    """Equal to every value: a CSV cell whose value a test does not pin (a timing)."""
+
+    def __eq__(self, other):
+        return True
+
+
+ANY = _Anything()
+
+
 def csv_rows(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as handle:
         return list(csv.DictReader(handle))
@@ -377,14 +387,6 @@ def test_resume_continues_bit_identically(tiny_text_model, tmp_path, variant):
         assert straight.name == "merged" and (straight / "model.safetensors").is_file()
     with pytest.raises(LayerSkipError, match="already has checkpoints \\(step_0000004\\)"):
         train(tiny_run(folder, data, tmp_path / "resumed", *common, "resume=false"))
-
-
-class _Anything:
-    def __eq__(self, other):
-        return True
-
-
-ANY = _Anything()
 
 
 def test_model_that_cannot_be_trained_is_a_clear_error(tiny_checkpoint, tmp_path):
