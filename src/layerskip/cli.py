@@ -191,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     speculation.add_argument("--num_speculations", type=int, default=4,
                              help="drafts per round k for the simulated acceptance")
     exits.set_defaults(run=run_exits)
+
+    from layerskip.training.command import add_training_commands  # cheap: torch loads only when a command runs
+
+    add_training_commands(commands)  # `layerskip train --config r.yaml [key=value ...]`, `layerskip merge-lora`
     return parser
 
 
