@@ -121,6 +121,10 @@ def test_human_eval_execution_runs_the_problem_tests():
     reply = f"Here it is:\n```python\n{signature}\n{problem.extra['canonical_solution']}```\nIt works."
     assert passes_tests(problem, reply)
     assert not passes_tests(problem, f"```python\n{signature}\n    return None\n```")
+    # an unfenced reply whose example calls would raise, cut mid-statement by the token budget
+    body = problem.extra["canonical_solution"]
+    assert passes_tests(problem, f"{signature}\n{body}\nprint(undefined_name(1))\nassert False\nprint(f(")
+    assert passes_tests(problem, f"{signature}\n{body}```\n\nThis works because x(y) holds.")  # no opening fence
 
 
 def test_benchmark_compare_hf_prints_ratios(tmp_path, capsys):

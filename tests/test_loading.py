@@ -36,6 +36,54 @@ def test_sharded_safetensors_with_index(tiny_checkpoint, tmp_path):
     assert (logits_of(layerskip.load(str(sharded)), IDS) - hf_logits(hf, IDS)).abs().max() < 1e-4
 
 
+def write_random_adapter(folder, base, config, *, rank=4, seed=1):
+    """A LoRA adapter with random A and B on two projections of every layer (B is zero after real init)."""
+    from layerskip.training.lora import save_adapter
+
+    generator = torch.Generator().manual_seed(seed)
+    sizes = {"self_attn.q_proj": (config.hidden_size, config.hidden_size),
+             "mlp.down_proj": (config.intermediate_size, config.hidden_size)}
+    tensors = {}
+    for layer in range(config.num_hidden_layers):
+        for module, (fan_in, fan_out) in sizes.items():
+            tensors[f"layers.{layer}.{module}.lora_A.weight"] = 0.2 * torch.randn(rank, fan_in, generator=generator)
+            tensors[f"layers.{layer}.{module}.lora_B.weight"] = 0.2 * torch.randn(fan_out, rank, generator=generator)
+    save_adapter(folder, tensors, rank=rank, alpha=8.0, dropout=0.0, targets=["q_proj", "down_proj"],
+                 base_model=str(base))
+
+
+def test_adapter_folder_loads_its_base_with_the_adapter_merged(tiny_checkpoint, tmp_path):
+    from peft import PeftModel
+
+    from layerskip.bench.engines import HFEngine, LayerSkipEngine
+    from layerskip.generation import GenerationConfig
+
+    folder, hf = tiny_checkpoint()
+    adapter = tmp_path / "adapter"
+    write_random_adapter(adapter, folder, hf.config)
+    (adapter / "layerskip.json").write_text(json.dumps({"exit_layer": 3, "num_speculations": 2}))
+    loaded = layerskip.load(str(adapter))
+    assert loaded.folder == folder and loaded.adapter == adapter
+    assert loaded.defaults == {"exit_layer": 3, "num_speculations": 2}
+    reference = PeftModel.from_pretrained(hf, str(adapter)).merge_and_unload()  # peft reads our adapter format
+    expected = hf_logits(reference, IDS)
+    assert (hf_logits(hf.__class__.from_pretrained(folder), IDS) - expected).abs().max() > 1e-2  # the adapter matters
+    assert (logits_of(loaded, IDS) - expected).abs().max() < 1e-4
+    greedy = GenerationConfig(sample=False, max_steps=6, ignore_eos=True)
+    prompt = IDS[0, :5].tolist()
+    assert HFEngine(loaded, greedy).generate(prompt).token_ids == LayerSkipEngine(loaded, greedy).generate(prompt).token_ids
+
+
+def test_adapter_without_a_base_model_is_a_clear_error(tiny_checkpoint, tmp_path):
+    folder, hf = tiny_checkpoint()
+    adapter = tmp_path / "adapter"
+    write_random_adapter(adapter, folder, hf.config)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
+    with pytest.raises(LayerSkipError, match="does not name its base model"):
+        layerskip.load(str(adapter))
+
+
 def test_generation_config_supplies_several_eos_ids(tiny_checkpoint):
     folder, _ = tiny_checkpoint()
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 7]}))

@@ -51,7 +51,12 @@ class HFEngine:
         from transformers import AutoModelForCausalLM
 
         self.loaded, self.config = loaded, config
-        self.model = AutoModelForCausalLM.from_pretrained(str(loaded.folder), dtype=loaded.dtype).to(loaded.device).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(loaded.folder), dtype=loaded.dtype)
+        if loaded.adapter is not None:  # the same merged weights as ours (our adapters are in peft's format)
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(loaded.adapter)).merge_and_unload()
+        self.model = model.to(loaded.device).eval()
 
     def generate(self, prompt_ids: list[int]) -> Outcome:
         config, loaded = self.config, self.loaded
@@ -64,7 +69,12 @@ class HFEngine:
         else:
             options["eos_token_id"] = loaded.eos_token_ids or None
         if config.stop_words:
-            options.update(stop_strings=config.stop_words, tokenizer=loaded.tokenizer.hf)
+            # As a criterion rather than `stop_strings`, which transformers also hands to the early-exit
+            # assistant's own generate() without the tokenizer it needs (a ValueError there).
+            from transformers import StoppingCriteriaList, StopStringCriteria
+
+            options["stopping_criteria"] = StoppingCriteriaList([StopStringCriteria(loaded.tokenizer.hf,
+                                                                                    config.stop_words)])
         if config.generation_strategy == "self_speculative":
             options.update(assistant_early_exit=config.exit_layer, num_assistant_tokens=config.num_speculations,
                            num_assistant_tokens_schedule="constant")

@@ -6,6 +6,7 @@ Each finished sample is appended to `records.jsonl` at once, so an interrupted r
 
 from __future__ import annotations
 
+import ast
 import json
 import platform
 import re
@@ -25,13 +26,33 @@ HUMAN_EVAL_TIMEOUT_SECONDS = 5.0
 
 
 CODE_FENCE = re.compile(r"```[\w+-]*\n(.*?)(?:```|$)", re.DOTALL)
+DEFINITIONS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
 
 def code_to_execute(completion: str) -> str:
-    """A chat model's reply usually puts its code in a fenced block: run that block, which (re)defines the
-    function after the prompt's stub; a plain completion (a function body) runs as it is."""
-    match = CODE_FENCE.search(completion)
-    return "\n" + match.group(1) if match else completion
+    """What runs after the prompt. A plain completion (the indented body of the prompt's function) runs as it
+    is. A chat reply (its fenced block, or the reply itself) redefines the function: only its top-level
+    imports, functions and classes run, so example calls and prints after them cannot fail the tests."""
+    if "```" not in completion and completion[:1] in (" ", "\t"):
+        return completion
+    # Fenced blocks first; then the reply's text before any fence (a reply may open with bare code).
+    candidates = [match.group(1) for match in CODE_FENCE.finditer(completion)] + [completion.split("```")[0]]
+    return "\n" + next((code for code in map(definitions_only, candidates) if code), "")
+
+
+def definitions_only(code: str) -> str:
+    """The top-level definitions of the longest prefix of `code` that parses (a reply cut by the token
+    budget usually ends mid-statement)."""
+    lines = code.splitlines()
+    for end in range(len(lines), 0, -1):
+        source = "\n".join(lines[:end])
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        return "\n\n".join(ast.get_source_segment(source, node) or "" for node in tree.body
+                            if isinstance(node, DEFINITIONS))
+    return ""
 
 
 def passes_tests(sample: Sample, completion: str) -> bool:

@@ -203,7 +203,9 @@ def measure_chunk(loaded: LoadedModel, chunk: list[int], gen_tokens: int) -> Chu
 def measurement_settings(loaded: LoadedModel, gen_tokens: int) -> dict[str, Any]:
     """What a chunk's measurement depends on besides its tokens; the weights by file size and time, so a
     checkpoint retrained into the same folder is measured again."""
-    weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in loaded.folder.glob("*.safetensors"))
+    folders = [loaded.folder] + ([loaded.adapter] if loaded.adapter is not None else [])
+    weights = sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns) for folder in folders
+                     for f in folder.resolve().glob("*.safetensors"))
     return {"folder": str(loaded.folder.resolve()), "weights": hashlib.sha1(json.dumps(weights).encode()).hexdigest(),
             "dtype": str(loaded.dtype).removeprefix("torch."), "device": loaded.device.type, "gen_tokens": gen_tokens}
 

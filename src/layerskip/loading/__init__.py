@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from layerskip.errors import LayerSkipError
+from layerskip.loading.adapter import adapter_base_model, is_adapter_folder, merge_lora
 from layerskip.loading.default_model import DEFAULT_MODEL, DEFAULT_MODEL_ALIASES, default_model_folder
 from layerskip.loading.hf_folder import (build_model, eos_token_ids, generation_defaults, load_state_dict,
                                          read_config)
@@ -32,7 +33,8 @@ class LoadedModel:
     eos_token_ids: list[int]
     defaults: dict[str, Any]
     name: str
-    folder: Path
+    folder: Path                      # the HF checkpoint folder the weights came from
+    adapter: Path | None = None       # a LoRA adapter merged into them on load
 
     @property
     def config(self) -> ModelConfig:
@@ -90,19 +92,27 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 
 def load(model: str | None = None, *, dtype: str | None = None, device: str = "auto") -> LoadedModel:
-    """Load a model for decoding. `model`: None for the embedded default, a folder, a .gguf file, or a hub id."""
+    """Load a model for decoding. `model`: None for the embedded default, a folder (a checkpoint, or a LoRA
+    adapter whose base model is then loaded and merged), a .gguf file, or a hub id."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     folder = resolve_model_folder(model)
+    adapter = None
+    if is_adapter_folder(folder):  # a LoRA adapter: its base model, with the adapter merged into the weights
+        adapter, folder = folder, resolve_model_folder(adapter_base_model(folder))
     config = read_config(folder)
-    network = build_model(config, load_state_dict(folder), dtype=torch_dtype, device=torch_device)
+    state = load_state_dict(folder)
+    if adapter is not None:
+        state = merge_lora(state, adapter)
+    network = build_model(config, state, dtype=torch_dtype, device=torch_device)
     network.pack_for_cpu_inference()
     tokenizer = Tokenizer.from_folder(folder)
     eos_ids = eos_token_ids(folder)
     if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
         eos_ids.append(tokenizer.eos_token_id)
-    return LoadedModel(model=network, tokenizer=tokenizer, eos_token_ids=eos_ids,
-                       defaults=generation_defaults(folder), name=model or DEFAULT_MODEL, folder=folder)
+    defaults = {**generation_defaults(folder), **(generation_defaults(adapter) if adapter is not None else {})}
+    return LoadedModel(model=network, tokenizer=tokenizer, eos_token_ids=eos_ids, defaults=defaults,
+                       name=model or DEFAULT_MODEL, folder=folder, adapter=adapter)
 
 
 __all__ = ["DTYPES", "LoadedModel", "load", "resolve_model_folder"]

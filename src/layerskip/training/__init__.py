@@ -14,7 +14,7 @@ The recipe: config.TrainConfig (YAML + overrides), data (sources, tokenising, pa
 """
 
 from layerskip.training.config import TrainConfig, load_config
-from layerskip.training.lora import merge_lora
+from layerskip.loading.adapter import merge_lora
 from layerskip.training.trainer import train
 
 __all__ = ["TrainConfig", "load_config", "merge_lora", "train"]

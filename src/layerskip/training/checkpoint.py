@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from layerskip.loading.hf_folder import load_state_dict, read_config
-from layerskip.training.lora import merge_lora
+from layerskip.loading.adapter import merge_lora
 
 TRAINING_STATE = "training_state.pt"
 RECIPE = "recipe.yaml"

@@ -51,7 +51,7 @@ def run_merge_lora(args: argparse.Namespace) -> int:
 
     from layerskip.loading import resolve_model_folder
     from layerskip.training.checkpoint import write_merged_checkpoint
-    from layerskip.training.lora import read_adapter
+    from layerskip.loading.adapter import read_adapter
 
     adapter_config, _ = read_adapter(args.adapter)
     base = args.model or adapter_config.get("base_model_name_or_path")

@@ -37,7 +37,8 @@ from layerskip.training.data import PackedSequences, load_token_stream
 from layerskip.training.distributed import DistributedContext, full_tensor, setup_distributed, shard
 from layerskip.training.early_exit_loss import exit_scales, exit_weights
 from layerskip.training.layer_dropout import LayerDropout
-from layerskip.training.lora import add_lora, is_lora_parameter, read_adapter, save_adapter
+from layerskip.loading.adapter import read_adapter
+from layerskip.training.lora import add_lora, is_lora_parameter, save_adapter
 from layerskip.training.model import Teacher, TrainingModel
 
 CHECKPOINTS = "checkpoints"
