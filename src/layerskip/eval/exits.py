@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from layerskip.errors import LayerSkipError
-from layerskip.generation import GenerationConfig
+from layerskip.generation import GenerationConfig, GenerationStats
 from layerskip.loading import LoadedModel, load
 from layerskip.loading.default_model import DEFAULT_MODEL
 from layerskip.model import Transformer
@@ -267,33 +267,15 @@ def read_measurements(path: Path) -> dict[str, ChunkMeasurement]:
 
 # ---- self-speculation from match sequences -----------------------------------------------------------------
 
-@dataclasses.dataclass
-class SpeculationStats:
-    """The counters of GenerationStats that greedy self-speculation determines."""
-
-    rounds: int = 0
-    new_tokens: int = 0
-    drafted_tokens: int = 0
-    accepted_drafts: int = 0
-    accepted_length_counts: list[int] = dataclasses.field(default_factory=list)
-
-    @property
-    def acceptance_rate(self) -> float | None:
-        return self.accepted_drafts / self.drafted_tokens if self.drafted_tokens else None
-
-    @property
-    def mean_tokens_per_round(self) -> float | None:
-        return self.new_tokens / self.rounds if self.rounds else None
-
-
-def simulate_greedy_speculation(continuations: Iterable[Sequence[bool]], num_speculations: int) -> SpeculationStats:
+def simulate_greedy_speculation(continuations: Iterable[Sequence[bool]], num_speculations: int) -> GenerationStats:
     """Replay greedy self-speculative decoding over continuations whose token i the draft gets right iff match[i].
 
     As SelfSpeculative and the driver do: a round drafts min(k, remaining - 1) tokens (the budget leaves room
     for the verifier's token), accepts drafts up to the first mismatch, and commits them plus the verifier's
-    token; a round that drafts nothing is not counted in the draft statistics.
+    token; a round that drafts nothing is not counted in the draft statistics. Every counter of the returned
+    statistics equals real decoding's; `seconds` and `prompt_tokens` stay 0.
     """
-    stats = SpeculationStats()
+    stats = GenerationStats()
     for matches in continuations:
         produced = 0
         while produced < len(matches):
@@ -304,6 +286,8 @@ def simulate_greedy_speculation(continuations: Iterable[Sequence[bool]], num_spe
             produced += accepted + 1
             stats.rounds += 1
             stats.new_tokens += accepted + 1
+            stats.verify_forwards += 1
+            stats.draft_forwards += drafted
             if drafted:
                 stats.drafted_tokens += drafted
                 stats.accepted_drafts += accepted
@@ -327,7 +311,7 @@ def draft_costs(model: Transformer) -> list[float]:
     return [(upto + head) / total for upto in itertools.accumulate(layers)]
 
 
-def estimated_speedup(stats: SpeculationStats, draft_cost: float) -> float:
+def estimated_speedup(stats: GenerationStats, draft_cost: float) -> float:
     """Tokens per unit of work, against autoregressive decoding's one token per full step."""
     return stats.new_tokens / (stats.drafted_tokens * draft_cost + stats.rounds * VERIFY_COST)
 
@@ -521,6 +505,6 @@ def run_exit_analysis(models: Sequence[str | None], data_paths: Sequence[str], o
     return reports
 
 
-__all__ = ["ChunkMeasurement", "ExitReport", "ExitRow", "SpeculationStats", "analyze_exits", "draft_costs",
+__all__ = ["ChunkMeasurement", "ExitReport", "ExitRow", "analyze_exits", "draft_costs",
            "draw_exit_plot", "exit_figure", "format_report", "make_chunks", "measure", "read_documents",
            "run_exit_analysis", "simulate_greedy_speculation", "summarize_exits", "write_exit_report"]
