@@ -7,12 +7,12 @@ points at a local file or folder instead. HumanEval comes from the PyPI package 
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from pathlib import Path
 from typing import Any, Callable
 
 from layerskip.errors import LayerSkipError
+from layerskip.jsonl import read_objects
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,19 +61,7 @@ def _read_local(path: Path, split: str) -> list[dict[str, Any]]:
         path = found[0]
     if not path.is_file():
         raise LayerSkipError(f"--data_path {path} does not exist")
-    rows = []
-    with path.open() as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as error:
-                raise LayerSkipError(f"{path}:{number} is not valid JSON: {error.msg}") from None
-            if not isinstance(row, dict):
-                raise LayerSkipError(f"{path}:{number} is not a JSON object")
-            rows.append(row)
-    return rows
+    return [row for _, row in read_objects(path)]
 
 
 def _read_hub(spec: DatasetSpec, name: str, split: str) -> list[dict[str, Any]]:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from layerskip.errors import LayerSkipError
+from layerskip.jsonl import read_objects
 from layerskip.generation import GenerationConfig, GenerationStats
 from layerskip.loading import LoadedModel, load
 from layerskip.loading.default_model import DEFAULT_MODEL
@@ -90,16 +91,9 @@ def read_text(file: Path) -> str:
 
 def read_jsonl(file: Path, text_field: str) -> list[Document]:
     documents: list[Document] = []
-    for number, line in enumerate(read_text(file).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise LayerSkipError(f"{file} line {number} is not JSON") from None
-        if not isinstance(record, dict) or text_field not in record:
-            fields = ", ".join(record) if isinstance(record, dict) else "none"
-            raise LayerSkipError(f"{file} line {number} has no field '{text_field}' (fields: {fields}): "
+    for number, record in read_objects(file):
+        if text_field not in record:
+            raise LayerSkipError(f"{file} line {number} has no field '{text_field}' (fields: {', '.join(record)}): "
                                  f"set --text_field")
         value = record[text_field]
         if isinstance(value, list) and all(isinstance(token, int) for token in value):

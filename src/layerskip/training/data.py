@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from layerskip.errors import LayerSkipError
+from layerskip.jsonl import read_objects
 from layerskip.training.config import DataConfig, DataSource
 
 Document = str | list[int]  # text, or token ids given pre-tokenised
@@ -58,17 +59,10 @@ def read_text(path: Path) -> str | None:
 
 
 def jsonl_documents(path: Path, field: str) -> Iterator[Document]:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise LayerSkipError(f"line {number} of {path} is not JSON") from None
-            if not isinstance(record, dict) or field not in record:
-                raise LayerSkipError(f"line {number} of {path} has no field '{field}'")
-            yield record[field]
+    for number, record in read_objects(path):
+        if field not in record:
+            raise LayerSkipError(f"{path}:{number} has no field '{field}'")
+        yield record[field]
 
 
 def dataset_documents(source: DataSource) -> Iterator[Document]:
