@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from layerskip.errors import LayerSkipError
 from layerskip.loading import resolve_model_folder
+from layerskip.loading.adapter import read_adapter
 from layerskip.loading.default_model import DEFAULT_MODEL
 from layerskip.loading.hf_folder import build_model, load_state_dict, read_config
 from layerskip.loading.tokenizer import Tokenizer
@@ -37,7 +38,6 @@ from layerskip.training.data import PackedSequences, load_token_stream
 from layerskip.training.distributed import DistributedContext, full_tensor, setup_distributed, shard
 from layerskip.training.early_exit_loss import exit_scales, exit_weights
 from layerskip.training.layer_dropout import LayerDropout
-from layerskip.loading.adapter import read_adapter
 from layerskip.training.lora import add_lora, is_lora_parameter, save_adapter
 from layerskip.training.model import Teacher, TrainingModel
 
