@@ -5,12 +5,13 @@ Weights are only ever read from safetensors; pickled `.bin`/`.pth` files are ref
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -102,24 +103,36 @@ def generation_defaults(folder: Path) -> dict[str, Any]:
     return read_json(path) if path.is_file() else {}
 
 
+@contextlib.contextmanager
+def atomic_folder(target: Path) -> Iterator[Path]:
+    """Yield a staging folder; on success it replaces `target` in one rename (a failure leaves target as it was)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would make the checkpoint private
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_hf_weights(folder: Path, state: dict[str, torch.Tensor], *, tied: bool) -> None:
+    """model.safetensors with HF names ("model." before decoder weights); lm_head.weight left out when tied."""
+    tensors = {(name if name.startswith("lm_head.") else f"model.{name}"): tensor.contiguous()
+               for name, tensor in state.items() if not (tied and name == "lm_head.weight")}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 def save_hf_folder(folder: Path, config: ModelConfig, state: dict[str, torch.Tensor], *,
                    eos_ids: list[int] | None = None, tokenizer: Any = None) -> None:
-    """Write a complete HF checkpoint atomically: build it in a sibling temp folder, then rename."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        tensors = {(name if name == "lm_head.weight" else f"model.{name}"): t.contiguous()
-                   for name, t in state.items()
-                   if not (config.tie_word_embeddings and name == "lm_head.weight")}
-        save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
+    """Write a complete HF checkpoint atomically."""
+    with atomic_folder(folder) as staging:
+        save_hf_weights(staging, state, tied=config.tie_word_embeddings)
         (staging / "config.json").write_text(json.dumps(
             {**config.to_hf_dict(), **({"eos_token_id": eos_ids} if eos_ids else {})}, indent=2))
         if eos_ids:
             (staging / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_ids}, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

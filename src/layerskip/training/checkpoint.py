@@ -13,21 +13,17 @@ torch.load(weights_only=True), never unpickled.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from layerskip.loading.hf_folder import load_state_dict, read_config
 from layerskip.loading.adapter import merge_lora
+from layerskip.loading.hf_folder import atomic_folder, load_state_dict, read_config, save_hf_weights
 
 TRAINING_STATE = "training_state.pt"
 RECIPE = "recipe.yaml"
@@ -58,33 +54,11 @@ def prune_checkpoints(root: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def atomic_folder(target: Path) -> Iterator[Path]:
-    """Yield a staging folder; on success it replaces `target` in one rename (a failure leaves target as it was)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    staging.chmod(0o755)  # mkdtemp's 0700 would make the checkpoint private
-    try:
-        yield staging
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def copy_model_files(source: Path, destination: Path) -> None:
     """config.json, tokenizer, chat template, generation config, licence...: every top-level non-weight file."""
     for path in source.iterdir():
         if path.is_file() and not WEIGHT_FILE.match(path.name):
             shutil.copy2(path, destination / path.name)
-
-
-def save_hf_weights(folder: Path, state: dict[str, torch.Tensor], *, tied: bool) -> None:
-    """model.safetensors with HF names ("model." before decoder weights); lm_head.weight left out when tied."""
-    tensors = {(name if name.startswith("lm_head.") else f"model.{name}"): tensor.contiguous()
-               for name, tensor in state.items() if not (tied and name == "lm_head.weight")}
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
 def rng_state() -> dict[str, Any]:

@@ -28,7 +28,7 @@ from layerskip.errors import LayerSkipError
 from layerskip.loading import resolve_model_folder
 from layerskip.loading.adapter import read_adapter
 from layerskip.loading.default_model import DEFAULT_MODEL
-from layerskip.loading.hf_folder import build_model, load_state_dict, read_config
+from layerskip.loading.hf_folder import atomic_folder, build_model, load_state_dict, read_config, save_hf_weights
 from layerskip.loading.tokenizer import Tokenizer
 from layerskip.model import Transformer
 from layerskip.training import checkpoint as ckpt
@@ -229,14 +229,14 @@ class Run:
         rng_states = context.all_gather_object(ckpt.rng_state())
         target = ckpt.step_folder(self.checkpoint_root, self.step)
         if context.is_main:
-            with ckpt.atomic_folder(target) as staging:
+            with atomic_folder(target) as staging:
                 if lora:
                     save_adapter(staging, weights, rank=config.lora.rank, alpha=config.lora.alpha,
                                  dropout=config.lora.dropout, targets=config.lora.targets,
                                  base_model=config.model or DEFAULT_MODEL)
                 else:
                     ckpt.copy_model_files(self.source_folder, staging)
-                    ckpt.save_hf_weights(staging, weights, tied=self.model_config.tie_word_embeddings)
+                    save_hf_weights(staging, weights, tied=self.model_config.tie_word_embeddings)
                 ckpt.save_training_state(staging, {
                     "step": self.step, "samples_seen": self.samples_seen, "optimizer": optimizer_state,
                     "scheduler": self.scheduler.state_dict(), "curriculum": self.curriculum.state_dict(),
