@@ -20,6 +20,16 @@ class KVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.capacity = capacity
+        # [batch, capacity], False at positions no query may attend to (the left padding of a batch of
+        # prompts of different lengths); None: every position. RoPE scores depend only on the distance
+        # between positions, so a left-padded row decodes as it would alone.
+        self.attendable: torch.Tensor | None = None
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (finished sequences leave a batch)."""
+        self.keys, self.values = self.keys[:, rows], self.values[:, rows]
+        if self.attendable is not None:
+            self.attendable = self.attendable[rows]
 
     def update(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write positions [start, start + T) of one layer; return that layer's keys and values for [0, start + T)."""

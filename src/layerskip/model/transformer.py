@@ -116,6 +116,12 @@ class Attention(nn.Module):
             query_pos = torch.arange(start_pos, start_pos + length, device=x.device)
             key_pos = torch.arange(k.shape[2], device=x.device)
             mask = (key_pos[None, :] <= query_pos[:, None]).repeat(group, 1)
+        if cache is not None and cache.attendable is not None:
+            attendable = cache.attendable[:, None, None, :k.shape[2]]
+            if mask is None:
+                mask = attendable
+            else:  # a padding query still sees itself, so its (unused) output is finite, not NaN
+                mask = (mask & attendable) | (key_pos[None, :] == query_pos[:, None]).repeat(group, 1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.view(batch, self.num_heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
         return packed_linear(out, self.packed_o) if packed_applies(self.packed_o, out) else self.o_proj(out)

@@ -20,7 +20,7 @@ from layerskip.errors import LayerSkipError
 LAYER_SHAPES = ("exp", "linear", "uniform")
 STEP_SHAPES = ("constant", "exp")
 EXIT_SCALES = ("sum_l", "l", "inv_l", "uniform")
-CURRICULA = ("rotational", "gradual", "all", "last")
+CURRICULA = ("rotational", "gradual", "all", "last", "fixed")
 PRECISIONS = ("bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -28,14 +28,22 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclasses.dataclass
 class DataSource:
-    """One source of training text: a file, a folder, a JSONL file, or a `datasets` dataset."""
+    """One source of training text: a file, a folder, a JSONL file, a `datasets` dataset, or the model's own
+    replies to a file of prompts."""
 
     path: str | None = None  # a text/code file (.gz read transparently), a folder, or a .jsonl file
     glob: str = "**/*"  # in a folder: the files to read (binary and non-UTF-8 files are skipped)
-    field: str = "text"  # JSONL and datasets: the text field, or `input_ids` for pre-tokenised records
+    field: str = "text"  # JSONL, datasets, self_generated: the text field (`input_ids`: pre-tokenised records)
     dataset: str | None = None  # a `datasets` name (from its cache when offline) or a save_to_disk folder
     name: str | None = None  # the dataset's configuration
     split: str = "train"
+    self_generated: str | None = None  # a JSONL file of prompts: documents are the model's chat replies to them
+    max_new_tokens: int = 256  # self_generated: the longest reply
+    temperature: float = 0.6  # self_generated: sampling temperature (0: greedy)
+    top_p: float = 0.9  # self_generated: nucleus sampling
+    seed: int = 0  # self_generated: sampling seed
+    max_tokens: int = 0  # keep at most this many tokens of the source (whole documents; folders then read
+    #                     their files in a seeded shuffled order, so the cut is not alphabetical); 0: all
 
 
 @dataclasses.dataclass
@@ -71,10 +79,13 @@ class LayerDropoutConfig:
 class EarlyExitConfig:
     scale: str = "sum_l"  # e(l) shape: sum_l (paper), l, inv_l, uniform
     e_scale: float = 0.1
-    curriculum: str = "rotational"  # rotational, gradual, all (every exit every step), last (no early exits)
+    curriculum: str = "rotational"  # rotational, gradual, all (every exit every step), last (no early exits),
+    #                                 fixed (the exits listed in `exits`, at every step)
+    exits: list[int] = dataclasses.field(default_factory=list)  # fixed: exit layers E, as in `--exit_layer E`
     rotation: int = 8  # rotational: every R-th layer is an exit, shifted by one layer each step
     gradual_interval: int = 0  # gradual: steps between enabling one more exit; 0 means steps / (2 L)
     distill_weight: float = 0.0  # weight of KL(original model's final logits || trained final logits)
+    exit_distill: float = 0.0  # a: each early exit's loss is (1 - a) CE(labels) + a KL(original final || exit)
     loss_chunk_rows: int = 1024  # head + loss over this many positions at a time (bounds logits memory); 0: all
 
 
@@ -136,6 +147,9 @@ class TrainConfig:
             ("early_exit.rotation", self.early_exit.rotation >= 1, "at least 1"),
             ("early_exit.gradual_interval", self.early_exit.gradual_interval >= 0, "at least 0"),
             ("early_exit.distill_weight", self.early_exit.distill_weight >= 0, "at least 0"),
+            ("early_exit.exit_distill", 0 <= self.early_exit.exit_distill <= 1, "in [0, 1]"),
+            ("early_exit.exits", self.early_exit.curriculum != "fixed" or bool(self.early_exit.exits),
+             "a non-empty list of exit layers with curriculum fixed"),
             ("early_exit.loss_chunk_rows", self.early_exit.loss_chunk_rows >= 0, "at least 0"),
             ("lora.rank", self.lora.rank >= 1, "at least 1"),
             ("lora.alpha", self.lora.alpha > 0, "positive"),
@@ -146,8 +160,16 @@ class TrainConfig:
             if not ok:
                 raise LayerSkipError(f"config key '{key}' must be {expected}, got {_lookup(self, key)!r}")
         for index, source in enumerate(self.data.sources):
-            if (source.path is None) == (source.dataset is None):
-                raise LayerSkipError(f"config key 'data.sources[{index}]' needs exactly one of 'path' or 'dataset'")
+            if [source.path, source.dataset, source.self_generated].count(None) != 2:
+                raise LayerSkipError(f"config key 'data.sources[{index}]' needs exactly one of 'path', 'dataset' "
+                                     "or 'self_generated'")
+            for key, ok, expected in [("max_new_tokens", source.max_new_tokens >= 1, "at least 1"),
+                                      ("temperature", source.temperature >= 0, "at least 0"),
+                                      ("top_p", 0 < source.top_p <= 1, "in (0, 1]"),
+                                      ("max_tokens", source.max_tokens >= 0, "at least 0")]:
+                if not ok:
+                    raise LayerSkipError(f"config key 'data.sources[{index}].{key}' must be {expected}, "
+                                         f"got {getattr(source, key)!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,9 +6,11 @@ A curriculum is stateful (it counts the steps it has been advanced) and checkpoi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
+
+from layerskip.errors import LayerSkipError
 
 
 class Curriculum:
@@ -81,8 +83,25 @@ class Gradual(Curriculum):
         return torch.arange(self.num_layers) >= self.num_layers - count
 
 
+class FixedExits(Curriculum):
+    """The same exits at every step: for a model meant to draft from one or a few known exit layers."""
+
+    def __init__(self, num_layers: int, exit_layers: Sequence[int]):
+        super().__init__(num_layers)
+        outside = [e for e in exit_layers if not 1 <= e < num_layers]
+        if outside:
+            raise LayerSkipError(f"config key 'early_exit.exits': exit layer {outside[0]} is outside "
+                                 f"[1, {num_layers - 1}] for this {num_layers}-layer model")
+        self.exit_layers = sorted(set(exit_layers))
+
+    def _enabled(self) -> torch.Tensor:
+        enabled = torch.zeros(self.num_layers, dtype=torch.bool)
+        enabled[[e - 1 for e in self.exit_layers]] = True  # the exit after E layers is layer index E - 1
+        return enabled
+
+
 def make_curriculum(name: str, num_layers: int, *, rotation: int = 8, gradual_interval: int = 0,
-                    total_steps: int = 1) -> Curriculum:
+                    total_steps: int = 1, exits: Sequence[int] = ()) -> Curriculum:
     """The named curriculum; gradual's interval defaults to total_steps / (2 L)."""
     if name == "rotational":
         return Rotational(num_layers, rotation)
@@ -92,4 +111,6 @@ def make_curriculum(name: str, num_layers: int, *, rotation: int = 8, gradual_in
         return AllExits(num_layers)
     if name == "last":
         return LastExit(num_layers)
+    if name == "fixed":
+        return FixedExits(num_layers, exits)
     raise ValueError(f"unknown curriculum '{name}'")

@@ -12,10 +12,12 @@ gradient accumulation sees the same samples as the same global batch split over 
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
 import os
+import random
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -42,6 +44,8 @@ def source_files(source: DataSource) -> list[Path]:
     files = sorted(p for p in path.glob(source.glob) if p.is_file())
     if not files:
         raise LayerSkipError(f"data source '{source.path}' has no files matching '{source.glob}'")
+    if source.max_tokens:  # only part of the folder is read: a seeded sample of its files, not its first ones
+        random.Random(0).shuffle(files)
     return files
 
 
@@ -83,9 +87,24 @@ def dataset_documents(source: DataSource) -> Iterator[Document]:
     yield from loaded[source.field]
 
 
-def documents(source: DataSource) -> Iterator[Document]:
+@dataclasses.dataclass
+class Preparation:
+    """What sources that generate their documents need: the model (a `layerskip.load` spec) and a cache folder."""
+
+    model: str | None = None
+    cache_dir: Path = Path(".")
+    device: str = "auto"
+
+
+def documents(source: DataSource, preparation: Preparation) -> Iterator[Document]:
     if source.dataset is not None:
         yield from dataset_documents(source)
+        return
+    if source.self_generated is not None:
+        from layerskip.training.self_generated import self_generated_documents
+
+        yield from self_generated_documents(source, preparation.model, preparation.cache_dir,
+                                            device=preparation.device)
         return
     for path in source_files(source):
         if path.suffix == ".jsonl":
@@ -140,43 +159,62 @@ class DocumentTokenizer:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def tokenize_sources(config: DataConfig, tokenizer: Any, vocab_size: int, *, progress: bool = True) -> np.ndarray:
-    """All sources' documents as one stream of token ids (uint32)."""
+def tokenize_sources(config: DataConfig, tokenizer: Any, vocab_size: int, *, progress: bool = True,
+                     preparation: Preparation | None = None) -> np.ndarray:
+    """All sources' documents as one stream of token ids (uint32); a source with max_tokens stops at its
+    first document that reaches that many tokens (batches are tokenised whole, then cut)."""
     encode = DocumentTokenizer(tokenizer, config, vocab_size)
     pieces: list[np.ndarray] = []
     bar = tqdm(desc="tokenising", unit="doc", disable=not progress, file=sys.stderr)
     for source in config.sources:
-        batch: list[Document] = []
-        for doc in documents(source):
-            batch.append(doc)
-            if len(batch) == TOKENIZE_BATCH:
-                pieces.extend(np.asarray(ids, dtype=np.uint32) for ids in encode(batch))
-                bar.update(len(batch))
-                batch = []
-        if batch:
-            pieces.extend(np.asarray(ids, dtype=np.uint32) for ids in encode(batch))
+        limit = source.max_tokens or float("inf")
+        taken = 0
+        for batch in _batched(documents(source, preparation or Preparation())):
+            for ids in encode(batch):
+                if taken >= limit:
+                    break
+                pieces.append(np.asarray(ids, dtype=np.uint32))
+                taken += len(ids)
             bar.update(len(batch))
+            if taken >= limit:
+                break
     bar.close()
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint32)
 
 
-def cache_key(config: DataConfig, tokenizer: Any) -> str:
-    """Changes when the sources, their files (size, mtime) or the tokenizer change."""
-    files = [[str(p), p.stat().st_size, p.stat().st_mtime_ns]
-             for source in config.sources if source.path is not None for p in source_files(source)]
+def _batched(docs: Iterator[Document]) -> Iterator[list[Document]]:
+    batch: list[Document] = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == TOKENIZE_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def cache_key(config: DataConfig, tokenizer: Any, model: str | None = None) -> str:
+    """Changes when the sources, their files (size, mtime), the tokenizer or (for generated data) the model change."""
+    paths = [path for source in config.sources
+             for path in (source_files(source) if source.path is not None else [])
+             + ([Path(source.self_generated).expanduser()] if source.self_generated is not None else [])]
+    files = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths if p.exists()]
     tokenizer_id = None if tokenizer is None else [tokenizer.name_or_path, len(tokenizer),
                                                    tokenizer.bos_token_id, tokenizer.eos_token_id]
     payload = {"sources": [vars(s) for s in config.sources], "files": files, "tokenizer": tokenizer_id,
                "add_bos": config.add_bos, "add_eos": config.add_eos, "eos_token": config.eos_token}
+    if any(source.self_generated is not None for source in config.sources):
+        payload["model"] = model
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_token_stream(config: DataConfig, tokenizer: Any, vocab_size: int, cache_dir: Path, *,
-                      is_main: bool, barrier: Callable[[], None]) -> np.ndarray:
-    """The token stream from the cache, tokenising on the main rank first when it is missing."""
-    path = cache_dir / f"tokens-{cache_key(config, tokenizer)}.npy"
+                      is_main: bool, barrier: Callable[[], None], preparation: Preparation | None = None) -> np.ndarray:
+    """The token stream from the cache, tokenising (and generating) on the main rank first when it is missing."""
+    preparation = preparation or Preparation(cache_dir=cache_dir)
+    path = cache_dir / f"tokens-{cache_key(config, tokenizer, preparation.model)}.npy"
     if is_main and not path.is_file():
-        tokens = tokenize_sources(config, tokenizer, vocab_size)
+        tokens = tokenize_sources(config, tokenizer, vocab_size, preparation=preparation)
         if len(tokens) and int(tokens.max()) >= vocab_size:
             raise LayerSkipError(f"the tokenizer produced id {int(tokens.max())}, outside the model's vocabulary "
                                  f"of {vocab_size}: the tokenizer does not belong to the model")

@@ -37,13 +37,14 @@ class TrainingModel(nn.Module):
     """Wraps a Transformer for training; the wrapped model is unchanged and still decodes as before."""
 
     def __init__(self, model: Transformer, *, loss_chunk_rows: int = 0, activation_checkpointing: bool = False,
-                 teacher: Teacher | None = None, distill_weight: float = 0.0):
+                 teacher: Teacher | None = None, distill_weight: float = 0.0, exit_distill: float = 0.0):
         super().__init__()
         self.model = model
         self.loss_chunk_rows = loss_chunk_rows
         self.activation_checkpointing = activation_checkpointing
         self.teacher = teacher
         self.distill_weight = distill_weight
+        self.exit_distill = exit_distill
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, keep: Sequence[Sequence[bool]],
                 exit_weights: Sequence[float], must_run: Sequence[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +57,7 @@ class TrainingModel(nn.Module):
         """
         model = self.model
         num_layers = model.num_layers
-        use_teacher = self.teacher is not None and self.distill_weight > 0
+        use_teacher = self.teacher is not None and (self.distill_weight > 0 or self.exit_distill > 0)
         teacher_hidden = self.teacher.final_hidden(input_ids) if use_teacher else None
         hidden = model.embed(input_ids)
         cos, sin = model.rope(0, input_ids.shape[1], hidden.dtype)
@@ -68,13 +69,19 @@ class TrainingModel(nn.Module):
             if weight <= 0:
                 continue
             last = index == num_layers - 1
-            teacher = (Head.of(self.teacher.model), teacher_hidden) if last and teacher_hidden is not None else None
+            # The original final layer's distribution is the target of the last exit's KL (protecting plain
+            # decoding) and, with exit_distill, of the early exits (what verification will ask of their drafts).
+            distill = self.distill_weight if last else self.exit_distill
+            teacher = (Head.of(self.teacher.model), teacher_hidden) if distill > 0 and teacher_hidden is not None else None
             ce, kl = head_losses(Head.of(model), hidden, labels, chunk_rows=self.loss_chunk_rows, teacher=teacher)
-            loss = loss + weight * ce
             metrics[index] = ce.detach()
-            if kl is not None:
-                loss = loss + self.distill_weight * kl
+            if kl is None:
+                loss = loss + weight * ce
+            elif last:
+                loss = loss + weight * ce + self.distill_weight * kl
                 metrics[-1] = kl.detach()
+            else:
+                loss = loss + weight * ((1 - self.exit_distill) * ce + self.exit_distill * kl)
         return loss, metrics
 
     def _run_layer(self, index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -34,7 +34,7 @@ from layerskip.model import Transformer
 from layerskip.training import checkpoint as ckpt
 from layerskip.training.config import TrainConfig, dump_config
 from layerskip.training.curriculum import Curriculum, make_curriculum
-from layerskip.training.data import PackedSequences, load_token_stream
+from layerskip.training.data import PackedSequences, Preparation, load_token_stream
 from layerskip.training.distributed import DistributedContext, full_tensor, setup_distributed, shard
 from layerskip.training.early_exit_loss import exit_scales, exit_weights
 from layerskip.training.layer_dropout import LayerDropout
@@ -87,17 +87,20 @@ class Run:
         self.source_folder = resolve_model_folder(config.model)
         self.model_config = read_config(self.source_folder)
         tokenizer = Tokenizer.from_folder(self.source_folder)
+        preparation = Preparation(model=config.model, cache_dir=self.output / "data", device=context.device.type)
         tokens = load_token_stream(config.data, tokenizer and tokenizer.hf, self.model_config.vocab_size,
-                                   self.output / "data", is_main=context.is_main, barrier=context.barrier)
+                                   self.output / "data", is_main=context.is_main, barrier=context.barrier,
+                                   preparation=preparation)
         self.data = PackedSequences(tokens, config.data.seq_len, config.seed)
         self.model = self._load_model()
         self.num_layers = self.model.num_layers
         teacher = None
-        if config.early_exit.distill_weight > 0:
+        if config.early_exit.distill_weight > 0 or config.early_exit.exit_distill > 0:
             teacher = Teacher(self.model if config.lora.enabled else self._frozen_original())
         self.module = TrainingModel(self.model, loss_chunk_rows=config.early_exit.loss_chunk_rows,
                                     activation_checkpointing=config.activation_checkpointing,
-                                    teacher=teacher, distill_weight=config.early_exit.distill_weight)
+                                    teacher=teacher, distill_weight=config.early_exit.distill_weight,
+                                    exit_distill=config.early_exit.exit_distill)
         if context.sharded:
             shard(self.module, self.model.layers)
         torch.manual_seed(config.seed + context.rank)  # after the (rank-identical) LoRA initialisation
@@ -110,7 +113,8 @@ class Run:
                                     seed=config.seed)
         self.curriculum: Curriculum = make_curriculum(
             config.early_exit.curriculum, self.num_layers, rotation=config.early_exit.rotation,
-            gradual_interval=config.early_exit.gradual_interval, total_steps=config.steps)
+            gradual_interval=config.early_exit.gradual_interval, total_steps=config.steps,
+            exits=config.early_exit.exits)
         self.scales = exit_scales(self.num_layers, config.early_exit.scale, config.early_exit.e_scale)
         self.step = 0
         self.samples_seen = 0
