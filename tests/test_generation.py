@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import layerskip
-from layerskip.generation import Autoregressive, Sampler, SelfSpeculative, Streamer, generate_ids
+from layerskip.errors import LayerSkipError
+from layerskip.generation import Autoregressive, GenerationConfig, Sampler, SelfSpeculative, Streamer, generate_ids
 from layerskip.generation.strategies import DecodeContext
 from layerskip.model import KVCache
 
@@ -53,6 +54,49 @@ def test_tiny_self_speculative_greedy_equals_autoregressive(tiny, exit_layer, nu
         # Every round drafts except, possibly, a last one with a single token of budget left.
         assert stats.rounds - 1 <= sum(stats.accepted_length_counts) <= stats.rounds
         assert sum(i * n for i, n in enumerate(stats.accepted_length_counts)) == stats.accepted_drafts
+
+
+@pytest.mark.parametrize("vocab_size, confidence", [(40, 0.0), (97, 0.5), (30, 0.2)])
+def test_tiny_drafts_from_a_head_slice_or_stopping_early_keep_greedy_output(tiny, vocab_size, confidence):
+    ranked = list(range(96, -1, -1))  # any ranking: the slice holds the last ids of the vocabulary
+    tiny.model.set_draft_vocab(ranked)
+    defaults = {**tiny.defaults, "draft_vocab": ranked}
+    tiny = dataclasses.replace(tiny, defaults=defaults)
+    drafted = []
+    for prompt in TINY_PROMPTS:
+        reference = layerskip.generate(tiny, prompt_ids=prompt, max_steps=30, generation_strategy="autoregressive",
+                                       **GREEDY)
+        result = layerskip.generate(tiny, prompt_ids=prompt, max_steps=30, generation_strategy="self_speculative",
+                                    exit_layer=2, num_speculations=5, draft_vocab_size=vocab_size,
+                                    draft_confidence=confidence, **GREEDY)
+        assert result.token_ids == reference.token_ids
+        assert result.settings["draft_vocab_size"] == vocab_size
+        drafted.append(result.stats.drafted_tokens / result.stats.rounds)
+    if confidence:  # unsure drafts end a round early: fewer than k drafts per round on average
+        assert sum(drafted) / len(drafted) < 4.5
+    with torch.inference_mode():  # the slice scores exactly its tokens, with the full head's values
+        hidden = tiny.model.forward_layers(tiny.model.embed(torch.tensor([TINY_PROMPTS[0]])), 0, 2)
+        full, sliced = tiny.model.head(hidden), tiny.model.draft_head(hidden, vocab_size)
+        kept = torch.tensor(ranked[:vocab_size])
+        assert torch.allclose(sliced[..., kept], full[..., kept], atol=1e-5)
+        assert sliced.isinf().sum() == full[..., 0].numel() * (97 - vocab_size)
+
+
+def test_stored_defaults_choose_the_strategy_and_draft_settings():
+    stored = {"generation_strategy": "self_speculative", "exit_layer": 6, "num_speculations": 3,
+              "draft_vocab_size": 100, "draft_confidence": 0.4, "draft_vocab": list(range(200))}
+    config = GenerationConfig().resolved(30, stored)
+    assert (config.generation_strategy, config.exit_layer, config.num_speculations) == ("self_speculative", 6, 3)
+    assert (config.draft_vocab_size, config.draft_confidence) == (100, 0.4)
+    plain = GenerationConfig(generation_strategy="autoregressive").resolved(30, stored)
+    assert (plain.exit_layer, plain.draft_vocab_size, plain.strategy().name) == (-1, 0, "autoregressive")
+    assert GenerationConfig().resolved(30, {}).generation_strategy == "autoregressive"
+    with pytest.raises(LayerSkipError, match="--draft_vocab_size 300 is outside \\[0, 200\\]"):
+        GenerationConfig(draft_vocab_size=300).resolved(30, stored)
+    with pytest.raises(LayerSkipError, match="this model stores no draft vocabulary"):
+        GenerationConfig(generation_strategy="self_speculative", draft_vocab_size=8).resolved(30, {})
+    with pytest.raises(LayerSkipError, match="--draft_confidence must be in"):
+        GenerationConfig(draft_confidence=1.5).resolved(30, stored)
 
 
 def test_stop_token_reached_mid_round(tiny):

@@ -105,7 +105,11 @@ def test_speculative_sampling_matches_plain_sampling_distribution(tiny_model):
     # The draft (1 of 3 layers) is a genuinely different distribution: the test has power.
     draft = exact_two_token_distribution(tiny_model, exit_layer=1)
     assert 0.5 * sum(abs(exact[c] - draft[c]) for c in exact) > 0.15
-    for strategy in (SelfSpeculative(exit_layer=1, num_speculations=2), SelfSpeculative(exit_layer=2, num_speculations=1)):
+    tiny_model.set_draft_vocab([6, 2, 0, 5, 1, 3, 7, 4])
+    # Drafts from a 5-token slice of the head (q is 0 for the other 3), stopping after an unsure draft.
+    sliced = SelfSpeculative(exit_layer=1, num_speculations=3, draft_vocab_size=5, draft_confidence=0.4)
+    for strategy in (SelfSpeculative(exit_layer=1, num_speculations=2), SelfSpeculative(exit_layer=2, num_speculations=1),
+                     sliced):
         counts = empirical_counts(tiny_model, strategy, RUNS)
         assert chi_square_p_value(counts, exact) > SIGNIFICANCE, strategy.describe()
     # Plain sampling passes the same test, and sampling from the draft would fail it.

@@ -443,3 +443,85 @@ def test_module_entry_point_reports_errors_on_one_line(tiny_checkpoint, tmp_path
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 2
         assert result.stderr.startswith("layerskip: error: ") and message in result.stderr
+
+
+# ---- the embedded default's recipe: fixed exits, distilled exits, generated and capped data ------------------
+
+def test_fixed_curriculum_enables_the_listed_exits_and_refuses_others():
+    curriculum = make_curriculum("fixed", 6, exits=[2, 4, 2])
+    for _ in range(3):
+        assert curriculum.enabled_exits().tolist() == [False, True, False, True, False, True]
+        curriculum.step()
+    with pytest.raises(LayerSkipError, match="exit layer 6 is outside \\[1, 5\\]"):
+        make_curriculum("fixed", 6, exits=[6])
+    with pytest.raises(LayerSkipError, match="'early_exit.exits' must be a non-empty list"):
+        load_config(None, ["data.sources=x.txt", "early_exit.curriculum=fixed"])
+
+
+def test_distilled_exit_loss_is_the_kl_to_the_original_final_layer(tiny_checkpoint):
+    from layerskip.training.model import Teacher
+
+    folder, _ = tiny_checkpoint()
+    model = build_model(read_config(folder), load_state_dict(folder), dtype=torch.float32, device="cpu")
+    original = build_model(read_config(folder), load_state_dict(folder), dtype=torch.float32, device="cpu")
+    with torch.no_grad():  # the trained model has moved away from the original
+        for parameter in model.layers[0].parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(4))
+    labels = torch.roll(ids, -1, dims=1)
+    keep = [[True, True]] * 4
+    module = TrainingModel(model, teacher=Teacher(original), distill_weight=0.5, exit_distill=0.75,
+                           loss_chunk_rows=7)
+    loss, metrics = module(ids, labels, keep, [0, 0.4, 0, 0.6])
+    with torch.no_grad():
+        target = torch.log_softmax(original(ids), -1)
+        exit_2, final = torch.log_softmax(model(ids, exit_layer=2), -1), torch.log_softmax(model(ids), -1)
+
+        def kl(student):
+            return (target.exp() * (target - student)).sum(-1).mean()
+
+        def ce(student):
+            return -student.gather(-1, labels[..., None]).mean()
+
+        expected = 0.4 * (0.25 * ce(exit_2) + 0.75 * kl(exit_2)) + 0.6 * ce(final) + 0.5 * kl(final)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert metrics[1].item() == pytest.approx(ce(exit_2).item(), rel=1e-5)
+    assert metrics[-1].item() == pytest.approx(kl(final).item(), rel=1e-4)
+
+
+def test_frozen_weights_stored_in_bfloat16_give_the_autocast_numbers(tiny_checkpoint):
+    from layerskip.training.lora import store_frozen_weights_as
+
+    folder, _ = tiny_checkpoint()
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(5))
+    results = []
+    for store in (False, True):
+        model = build_model(read_config(folder), load_state_dict(folder), dtype=torch.float32, device="cpu")
+        torch.manual_seed(0)
+        add_lora(model, rank=2, alpha=4, dropout=0.0, targets=["q_proj", "down_proj"])
+        if store:
+            store_frozen_weights_as(model, torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = TrainingModel(model)(ids, torch.roll(ids, -1, 1), [[True, True]] * 4, [0, 0.5, 0, 0.5])
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for n, p in model.named_parameters() if "lora_A" in n]))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    assert model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+def test_max_tokens_keeps_whole_documents_of_a_source(tmp_path):
+    records = tmp_path / "ids.jsonl"
+    records.write_text("".join(json.dumps({"input_ids": [i] * 4}) + "\n" for i in range(10)))
+    config = DataConfig(sources=[DataSource(path=str(records), field="input_ids", max_tokens=9),
+                                 DataSource(path=str(records), field="input_ids", max_tokens=8)])
+    # The first source stops at the document that reaches 9 tokens (12), the second exactly at 8.
+    assert tokenize_sources(config, None, 97, progress=False).tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [0] * 4 + [1] * 4
+
+
+def test_frequent_tokens_ranks_ids_by_count():
+    from layerskip.training.trainer import frequent_tokens
+
+    stream = torch.tensor([5, 3, 5, 9, 3, 5, 7, 9, 1]).numpy().astype("uint32")
+    assert frequent_tokens(stream, 3) == [5, 3, 9]  # 5 three times; 3 and 9 twice (lower id first)
+    assert frequent_tokens(stream, 10) == [5, 3, 9, 1, 7]  # ids that never occur are not listed

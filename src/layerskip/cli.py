@@ -43,7 +43,8 @@ def unescape(text: str) -> str:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="checkpoint folder, .gguf file or hub id (default: the embedded smollm2-135m)")
+                        help="checkpoint folder, adapter folder, .gguf file or hub id (default: the embedded "
+                             "smollm2-135m-layerskip; smollm2-135m is the original model)")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default) or float16")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
@@ -55,10 +56,18 @@ def add_generation_arguments(parser: argparse.ArgumentParser, *, grid: bool = Fa
         group.add_argument("--exit_layers", required=True, help="'4,8,12' or 'start:stop:step'")
         group.add_argument("--num_speculations", required=True, help="'2,4,6' or 'start:stop:step'")
     else:
-        group.add_argument("--generation_strategy", default="autoregressive", help="autoregressive or self_speculative")
+        group.add_argument("--generation_strategy", default=None,
+                           help="autoregressive or self_speculative (default: the model's stored default, else "
+                                "autoregressive; the embedded default model stores self_speculative)")
         group.add_argument("--exit_layer", type=int, default=-1,
                            help="layers used by the draft (self_speculative) or by early-exit inference (autoregressive)")
         group.add_argument("--num_speculations", type=int, default=-1, help="draft tokens per self-speculative round")
+    group.add_argument("--draft_vocab_size", type=int, default=-1,
+                       help="drafts score only this many of the model's most frequent tokens (0: the whole "
+                            "vocabulary; default: the model's stored setting); verification always scores all")
+    group.add_argument("--draft_confidence", type=float, default=-1,
+                       help="stop a round's drafting after a draft whose probability is below this (0: always draft "
+                            "--num_speculations; default: the model's stored setting)")
     group.add_argument("--max_steps", type=int, default=512, help="maximum new tokens")
     group.add_argument("--sample", type=parse_bool, nargs="?", const=True, default=True,
                        help="sample (default) or, with --sample false, decode greedily")
@@ -98,8 +107,9 @@ def load_dataset_samples(args: argparse.Namespace) -> list[Any]:
 
 
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("generation_strategy", "exit_layer", "num_speculations", "max_steps", "sample", "temperature", "top_k",
-             "top_p", "seed", "stop_words", "stop_token_ids", "ignore_eos")
+    names = ("generation_strategy", "exit_layer", "num_speculations", "draft_vocab_size", "draft_confidence",
+             "max_steps", "sample", "temperature", "top_k", "top_p", "seed", "stop_words", "stop_token_ids",
+             "ignore_eos")
     if hasattr(args, "exit_layers"):  # a sweep: the grid flags are not single settings
         names = tuple(name for name in names if name not in ("generation_strategy", "exit_layer", "num_speculations"))
     return {name: getattr(args, name) for name in names}
@@ -144,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Benchmark every (exit_layer, num_speculations) of a grid on the same samples. Writes "
         "<output_dir>/sweep/sweep.csv row by row (rerun to resume) and sweep_heatmap.png.", grid=True)
     sweep.set_defaults(run=run_sweep_command)
+    sweep.add_argument("--save_defaults", default=None, metavar="FOLDER",
+                       help="store the best point as the model's decoding defaults in FOLDER/layerskip.json (the "
+                            "model's or adapter's folder); self_speculative becomes the default strategy if it won")
 
     evaluation = commands.add_parser(
         "eval", help="EleutherAI lm-evaluation-harness tasks: accuracy per exit layer, speed per strategy",
@@ -340,7 +353,7 @@ def compare_table(summaries: dict[str, dict[str, Any]], engines: list[str]) -> s
 
 def run_sweep_command(args: argparse.Namespace) -> int:
     from layerskip.bench.engines import make_engine
-    from layerskip.bench.sweep import parse_grid, run_sweep
+    from layerskip.bench.sweep import best_point, parse_grid, run_sweep, save_defaults
 
     loaded, samples, config = prepare_benchmark(args)
     exits = parse_grid(args.exit_layers, "--exit_layers")
@@ -349,12 +362,15 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     rows = run_sweep(loaded, samples, config, exits, speculations, output,
                      make_engine=lambda point: make_engine(args.engine, loaded, point),
                      arguments=vars_for_json(args), chat=args.chat)
-    best = max((row for row in rows if int(row["num_speculations"]) > 0),
-               key=lambda row: float(row["speedup_vs_autoregressive"]))
+    best = best_point(rows)
     print(f"best self-speculative point: exit_layer {best['exit_layer']}, num_speculations {best['num_speculations']}: "
           f"{float(best['speedup_vs_autoregressive']):.2f}x autoregressive, {float(best['tokens_per_second']):.1f} tokens/s, "
           f"acceptance {float(best['acceptance_rate']):.1%}; table: {output / 'sweep.csv'}, "
           f"heatmap: {output / 'sweep_heatmap.png'}")
+    if args.save_defaults:
+        stored = save_defaults(Path(args.save_defaults), best, config, args.dataset)
+        print(f"stored as the model's decoding defaults: {Path(args.save_defaults) / 'layerskip.json'} "
+              f"(generation_strategy {stored['generation_strategy']})")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -17,6 +18,7 @@ from layerskip.errors import LayerSkipError
 from layerskip.eval.datasets import Sample
 from layerskip.generation import GenerationConfig
 from layerskip.loading import LoadedModel
+from layerskip.loading.hf_folder import GENERATION_DEFAULTS_FILE
 
 QUALITY = ("rouge1", "rouge2", "rougeL", "bleu", "exact_match")
 COLUMNS = ("exit_layer", "num_speculations", "acceptance_rate", "tokens_per_second", "time_per_token", "total_time",
@@ -40,7 +42,7 @@ def run_sweep(loaded: LoadedModel, samples: Sequence[Sample], base: GenerationCo
     layers = loaded.config.num_hidden_layers
     points = [dataclasses.replace(base, generation_strategy="autoregressive", exit_layer=-1, num_speculations=-1)]
     points += [dataclasses.replace(base, generation_strategy="self_speculative", exit_layer=e, num_speculations=k)
-               .resolved(layers, {}) for e in exit_layers for k in speculations]
+               .resolved(layers, loaded.defaults) for e in exit_layers for k in speculations]
     csv_path = output_dir / "sweep.csv"
     rows = list(csv.DictReader(csv_path.open())) if csv_path.is_file() else []
     done = {(int(row["exit_layer"]), int(row["num_speculations"])) for row in rows}
@@ -72,6 +74,31 @@ def run_sweep(loaded: LoadedModel, samples: Sequence[Sample], base: GenerationCo
             rows.append(row)
     draw_heatmap([r for r in rows if int(r["num_speculations"]) > 0], output_dir / "sweep_heatmap.png")
     return rows
+
+
+def best_point(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The fastest self-speculative row of a sweep."""
+    return max((row for row in rows if int(row["num_speculations"]) > 0),
+               key=lambda row: float(row["speedup_vs_autoregressive"]))
+
+
+def save_defaults(folder: Path, best: dict[str, Any], base: GenerationConfig, dataset: str) -> dict[str, Any]:
+    """Store the sweep's best point as the model's decoding defaults (layerskip.json, other keys kept).
+
+    The default strategy becomes self-speculative only when that point beat autoregressive decoding.
+    """
+    path = folder / GENERATION_DEFAULTS_FILE
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    speedup = float(best["speedup_vs_autoregressive"])
+    stored.update({
+        "generation_strategy": "self_speculative" if speedup > 1 else "autoregressive",
+        "exit_layer": int(best["exit_layer"]), "num_speculations": int(best["num_speculations"]),
+        "draft_vocab_size": base.draft_vocab_size, "draft_confidence": base.draft_confidence,
+        "sweep": {"dataset": dataset, "speedup_vs_autoregressive": round(speedup, 3),
+                  "acceptance_rate": round(float(best["acceptance_rate"]), 4)}})
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(stored, indent=1) + "\n")
+    return stored
 
 
 def draw_heatmap(rows: Sequence[dict[str, Any]], path: Path) -> None:

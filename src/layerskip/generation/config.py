@@ -16,9 +16,11 @@ STRATEGIES = ("autoregressive", "self_speculative")
 
 @dataclasses.dataclass
 class GenerationConfig:
-    generation_strategy: str = "autoregressive"
+    generation_strategy: str | None = None  # None: the model's stored default, else autoregressive
     exit_layer: int = -1               # -1: all layers (autoregressive) or the model's stored default
     num_speculations: int = -1         # -1: the model's stored default
+    draft_vocab_size: int = -1         # self-speculative drafts score this many frequent tokens; 0: all; -1: stored
+    draft_confidence: float = -1.0     # stop a round's drafts after one below this probability; 0: never; -1: stored
     max_steps: int = 512
     sample: bool = True
     temperature: float = 0.6
@@ -38,12 +40,17 @@ class GenerationConfig:
         return cls(**options)
 
     def resolved(self, num_layers: int, defaults: dict[str, Any]) -> "GenerationConfig":
-        """A copy with the model's defaults filled in, or a LayerSkipError naming what is wrong."""
-        if self.generation_strategy not in STRATEGIES:
-            raise LayerSkipError(f"unknown --generation_strategy '{self.generation_strategy}': "
-                                 f"choose one of {', '.join(STRATEGIES)}")
+        """A copy with the model's defaults filled in, or a LayerSkipError naming what is wrong.
+
+        A model trained for LayerSkip stores `generation_strategy: self_speculative` with its exit layer and
+        drafts per round (chosen by a sweep), so plain `generate` calls get the fast setting.
+        """
+        strategy = self.generation_strategy or str(defaults.get("generation_strategy", "autoregressive"))
+        if strategy not in STRATEGIES:
+            raise LayerSkipError(f"unknown --generation_strategy '{strategy}': choose one of {', '.join(STRATEGIES)}")
         exit_layer, speculations = self.exit_layer, self.num_speculations
-        if self.generation_strategy == "self_speculative":
+        vocab_size, confidence = 0, 0.0  # draft settings: self-speculative only
+        if strategy == "self_speculative":
             # Stored defaults come from a sweep on that model; otherwise a quarter of the depth, 4 drafts.
             exit_layer = exit_layer if exit_layer != -1 else int(defaults.get("exit_layer", max(1, num_layers // 4)))
             speculations = speculations if speculations != -1 else int(defaults.get("num_speculations", 4))
@@ -52,6 +59,14 @@ class GenerationConfig:
                                      f"for self-speculative decoding of this {num_layers}-layer model")
             if speculations < 1:
                 raise LayerSkipError(f"--num_speculations must be at least 1, got {speculations}")
+            vocab_size = self.draft_vocab_size if self.draft_vocab_size != -1 else int(defaults.get("draft_vocab_size", 0))
+            confidence = self.draft_confidence if self.draft_confidence != -1 else float(defaults.get("draft_confidence", 0))
+            stored = len(defaults.get("draft_vocab", []))
+            if not 0 <= vocab_size <= stored:
+                raise LayerSkipError(f"--draft_vocab_size {vocab_size} is outside [0, {stored}]: this model stores "
+                                     f"{'no draft vocabulary' if not stored else f'{stored} ranked draft tokens'}")
+            if not 0 <= confidence < 1:
+                raise LayerSkipError(f"--draft_confidence must be in [0, 1), got {confidence}")
         elif exit_layer != -1 and not 1 <= exit_layer <= num_layers:
             raise LayerSkipError(f"--exit_layer {exit_layer} is outside [1, {num_layers}] for this {num_layers}-layer model")
         if self.max_steps < 1:
@@ -62,12 +77,15 @@ class GenerationConfig:
             raise LayerSkipError(f"--top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise LayerSkipError(f"--top_p must be in (0, 1], got {self.top_p}")
-        return dataclasses.replace(self, exit_layer=exit_layer, num_speculations=speculations)
+        return dataclasses.replace(self, generation_strategy=strategy, exit_layer=exit_layer,
+                                   num_speculations=speculations, draft_vocab_size=vocab_size,
+                                   draft_confidence=confidence)
 
     def strategy(self) -> Strategy:
         """The decoding strategy for a resolved config."""
         if self.generation_strategy == "self_speculative":
-            return SelfSpeculative(self.exit_layer, self.num_speculations)
+            return SelfSpeculative(self.exit_layer, self.num_speculations, draft_vocab_size=self.draft_vocab_size,
+                                   draft_confidence=self.draft_confidence)
         return Autoregressive(None if self.exit_layer == -1 else self.exit_layer)
 
     def sampler(self, device: torch.device) -> Sampler:

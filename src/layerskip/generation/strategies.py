@@ -92,12 +92,28 @@ class SelfSpeculative(Strategy):
 
     name = "self_speculative"
 
-    def __init__(self, exit_layer: int, num_speculations: int):
+    def __init__(self, exit_layer: int, num_speculations: int, *, draft_vocab_size: int = 0,
+                 draft_confidence: float = 0.0):
         self.exit_layer = exit_layer
         self.num_speculations = num_speculations
+        self.draft_vocab_size = draft_vocab_size    # > 0: drafts score only this many frequent tokens
+        self.draft_confidence = draft_confidence    # > 0: a round stops drafting after a less confident draft
 
-    def describe(self) -> dict[str, int | str]:
-        return {**super().describe(), "exit_layer": self.exit_layer, "num_speculations": self.num_speculations}
+    def describe(self) -> dict[str, int | str | float]:
+        extra = {"draft_vocab_size": self.draft_vocab_size} if self.draft_vocab_size else {}
+        extra.update({"draft_confidence": self.draft_confidence} if self.draft_confidence else {})
+        return {**super().describe(), "exit_layer": self.exit_layer, "num_speculations": self.num_speculations,
+                **extra}
+
+    def draft(self, ctx: DecodeContext, hidden: torch.Tensor) -> tuple[int, torch.Tensor | None, bool]:
+        """A draft token from the exit hidden state, its warped distribution, and whether to draft on after it."""
+        model = ctx.model
+        logits = model.draft_head(hidden, self.draft_vocab_size) if self.draft_vocab_size else model.head(hidden)
+        token, probs = ctx.sampler.choose(logits)
+        if not self.draft_confidence:
+            return token, probs, True
+        confidence = probs[token] if probs is not None else torch.softmax(logits.reshape(-1), -1)[token]
+        return token, probs, bool(confidence >= self.draft_confidence)
 
     def rounds(self, ctx: DecodeContext) -> Iterator[Round]:
         model, exit_layer = ctx.model, self.exit_layer
@@ -110,14 +126,15 @@ class SelfSpeculative(Strategy):
             budget = min(self.num_speculations, ctx.max_length - committed - 1)
             drafts: list[int] = []
             draft_probs: list[torch.Tensor | None] = []
+            confident = True
             pending, position = ctx.tokens[done:], done
             while True:
                 hidden = model.forward_layers(model.embed(ctx.token_tensor(pending)), 0, exit_layer, position, cache)
                 exits.write(position, hidden)
                 position += len(pending)
-                if len(drafts) == budget or (drafts and drafts[-1] in ctx.eos_token_ids):
+                if len(drafts) == budget or (drafts and (drafts[-1] in ctx.eos_token_ids or not confident)):
                     break  # this pass only fed the last draft through [0, E) for verification
-                token, probs = ctx.sampler.choose(model.head(hidden[:, -1]))
+                token, probs, confident = self.draft(ctx, hidden[:, -1])
                 drafts.append(token)
                 draft_probs.append(probs)
                 pending = [token]

@@ -13,7 +13,7 @@ import torch
 
 from layerskip.errors import LayerSkipError
 from layerskip.loading.adapter import adapter_base_model, is_adapter_folder, merge_lora
-from layerskip.loading.default_model import DEFAULT_MODEL, DEFAULT_MODEL_ALIASES, default_model_folder
+from layerskip.loading.default_model import BASE_MODEL_ALIASES, DEFAULT_MODEL, base_model_folder, default_model_folder
 from layerskip.loading.hf_folder import (build_model, eos_token_ids, generation_defaults, load_state_dict,
                                          read_config)
 from layerskip.loading.hub import looks_like_hub_id, resolve_hub_id
@@ -51,8 +51,10 @@ class LoadedModel:
 
 def resolve_model_folder(spec: str | None) -> Path:
     """The HF checkpoint folder behind a model spec (converting a GGUF file on first use)."""
-    if spec is None or spec in DEFAULT_MODEL_ALIASES:
+    if spec is None or spec == DEFAULT_MODEL:
         return default_model_folder()
+    if spec in BASE_MODEL_ALIASES:
+        return base_model_folder()
     path = Path(spec).expanduser()
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
@@ -111,6 +113,10 @@ def load(model: str | None = None, *, dtype: str | None = None, device: str = "a
     if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
         eos_ids.append(tokenizer.eos_token_id)
     defaults = {**generation_defaults(folder), **(generation_defaults(adapter) if adapter is not None else {})}
+    try:
+        network.set_draft_vocab(defaults.get("draft_vocab"))
+    except ValueError as error:
+        raise LayerSkipError(f"the stored decoding defaults of {adapter or folder} are broken: {error}") from None
     return LoadedModel(model=network, tokenizer=tokenizer, eos_token_ids=eos_ids, defaults=defaults,
                        name=model or DEFAULT_MODEL, folder=folder, adapter=adapter)
 

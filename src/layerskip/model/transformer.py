@@ -58,7 +58,11 @@ def pack_linears(*linears: nn.Linear) -> PackedWeight:
     weight = torch.cat([linear.weight.detach() for linear in linears])
     biases = [linear.bias for linear in linears]
     bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
-    return torch.ops.mkldnn._reorder_linear_weight(weight, 1), bias
+    return pack_weight(weight), bias
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
 
 
 def packed_applies(packed: PackedWeight | None, x: torch.Tensor) -> bool:
@@ -187,6 +191,9 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
         self.packed_head: PackedWeight | None = None
+        # Token ids ranked by how often the model produces them (stored with the model, see draft_head).
+        self.draft_vocab: torch.Tensor | None = None
+        self._draft_heads: dict[int, tuple[torch.Tensor, torch.Tensor, PackedWeight | None]] = {}
 
     def pack_for_cpu_inference(self) -> bool:
         """Prepack the weights for CPU float32 decoding passes of a few rows (see above); returns whether it did.
@@ -196,6 +203,7 @@ class Transformer(nn.Module):
         weight = self.embed_tokens.weight
         if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
             return False
+        self._draft_heads.clear()
         try:
             for layer in self.layers:
                 layer.self_attn.pack()
@@ -207,11 +215,12 @@ class Transformer(nn.Module):
         return True
 
     def unpack(self) -> None:
-        """Drop the packed copies (for example before changing weights)."""
+        """Drop the packed copies and draft heads (for example before changing weights)."""
         for layer in self.layers:
             layer.self_attn.packed_qkv = layer.self_attn.packed_o = None
             layer.mlp.packed_gate_up = layer.mlp.packed_down = None
         self.packed_head = None
+        self._draft_heads.clear()
 
     @property
     def num_layers(self) -> int:
@@ -245,6 +254,37 @@ class Transformer(nn.Module):
         normed = self.norm(hidden)
         logits = packed_linear(normed, self.packed_head) if packed_applies(self.packed_head, normed) else self.lm_head(normed)
         return logits.float()
+
+    def set_draft_vocab(self, token_ids: list[int] | None) -> None:
+        """Token ids ranked by how often the model produces them, most frequent first (see draft_head)."""
+        bad = [i for i in token_ids or [] if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"draft vocabulary id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        self.draft_vocab = None if token_ids is None else torch.tensor(token_ids, dtype=torch.long)
+        self._draft_heads.clear()
+
+    def draft_head(self, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """The shared head scoring only the `vocab_size` first tokens of `draft_vocab`: float32 logits over the
+        whole vocabulary, -inf for the tokens left out.
+
+        For drafts only. The tied head of a small model is a large part of a draft step (SmolLM2-135M: 28M of
+        the 134M parameters), and most of the tokens a model produces come from a few thousand ids. A draft
+        can then never propose a token outside the slice, but verification scores the full vocabulary, so
+        outputs are unchanged (greedy) or identically distributed (sampling: q is zero outside the slice).
+        """
+        if self.draft_vocab is None or not 0 < vocab_size <= len(self.draft_vocab):
+            raise ValueError(f"draft vocabulary size {vocab_size} is not in [1, {len(self.draft_vocab or [])}]")
+        sliced = self._draft_heads.get(vocab_size)
+        if sliced is None:
+            ids = self.draft_vocab[:vocab_size].to(self.lm_head.weight.device)
+            weight = self.lm_head.weight.detach()[ids]
+            packed = (pack_weight(weight), None) if self.packed_head is not None else None
+            sliced = self._draft_heads[vocab_size] = (ids, weight, packed)
+        ids, weight, packed = sliced
+        normed = self.norm(hidden)
+        logits = packed_linear(normed, packed) if packed_applies(packed, normed) else F.linear(normed, weight)
+        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"), dtype=torch.float32)
+        return full.index_copy_(-1, ids, logits.float())
 
     def forward(self, token_ids: torch.Tensor, *, exit_layer: int | None = None, start_pos: int = 0,
                 cache: KVCache | None = None) -> torch.Tensor:

@@ -101,7 +101,7 @@ class LoRAConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    model: str | None = None  # what `layerskip.load` takes; None for the embedded default
+    model: str | None = None  # a model folder, .gguf file or hub id; None: the embedded base model smollm2-135m
     output_dir: str = "runs/layerskip"
     steps: int = 1000  # optimizer steps (T)
     seed: int = 42
@@ -112,6 +112,8 @@ class TrainConfig:
     save_every: int = 500  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept in output_dir/checkpoints
     resume: bool = True  # continue from the newest checkpoint in output_dir when there is one
+    draft_vocab: int = 0  # store the training data's N most frequent token ids with each checkpoint (layerskip.json)
+    #                       for drafts that score only those (`generate --draft_vocab_size`); 0: none
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     layer_dropout: LayerDropoutConfig = dataclasses.field(default_factory=LayerDropoutConfig)
@@ -127,6 +129,7 @@ class TrainConfig:
             ("log_every", self.log_every >= 1, "at least 1"),
             ("save_every", self.save_every >= 1, "at least 1"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, "at least 1"),
+            ("draft_vocab", self.draft_vocab >= 0, "at least 0"),
             ("data.sources", bool(self.data.sources), "at least one source (path or dataset)"),
             ("data.seq_len", self.data.seq_len >= 2, "at least 2"),
             ("data.batch_size", self.data.batch_size >= 1, "at least 1"),

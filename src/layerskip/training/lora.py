@@ -67,6 +67,17 @@ def add_lora(model: Transformer, *, rank: int, alpha: float, dropout: float, tar
     return wrapped
 
 
+def store_frozen_weights_as(model: nn.Module, dtype: torch.dtype) -> None:
+    """Keep the frozen base weights of the LoRA layers in `dtype`.
+
+    Under autocast to `dtype` they are cast at every call anyway (autocast caches casts of trainable weights
+    only), so storing them cast gives the same numbers without a cast per forward, in half the memory.
+    """
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
+
+
 @contextlib.contextmanager
 def lora_disabled(model: nn.Module) -> Iterator[None]:
     """Run the base model: every LoRA update switched off inside the block (a no-op without LoRA)."""

@@ -13,12 +13,14 @@ a checkpoint is written (checkpoint.py), from which a rerun with the same output
 from __future__ import annotations
 
 import csv
+import json
 import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
@@ -27,8 +29,9 @@ from tqdm import tqdm
 from layerskip.errors import LayerSkipError
 from layerskip.loading import resolve_model_folder
 from layerskip.loading.adapter import read_adapter
-from layerskip.loading.default_model import DEFAULT_MODEL
-from layerskip.loading.hf_folder import atomic_folder, build_model, load_state_dict, read_config, save_hf_weights
+from layerskip.loading.default_model import BASE_MODEL
+from layerskip.loading.hf_folder import (GENERATION_DEFAULTS_FILE, atomic_folder, build_model, load_state_dict,
+                                         read_config, save_hf_weights)
 from layerskip.loading.tokenizer import Tokenizer
 from layerskip.model import Transformer
 from layerskip.training import checkpoint as ckpt
@@ -38,7 +41,7 @@ from layerskip.training.data import PackedSequences, Preparation, load_token_str
 from layerskip.training.distributed import DistributedContext, full_tensor, setup_distributed, shard
 from layerskip.training.early_exit_loss import exit_scales, exit_weights
 from layerskip.training.layer_dropout import LayerDropout
-from layerskip.training.lora import add_lora, is_lora_parameter, save_adapter
+from layerskip.training.lora import add_lora, is_lora_parameter, save_adapter, store_frozen_weights_as
 from layerskip.training.model import Teacher, TrainingModel
 
 CHECKPOINTS = "checkpoints"
@@ -56,6 +59,13 @@ def train(config: TrainConfig) -> Path:
         return Run(config, context).train()
     finally:
         context.close()
+
+
+def frequent_tokens(tokens: np.ndarray, count: int) -> list[int]:
+    """The `count` most frequent token ids of a token stream, most frequent first (ties: lower id first)."""
+    frequency = np.bincount(np.asarray(tokens, dtype=np.int64))
+    order = np.lexsort((np.arange(len(frequency)), -frequency))
+    return [int(token) for token in order[:count] if frequency[token] > 0]
 
 
 def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
@@ -84,14 +94,15 @@ class Run:
         if self.resume_from is not None and not config.resume:
             raise LayerSkipError(f"{self.output} already has checkpoints ({self.resume_from.name}): "
                                  "choose another output_dir, or resume=true to continue from them")
-        self.source_folder = resolve_model_folder(config.model)
+        self.source_folder = resolve_model_folder(config.model or BASE_MODEL)
         self.model_config = read_config(self.source_folder)
         tokenizer = Tokenizer.from_folder(self.source_folder)
-        preparation = Preparation(model=config.model, cache_dir=self.output / "data", device=context.device.type)
+        preparation = Preparation(model=config.model or BASE_MODEL, cache_dir=self.output / "data", device=context.device.type)
         tokens = load_token_stream(config.data, tokenizer and tokenizer.hf, self.model_config.vocab_size,
                                    self.output / "data", is_main=context.is_main, barrier=context.barrier,
                                    preparation=preparation)
         self.data = PackedSequences(tokens, config.data.seq_len, config.seed)
+        self.draft_vocab = frequent_tokens(tokens, config.draft_vocab) if config.draft_vocab else None
         self.model = self._load_model()
         self.num_layers = self.model.num_layers
         teacher = None
@@ -132,6 +143,8 @@ class Run:
             torch.manual_seed(config.seed)  # the same adapter initialisation on every rank
             add_lora(model, rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
                      targets=config.lora.targets)
+            if config.precision == "bf16" and self.context.world_size == 1:  # FSDP wants one dtype per group
+                store_frozen_weights_as(model, torch.bfloat16)
             if self.resume_from is not None:
                 _, tensors = read_adapter(self.resume_from)
                 missing = {n for n, _ in model.named_parameters() if is_lora_parameter(n)} - set(tensors)
@@ -237,7 +250,7 @@ class Run:
                 if lora:
                     save_adapter(staging, weights, rank=config.lora.rank, alpha=config.lora.alpha,
                                  dropout=config.lora.dropout, targets=config.lora.targets,
-                                 base_model=config.model or DEFAULT_MODEL)
+                                 base_model=config.model or BASE_MODEL)
                 else:
                     ckpt.copy_model_files(self.source_folder, staging)
                     save_hf_weights(staging, weights, tied=self.model_config.tie_word_embeddings)
@@ -246,6 +259,8 @@ class Run:
                     "scheduler": self.scheduler.state_dict(), "curriculum": self.curriculum.state_dict(),
                     "rng": rng_states})
                 (staging / ckpt.RECIPE).write_text(dump_config(config))
+                if self.draft_vocab is not None:
+                    (staging / GENERATION_DEFAULTS_FILE).write_text(json.dumps({"draft_vocab": self.draft_vocab}))
             ckpt.prune_checkpoints(self.checkpoint_root, config.keep_checkpoints)
         context.barrier()
         return target

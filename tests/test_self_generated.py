@@ -1,0 +1,60 @@
+"""Self-generated training data: batched, left-padded replies equal the model's one-at-a-time decoding; resumable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import layerskip
+from layerskip.errors import LayerSkipError
+from layerskip.eval.records import read_records
+from layerskip.generation import Sampler
+from layerskip.training.config import DataSource
+from layerskip.training.self_generated import cache_path, length_sorted_batches, sample_replies, self_generated_documents
+
+
+def test_left_padded_batch_replies_equal_single_prompt_decoding(tiny_checkpoint):
+    folder, _ = tiny_checkpoint(max_position_embeddings=64)
+    loaded = layerskip.load(str(folder))
+    prompts = [[3, 14, 15], [92, 65, 35, 89, 79, 32, 38], [46], [26, 43, 38, 32, 79]]
+    unended = sample_replies(loaded.model, prompts, max_new_tokens=12, sampler=Sampler(sample=False),
+                             end_ids=frozenset())
+    end_id = unended[1][3]  # as the end token, the second row ends after 4 tokens and leaves the batch
+    end = frozenset({end_id})
+    batch = sample_replies(loaded.model, prompts, max_new_tokens=12, sampler=Sampler(sample=False), end_ids=end)
+    for prompt, reply in zip(prompts, batch):
+        alone = layerskip.generate(loaded, prompt_ids=prompt, sample=False, max_steps=12, stop_token_ids=[end_id],
+                                   generation_strategy="autoregressive")
+        assert reply == alone.token_ids
+    assert len(batch[1]) <= 4 and batch[1][-1] == end_id
+    # Sampling: the same seed gives the same replies.
+    again = [sample_replies(loaded.model, prompts, max_new_tokens=12, end_ids=end,
+                            sampler=Sampler(sample=True, temperature=0.8, seed=3)) for _ in range(2)]
+    assert again[0] == again[1]
+
+
+def test_batches_group_prompts_of_similar_length():
+    assert length_sorted_batches([5, 2, 9, 2, 5, 7], 4) == [[1, 3, 0, 4], [5, 2]]
+
+
+def test_self_generated_source_is_chat_prompt_plus_reply_and_resumes(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Say hi.", "Name a colour.", "Count to 3."]))
+    source = DataSource(self_generated=str(prompts), field="prompt", max_new_tokens=6, temperature=0.0)
+    documents = list(self_generated_documents(source, "smollm2-135m", tmp_path / "cache"))
+    base = layerskip.load("smollm2-135m")
+    for prompt, document in zip(["Say hi.", "Name a colour.", "Count to 3."], documents):
+        chat = base.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        reply = layerskip.generate(base, prompt_ids=chat, sample=False, max_steps=6,
+                                   generation_strategy="autoregressive").token_ids
+        assert document == chat + reply
+    # An interrupted preparation keeps what it wrote: cut the file after one record, and only two are generated.
+    records = cache_path(source, "smollm2-135m", tmp_path / "cache")
+    kept = read_records(records)[:1]
+    records.write_text(json.dumps(kept[0]) + "\n" + '{"index": 1, "input_')
+    assert list(self_generated_documents(source, "smollm2-135m", tmp_path / "cache")) == documents
+    assert sorted(r["index"] for r in read_records(records)) == [0, 1, 2]
+    with pytest.raises(LayerSkipError, match="has no non-empty text field 'text'"):
+        list(self_generated_documents(DataSource(self_generated=str(prompts)), "smollm2-135m", tmp_path / "c2"))
