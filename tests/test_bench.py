@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -92,6 +93,23 @@ def test_sweep_writes_csv_rows_and_heatmap_and_resumes(default_model, tmp_path):
     assert len(rows) == 5
     run_sweep(default_model, SAMPLES[:2], GREEDY, [20, 26], [1, 2], tmp_path, make_engine=make_engine, arguments={})
     assert len(made) == 5 and len(list(csv.DictReader((tmp_path / "sweep.csv").open()))) == 5
+
+
+def test_sweep_best_point_is_stored_as_the_model_defaults(tmp_path):
+    from layerskip.bench.sweep import best_point, save_defaults
+
+    rows = [{"exit_layer": 30, "num_speculations": 0, "speedup_vs_autoregressive": 1.0, "acceptance_rate": ""},
+            {"exit_layer": 6, "num_speculations": 4, "speedup_vs_autoregressive": 1.31, "acceptance_rate": 0.6},
+            {"exit_layer": 10, "num_speculations": 2, "speedup_vs_autoregressive": 1.12, "acceptance_rate": 0.7}]
+    (tmp_path / "layerskip.json").write_text(json.dumps({"draft_vocab": [5, 3, 9]}))
+    base = dataclasses.replace(GREEDY, draft_vocab_size=2, draft_confidence=0.3)
+    stored = save_defaults(tmp_path, best_point(rows), base, "custom_jsonl")
+    assert json.loads((tmp_path / "layerskip.json").read_text()) == stored
+    assert stored == {"draft_vocab": [5, 3, 9], "generation_strategy": "self_speculative", "exit_layer": 6,
+                      "num_speculations": 4, "draft_vocab_size": 2, "draft_confidence": 0.3,
+                      "sweep": {"dataset": "custom_jsonl", "speedup_vs_autoregressive": 1.31, "acceptance_rate": 0.6}}
+    slower = [{**row, "speedup_vs_autoregressive": 0.9} for row in rows[1:]]
+    assert save_defaults(tmp_path, best_point(slower), base, "x")["generation_strategy"] == "autoregressive"
 
 
 def test_parse_grid():

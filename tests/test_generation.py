@@ -214,6 +214,7 @@ def cases_for(config_index: int) -> list[Case]:
 
 
 def run_case(loaded, case: Case, streamer=None, **options):
+    options = {"generation_strategy": "autoregressive", **options}  # None: the model's stored default
     return layerskip.generate(loaded, case.prompt, chat=case.chat, stop_words=list(case.stop_words),
                               max_steps=case.max_steps, streamer=streamer, **GREEDY, **options)
 
@@ -241,6 +242,18 @@ def test_default_self_speculative_greedy_is_token_identical(default_model, refer
         assert result.text == reference.text and result.finish_reason == reference.finish_reason
     if exit_layer == 29:  # drafts this deep are accepted often enough to run past EOS or a stop word
         assert recorder.cut_rounds > 0
+
+
+def test_default_model_stored_settings_keep_greedy_output(default_model, references):
+    """What a plain `generate` runs on the embedded default: its stored strategy, exit, drafts, slice, confidence."""
+    stored = default_model.defaults
+    drafted = 0
+    for case in cases_for(0) + cases_for(3):
+        result = run_case(default_model, case, generation_strategy=None)
+        assert result.token_ids == references[case].token_ids, case.prompt
+        assert result.settings["generation_strategy"] == stored["generation_strategy"]
+        drafted += result.stats.drafted_tokens
+    assert (drafted > 0) == (stored["generation_strategy"] == "self_speculative")
 
 
 def test_stop_word_spanning_two_tokens_cuts_text_before_it(default_model):

@@ -235,8 +235,14 @@ def test_bfloat16_loads_and_decodes(tiny_checkpoint):
 
 
 def test_embedded_default_is_converted_once_with_tokenizer_and_chat_template(default_model):
-    folder = resolve_model_folder(None)
+    from layerskip.loading.default_model import SHIPPED_ADAPTER
+
+    folder = resolve_model_folder("smollm2-135m")
     assert folder == default_model.folder
+    # The default is the original model with the shipped LayerSkip adapter merged, and its stored settings.
+    assert resolve_model_folder(None) == default_model.adapter == SHIPPED_ADAPTER
+    assert default_model.defaults["generation_strategy"] in ("self_speculative", "autoregressive")
+    assert len(default_model.defaults["draft_vocab"]) >= default_model.defaults["draft_vocab_size"]
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
     assert default_model.tokenizer.has_chat_template
     assert default_model.eos_token_ids == [2]
