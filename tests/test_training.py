@@ -21,7 +21,7 @@ from layerskip.training.config import DataConfig, DataSource
 from layerskip.training.curriculum import Gradual, Rotational, make_curriculum
 from layerskip.training.data import PackedSequences, tokenize_sources
 from layerskip.training.distributed import setup_distributed
-from layerskip.training.early_exit_loss import Head, exit_scales, exit_weights, head_losses
+from layerskip.training.early_exit_loss import ExitTerm, Head, exit_losses, exit_scales, exit_weights
 from layerskip.training.layer_dropout import LayerDropout, layer_shape, step_scale
 from layerskip.training.lora import add_lora, lora_disabled, save_adapter
 from layerskip.training.model import TrainingModel
@@ -104,37 +104,51 @@ def test_exit_weights_normalise_over_enabled_exits():
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
-def test_chunked_head_losses_equal_plain_autograd(autocast):
+def test_chunked_exit_losses_equal_plain_autograd(autocast):
     torch.manual_seed(0)
     norm, teacher_norm = torch.nn.RMSNorm(8), torch.nn.RMSNorm(8).requires_grad_(False)
     weight, teacher_weight = torch.nn.Parameter(torch.randn(11, 8)), torch.randn(11, 8)
-    hidden = torch.randn(3, 5, 8, requires_grad=True)
+    hiddens = [torch.randn(3, 5, 8, requires_grad=True) for _ in range(2)]
     teacher_hidden = torch.randn(3, 5, 8)
     labels = torch.randint(0, 11, (3, 5))
     labels[0, 0] = -100
     mask = (labels != -100).flatten()
+    weights = [(0.7, 1.3), (0.4, 0.0)]  # (CE, KL) per exit: the second exit's KL is only a metric
 
     def plain():
-        logits = (norm(hidden) @ weight.t()).float().flatten(0, 1)
         target = torch.log_softmax((teacher_norm(teacher_hidden) @ teacher_weight.t()).float().flatten(0, 1), -1)
-        kl = torch.nn.functional.kl_div(torch.log_softmax(logits, -1), target, log_target=True, reduction="none")
-        ce = torch.nn.functional.cross_entropy(logits, labels.flatten(), ignore_index=-100)
-        return ce, (kl.sum(-1) * mask).sum() / mask.sum()
+        total, metrics = 0.0, []
+        for hidden, (ce_weight, kl_weight) in zip(hiddens, weights):
+            logits = (norm(hidden) @ weight.t()).float().flatten(0, 1)
+            kl = torch.nn.functional.kl_div(torch.log_softmax(logits, -1), target, log_target=True, reduction="none")
+            kl = (kl.sum(-1) * mask).sum() / mask.sum()
+            ce = torch.nn.functional.cross_entropy(logits, labels.flatten(), ignore_index=-100)
+            total = total + ce_weight * ce + kl_weight * kl
+            metrics.append([ce.item(), kl.item()])
+        return total, torch.tensor(metrics)
+
+    def chunked(rows):
+        terms = [ExitTerm(hidden, *w) for hidden, w in zip(hiddens, weights)]
+        return exit_losses(Head(norm, weight), terms, labels, chunk_rows=rows,
+                           teacher=(Head(teacher_norm, teacher_weight), teacher_hidden))
 
     results = []
-    for run in (plain, *(lambda c=chunk: head_losses(Head(norm, weight), hidden, labels, chunk_rows=c,
-                                                      teacher=(Head(teacher_norm, teacher_weight), teacher_hidden))
-                         for chunk in (0, 4))):
-        hidden.grad = weight.grad = norm.weight.grad = None
+    for run in (plain, lambda: chunked(0), lambda: chunked(4)):
+        for tensor in (*hiddens, weight, norm.weight):
+            tensor.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            ce, kl = run()
-        (0.7 * ce + 1.3 * kl).backward()
-        results.append([ce.item(), kl.item(), hidden.grad.clone(), weight.grad.clone(), norm.weight.grad.clone()])
+            loss, metrics = run()
+        loss.backward()
+        results.append([loss.item(), metrics, *(h.grad.clone() for h in hiddens), weight.grad.clone(),
+                        norm.weight.grad.clone()])
     tolerance = 2e-2 if autocast else 1e-5
     for other in results[1:]:
-        assert other[:2] == pytest.approx(results[0][:2], rel=tolerance)
+        assert other[0] == pytest.approx(results[0][0], rel=tolerance)
+        assert torch.allclose(other[1], results[0][1], rtol=tolerance, atol=tolerance)
         for got, expected in zip(other[2:], results[0][2:], strict=True):
             assert torch.allclose(got, expected, rtol=tolerance, atol=tolerance)
+    without_teacher = exit_losses(Head(norm, weight), [ExitTerm(hiddens[0], 1.0)], labels)[1]
+    assert without_teacher[0, 1].isnan() and without_teacher[0, 0].item() == pytest.approx(results[0][1][0, 0].item(), rel=tolerance)
 
 
 # ---- curricula --------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ so the final layer stays the heaviest term at small e_scale.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import torch
@@ -58,87 +57,105 @@ class Head:
         return cls(model.norm, model.lm_head.weight)
 
 
-def head_losses(head: Head, hidden: torch.Tensor, labels: torch.Tensor, *, chunk_rows: int = 0,
-                teacher: tuple[Head, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Mean cross-entropy of head(hidden) against labels and, given (teacher head, teacher hidden), the mean
-    KL(teacher || student) over the labelled positions.
+@dataclasses.dataclass
+class ExitTerm:
+    """One exit's part of the loss: its hidden state and the weights of its mean cross-entropy against the labels
+    and of its mean KL(teacher || exit) over the labelled positions."""
 
-    The logits go through LinearCrossEntropy chunk by chunk (`chunk_rows`; 0: one chunk), so no float32
-    [positions, vocabulary] tensor outlives its chunk: with a 49k-token vocabulary those logits are
-    larger than a small model.
+    hidden: torch.Tensor
+    ce_weight: float
+    kl_weight: float = 0.0
+
+
+def exit_losses(head: Head, exits: list[ExitTerm], labels: torch.Tensor, *, chunk_rows: int = 0,
+                teacher: tuple[Head, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weighted sum of every exit's losses, and detached [exits, 2]: each exit's mean cross-entropy and mean
+    KL (NaN without a teacher), all through one shared head.
+
+    The logits go through ExitLosses chunk by chunk (`chunk_rows`; 0: one chunk), so no float32 [positions,
+    vocabulary] tensor outlives its chunk (with a 49k-token vocabulary those logits are larger than a small
+    model), and the teacher's distribution of a chunk is computed once for all exits.
     """
     labels = labels.flatten()
-    x = head.norm(hidden).flatten(0, -2)
+    xs = [head.norm(term.hidden).flatten(0, -2) for term in exits]
     teacher_x = teacher_weight = None
-    if teacher is not None:
+    if teacher is not None and any(term.kl_weight for term in exits):
         with torch.no_grad():
             teacher_x = teacher[0].norm(teacher[1]).flatten(0, -2)
         teacher_weight = teacher[0].weight
-    sums = LinearCrossEntropy.apply(x, head.weight, labels, chunk_rows or x.shape[0], teacher_x, teacher_weight,
-                                    torch.is_grad_enabled())
+    weights = [(term.ce_weight, term.kl_weight if teacher_x is not None else 0.0) for term in exits]
+    loss, sums = ExitLosses.apply(head.weight, labels, chunk_rows or labels.shape[0], teacher_x, teacher_weight,
+                                  weights, torch.is_grad_enabled(), *xs)
     means = sums / (labels != IGNORE_INDEX).sum().clamp(min=1)
-    return means[0], (means[1] if teacher is not None else None)
+    if teacher_x is None:
+        means[:, 1] = float("nan")
+    return loss, means
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """[sum of CE(x W^T, labels)] or [that, sum of KL(p_teacher || softmax(x W^T))] over labelled rows.
+class ExitLosses(torch.autograd.Function):
+    """sum_i (w_ce_i CE_i + w_kl_i KL_i) over exits i, with CE_i = mean CE(x_i W^T, labels) and KL_i = mean
+    KL(p_teacher || softmax(x_i W^T)) over labelled rows; also the per-exit sums, as metrics (no gradient).
 
-    Rows are processed in chunks, and since these sums end the graph, each chunk's gradients with respect
-    to x and W are formed right away (d CE / d logits = softmax - onehot, d KL / d logits = softmax -
-    p_teacher) and the chunk's logits dropped: memory stays at one chunk's logits, and unlike activation
-    checkpointing nothing is recomputed in backward. The price: a trainable W's gradient, [vocabulary,
-    hidden] in float32 per loss, is held from forward to backward.
+    Rows are processed in chunks, and since the loss ends the graph, each chunk's gradients with respect to
+    every x_i and W are formed right away, from d loss / d logits_i = (w_ce_i + w_kl_i) softmax - w_ce_i onehot
+    - w_kl_i p_teacher (over the labelled count), in one matmul per exit; the chunk's logits are then dropped.
+    Memory stays at one chunk's logits per exit and the teacher's, and unlike activation checkpointing nothing is
+    recomputed in backward. The price: a trainable W's gradient, [vocabulary, hidden] in float32, is held from
+    forward to backward.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_rows: int,
-                teacher_x: torch.Tensor | None, teacher_weight: torch.Tensor | None, with_grads: bool) -> torch.Tensor:
-        count = 1 if teacher_x is None else 2
-        want_x, want_w = with_grads and ctx.needs_input_grad[0], with_grads and ctx.needs_input_grad[1]
-        ctx.count, ctx.want_x, ctx.want_w, ctx.dtypes = count, want_x, want_w, (x.dtype, weight.dtype)
-        sums = torch.zeros(count, dtype=torch.float32, device=x.device)
-        grad_x = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for _ in range(count)] if want_x else []
-        grad_w = [torch.zeros(weight.shape, dtype=torch.float32, device=x.device) for _ in range(count)] if want_w else []
-        # Cast the head once, not at every matmul: autocast caches casts of trainable weights only.
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else weight.dtype
+    def forward(ctx: Any, weight: torch.Tensor, labels: torch.Tensor, chunk_rows: int, teacher_x: torch.Tensor | None,
+                teacher_weight: torch.Tensor | None, weights: list[tuple[float, float]], with_grads: bool,
+                *xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device = weight.device
+        want_w = with_grads and ctx.needs_input_grad[0]
+        want_x = [with_grads and needed for needed in ctx.needs_input_grad[7:]]
+        ctx.want_w, ctx.want_x, ctx.dtypes = want_w, want_x, (weight.dtype, [x.dtype for x in xs])
+        count = (labels != IGNORE_INDEX).sum().clamp(min=1).item()
+        sums = torch.zeros(len(xs), 2, dtype=torch.float32, device=device)
+        grad_x = [torch.zeros(x.shape, dtype=torch.float32, device=device) if want else None
+                  for x, want in zip(xs, want_x)]
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if want_w else None
+        # Cast the heads once, not at every matmul: autocast caches casts of trainable weights only.
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
         weight = weight.to(dtype)
         teacher_weight = None if teacher_weight is None else teacher_weight.to(dtype)
-        for start in range(0, x.shape[0], chunk_rows):
+        for start in range(0, labels.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            chunk, labelled = x[rows].to(dtype), labels[rows] != IGNORE_INDEX
+            labelled = labels[rows] != IGNORE_INDEX
             target = labels[rows].clamp(min=0)[:, None]
-            accumulate = functools.partial(_accumulate, rows=rows, chunk=chunk, labelled=labelled, weight=weight,
-                                           grad_x=grad_x, grad_w=grad_w)
-            log_probs = F.log_softmax(F.linear(chunk, weight).float(), dim=-1)
-            sums[0] -= (log_probs.gather(1, target).squeeze(1) * labelled).sum()
-            probs = log_probs.exp()
+            teacher_probs = teacher_log_probs = None
             if teacher_x is not None:
                 teacher_log_probs = F.log_softmax(F.linear(teacher_x[rows].to(dtype), teacher_weight).float(), dim=-1)
                 teacher_probs = teacher_log_probs.exp()
-                sums[1] += ((teacher_probs * (teacher_log_probs - log_probs)).sum(-1) * labelled).sum()
-                accumulate(1, probs - teacher_probs)  # before the cross-entropy's gradient overwrites probs
-            accumulate(0, probs.scatter_add_(1, target, torch.full(target.shape, -1.0, device=x.device)))
-        ctx.save_for_backward(*grad_x, *grad_w)
-        return sums
+            for index, (x, (ce_weight, kl_weight)) in enumerate(zip(xs, weights)):
+                chunk = x[rows].to(dtype)
+                log_probs = F.log_softmax(F.linear(chunk, weight).float(), dim=-1)
+                sums[index, 0] -= (log_probs.gather(1, target).squeeze(1) * labelled).sum()
+                if teacher_log_probs is not None:
+                    sums[index, 1] += ((teacher_probs * (teacher_log_probs - log_probs)).sum(-1) * labelled).sum()
+                if grad_x[index] is None and grad_w is None:
+                    continue
+                grad_logits = log_probs.exp_().mul_((ce_weight + kl_weight) / count)
+                grad_logits.scatter_add_(1, target, torch.full(target.shape, -ce_weight / count, device=device))
+                if kl_weight and teacher_probs is not None:
+                    grad_logits.sub_(teacher_probs, alpha=kl_weight / count)
+                if not labelled.all():
+                    grad_logits.mul_(labelled[:, None])
+                grad_logits = grad_logits.to(dtype)
+                if grad_x[index] is not None:
+                    grad_x[index][rows] = grad_logits @ weight
+                if grad_w is not None:
+                    grad_w += grad_logits.t() @ chunk
+        loss = (torch.tensor(weights, dtype=torch.float32, device=device) * sums).sum()
+        ctx.save_for_backward(grad_w, *grad_x)
+        ctx.mark_non_differentiable(sums)
+        return loss / count, sums
 
     @staticmethod
-    def backward(ctx: Any, grad_sums: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        def combine(per_loss: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
-            return sum(g * grad for g, grad in zip(grad_sums, per_loss, strict=True)).to(dtype)
-
-        saved = ctx.saved_tensors
-        grad_x = combine(saved[:ctx.count], ctx.dtypes[0]) if ctx.want_x else None
-        grad_w = combine(saved[-ctx.count:], ctx.dtypes[1]) if ctx.want_w else None
-        return grad_x, grad_w, None, None, None, None, None
-
-
-def _accumulate(index: int, grad_logits: torch.Tensor, *, rows: slice, chunk: torch.Tensor, labelled: torch.Tensor,
-                weight: torch.Tensor, grad_x: list[torch.Tensor], grad_w: list[torch.Tensor]) -> None:
-    """Add one chunk's d loss / d logits, pushed through logits = chunk W^T, to loss `index`'s gradients."""
-    if not labelled.all():
-        grad_logits = grad_logits * labelled[:, None]
-    grad_logits = grad_logits.to(chunk.dtype)
-    if grad_x:
-        grad_x[index][rows] = grad_logits @ weight
-    if grad_w:
-        grad_w[index] += grad_logits.t() @ chunk
+    def backward(ctx: Any, grad_loss: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_w, *grad_x = ctx.saved_tensors
+        weight_dtype, x_dtypes = ctx.dtypes
+        return (None if grad_w is None else (grad_loss * grad_w).to(weight_dtype), None, None, None, None, None, None,
+                *(None if g is None else (grad_loss * g).to(dtype) for g, dtype in zip(grad_x, x_dtypes)))

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from layerskip.model import Transformer
-from layerskip.training.early_exit_loss import Head, head_losses
+from layerskip.training.early_exit_loss import ExitTerm, Head, exit_losses
 from layerskip.training.lora import lora_disabled
 
 
@@ -61,27 +61,25 @@ class TrainingModel(nn.Module):
         teacher_hidden = self.teacher.final_hidden(input_ids) if use_teacher else None
         hidden = model.embed(input_ids)
         cos, sin = model.rope(0, input_ids.shape[1], hidden.dtype)
-        loss = hidden.new_zeros((), dtype=torch.float32)
-        metrics = torch.full((num_layers + 1,), float("nan"), device=hidden.device)
+        exits: list[ExitTerm] = []
+        indices: list[int] = []
         for index in range(num_layers):
             hidden = self._run_layer(index, hidden, cos, sin, keep[index], must_run is not None and must_run[index])
             weight = exit_weights[index]
-            if weight <= 0:
-                continue
-            last = index == num_layers - 1
-            # The original final layer's distribution is the target of the last exit's KL (protecting plain
-            # decoding) and, with exit_distill, of the early exits (what verification will ask of their drafts).
-            distill = self.distill_weight if last else self.exit_distill
-            teacher = (Head.of(self.teacher.model), teacher_hidden) if distill > 0 and teacher_hidden is not None else None
-            ce, kl = head_losses(Head.of(model), hidden, labels, chunk_rows=self.loss_chunk_rows, teacher=teacher)
-            metrics[index] = ce.detach()
-            if kl is None:
-                loss = loss + weight * ce
-            elif last:
-                loss = loss + weight * ce + self.distill_weight * kl
-                metrics[-1] = kl.detach()
-            else:
-                loss = loss + weight * ((1 - self.exit_distill) * ce + self.exit_distill * kl)
+            if weight > 0:
+                # The original final layer's distribution is the target of the last exit's KL (protecting plain
+                # decoding) and, with exit_distill, of the early exits (what verification will ask of their drafts).
+                if index == num_layers - 1:
+                    exits.append(ExitTerm(hidden, weight, self.distill_weight))
+                else:
+                    exits.append(ExitTerm(hidden, weight * (1 - self.exit_distill), weight * self.exit_distill))
+                indices.append(index)
+        teacher = (Head.of(self.teacher.model), teacher_hidden) if teacher_hidden is not None else None
+        loss, means = exit_losses(Head.of(model), exits, labels, chunk_rows=self.loss_chunk_rows, teacher=teacher)
+        metrics = torch.full((num_layers + 1,), float("nan"), device=hidden.device)
+        metrics[indices] = means[:, 0]
+        if indices and indices[-1] == num_layers - 1:
+            metrics[-1] = means[-1, 1]
         return loss, metrics
 
     def _run_layer(self, index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
