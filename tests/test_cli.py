@@ -49,7 +49,7 @@ BAD_INPUTS = [
     (["--exit_layer", "30", "--generation_strategy", "self_speculative"], "outside [1, 29]"),
     (["--exit_layer", "0", "--generation_strategy", "self_speculative"], "outside [1, 29]"),
     (["--exit_layer", "31", "--generation_strategy", "autoregressive"], "outside [1, 30]"),
-    (["--draft_vocab_size", "100000"], "--draft_vocab_size 100000 is outside"),
+    (["--draft_vocab_size", "100000", "--generation_strategy", "self_speculative"], "--draft_vocab_size 100000 is outside"),
     (["--num_speculations", "0", "--generation_strategy", "self_speculative", "--exit_layer", "4"],
      "--num_speculations must be at least 1"),
     (["--prompt", "   "], "the prompt is empty"),

@@ -244,16 +244,22 @@ def test_default_self_speculative_greedy_is_token_identical(default_model, refer
         assert recorder.cut_rounds > 0
 
 
-def test_default_model_stored_settings_keep_greedy_output(default_model, references):
-    """What a plain `generate` runs on the embedded default: its stored strategy, exit, drafts, slice, confidence."""
-    stored = default_model.defaults
-    drafted = 0
+def test_stored_settings_with_a_draft_slice_and_confidence_keep_greedy_output(default_model, references):
+    """What a plain `generate` runs on a LayerSkip model that stores self-speculative settings (strategy, exit,
+    drafts per round, a slice of frequent tokens for drafts, a confidence stop)."""
+    ranked = list(range(8192))  # any ranking serves exactness: the slice only changes what drafts can propose
+    stored = {"generation_strategy": "self_speculative", "exit_layer": 24, "num_speculations": 4,
+              "draft_vocab_size": 8192, "draft_confidence": 0.3, "draft_vocab": ranked}
+    default_model.model.set_draft_vocab(ranked)
+    loaded = dataclasses.replace(default_model, defaults=stored)
+    drafted = rounds = 0
     for case in cases_for(0) + cases_for(3):
-        result = run_case(default_model, case, generation_strategy=None)
+        result = run_case(loaded, case, generation_strategy=None)
         assert result.token_ids == references[case].token_ids, case.prompt
-        assert result.settings["generation_strategy"] == stored["generation_strategy"]
-        drafted += result.stats.drafted_tokens
-    assert (drafted > 0) == (stored["generation_strategy"] == "self_speculative")
+        assert result.settings == {key: stored[key] for key in ("generation_strategy", "exit_layer", "num_speculations",
+                                                                "draft_vocab_size", "draft_confidence")}
+        drafted, rounds = drafted + result.stats.drafted_tokens, rounds + result.stats.rounds
+    assert 0 < drafted < 4 * rounds  # the confidence stop ended some rounds before k drafts
 
 
 def test_stop_word_spanning_two_tokens_cuts_text_before_it(default_model):

@@ -235,16 +235,30 @@ def test_bfloat16_loads_and_decodes(tiny_checkpoint):
 
 
 def test_embedded_default_is_converted_once_with_tokenizer_and_chat_template(default_model):
-    from layerskip.loading.default_model import SHIPPED_ADAPTER
-
     folder = resolve_model_folder("smollm2-135m")
     assert folder == default_model.folder
-    # The default is the original model with the shipped LayerSkip adapter merged, and its stored settings.
-    assert resolve_model_folder(None) == default_model.adapter == SHIPPED_ADAPTER
-    assert default_model.defaults["generation_strategy"] in ("self_speculative", "autoregressive")
-    assert len(default_model.defaults["draft_vocab"]) >= default_model.defaults["draft_vocab_size"]
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
     assert default_model.tokenizer.has_chat_template
     assert default_model.eos_token_ids == [2]
     ids = default_model.tokenizer.encode_chat([{"role": "user", "content": "hi"}])
     assert default_model.tokenizer.hf.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_a_shipped_layerskip_adapter_becomes_the_default(tiny_checkpoint, tmp_path, monkeypatch):
+    from layerskip.loading import default_model as embedded
+    from layerskip.training.lora import save_adapter
+
+    monkeypatch.setattr(embedded, "SHIPPED_ADAPTER", tmp_path / "adapters" / "smollm2-135m-layerskip")
+    with pytest.raises(LayerSkipError, match="ships no LayerSkip adapter for smollm2-135m yet"):
+        layerskip.load("smollm2-135m-layerskip")
+    folder, _ = tiny_checkpoint()
+    lora = {"layers.0.self_attn.q_proj.lora_A.weight": torch.full((2, 64), 0.1),
+            "layers.0.self_attn.q_proj.lora_B.weight": torch.full((64, 2), 0.2)}
+    save_adapter(embedded.SHIPPED_ADAPTER, lora, rank=2, alpha=4, dropout=0.0, targets=["q_proj"], base_model=str(folder))
+    (embedded.SHIPPED_ADAPTER / "layerskip.json").write_text(json.dumps({"exit_layer": 2, "num_speculations": 3}))
+    loaded = layerskip.load()
+    assert (loaded.name, loaded.adapter, loaded.folder) == ("smollm2-135m-layerskip", embedded.SHIPPED_ADAPTER, folder)
+    assert loaded.defaults["exit_layer"] == 2
+    base = layerskip.load(str(folder)).model.layers[0].self_attn.q_proj.weight
+    merged = loaded.model.layers[0].self_attn.q_proj.weight
+    assert torch.allclose(merged - base, torch.full((64, 64), 2 * 2 * 0.1 * 0.2), atol=1e-6)  # alpha/r * B @ A

@@ -36,7 +36,7 @@ from layerskip.errors import LayerSkipError
 from layerskip.jsonl import read_objects
 from layerskip.generation import GenerationConfig, GenerationStats
 from layerskip.loading import LoadedModel, load
-from layerskip.loading.default_model import DEFAULT_MODEL
+from layerskip.loading.default_model import default_model_name
 from layerskip.model import Transformer
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".js", ".ts", ".java", ".go", ".rs", ".jsonl")
@@ -489,7 +489,7 @@ def run_exit_analysis(models: Sequence[str | None], data_paths: Sequence[str], o
             raise LayerSkipError(f"{flag} must be at least {least}, got {value}")
     documents = read_documents(data_paths, text_field)
     reports = []
-    for spec, label in zip(models, model_labels([spec or DEFAULT_MODEL for spec in models])):
+    for spec, label in zip(models, model_labels([spec or default_model_name() for spec in models])):
         loaded = load(spec, dtype=dtype, device=device)
         chunks = make_chunks(loaded, documents, seq_len=seq_len, num_samples=num_samples, seed=seed)
         reports.append(analyze_exits(loaded, chunks, gen_tokens=gen_tokens, num_speculations=num_speculations,

@@ -32,7 +32,7 @@ from layerskip.api import generate_with_config
 from layerskip.errors import LayerSkipError
 from layerskip.generation import GenerationConfig, GenerationStats
 from layerskip.loading import load
-from layerskip.loading.default_model import DEFAULT_MODEL
+from layerskip.loading.default_model import default_model_name
 from layerskip.model import KVCache, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class LayerSkipLM(TemplateLM):
         self.score_depth = settings.exit_layer if early_exit else layers  # layers behind every log-likelihood
         self._max_length = int(max_length or self.loaded.config.max_position_embeddings)
         self.max_gen_toks = int(max_gen_toks)
-        self.arguments = {"pretrained": pretrained or DEFAULT_MODEL, "dtype": dtype, "device": device,
+        self.arguments = {"pretrained": pretrained or default_model_name(), "dtype": dtype, "device": device,
                           "generation_strategy": settings.generation_strategy, "exit_layer": settings.exit_layer,
                           "num_speculations": settings.num_speculations, "seed": settings.seed, "batch_size": batch_size}
         self.speed: dict[str, GenerationStats] = defaultdict(GenerationStats)

@@ -13,7 +13,8 @@ import torch
 
 from layerskip.errors import LayerSkipError
 from layerskip.loading.adapter import adapter_base_model, is_adapter_folder, merge_lora
-from layerskip.loading.default_model import BASE_MODEL_ALIASES, DEFAULT_MODEL, base_model_folder, default_model_folder
+from layerskip.loading.default_model import (BASE_MODEL_ALIASES, LAYERSKIP_MODEL, base_model_folder,
+                                             default_model_folder, default_model_name, layerskip_model_folder)
 from layerskip.loading.hf_folder import (build_model, eos_token_ids, generation_defaults, load_state_dict,
                                          read_config)
 from layerskip.loading.hub import looks_like_hub_id, resolve_hub_id
@@ -51,8 +52,10 @@ class LoadedModel:
 
 def resolve_model_folder(spec: str | None) -> Path:
     """The HF checkpoint folder behind a model spec (converting a GGUF file on first use)."""
-    if spec is None or spec == DEFAULT_MODEL:
+    if spec is None:
         return default_model_folder()
+    if spec == LAYERSKIP_MODEL:
+        return layerskip_model_folder()
     if spec in BASE_MODEL_ALIASES:
         return base_model_folder()
     path = Path(spec).expanduser()
@@ -71,7 +74,7 @@ def resolve_model_folder(spec: str | None) -> Path:
     if looks_like_hub_id(spec) and not spec.startswith((".", "/", "~")):
         return resolve_hub_id(spec)
     raise LayerSkipError(f"unknown model '{spec}': no such file or folder, and not a hub id (org/name); "
-                         f"omit --model for the embedded default '{DEFAULT_MODEL}'")
+                         f"omit --model for the embedded default '{default_model_name()}'")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -118,7 +121,7 @@ def load(model: str | None = None, *, dtype: str | None = None, device: str = "a
     except ValueError as error:
         raise LayerSkipError(f"the stored decoding defaults of {adapter or folder} are broken: {error}") from None
     return LoadedModel(model=network, tokenizer=tokenizer, eos_token_ids=eos_ids, defaults=defaults,
-                       name=model or DEFAULT_MODEL, folder=folder, adapter=adapter)
+                       name=model or default_model_name(), folder=folder, adapter=adapter)
 
 
 __all__ = ["DTYPES", "LoadedModel", "load", "resolve_model_folder"]

