@@ -83,7 +83,9 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_ch
                      setup_distributed("cpu"))
         single.train()
         for name, parameter in single.module.named_parameters():
-            assert torch.allclose(parameter.detach(), ranks[0][name], atol=2e-5), name
+            # One process keeps LoRA's frozen weights in bfloat16 (under bf16 autocast: the same numbers).
+            reference = ranks[0][name].to(parameter.dtype)
+            assert torch.allclose(parameter.detach().float(), reference.float(), atol=2e-5), name
         assert losses(tmp_path / "ddp" / variant / "metrics.csv") == pytest.approx(
             losses(tmp_path / "single" / variant / "metrics.csv"), rel=1e-5)
     # The checkpoint written from the sharded model holds the gathered weights, and loads for generation.

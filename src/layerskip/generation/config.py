@@ -84,8 +84,9 @@ class GenerationConfig:
     def strategy(self) -> Strategy:
         """The decoding strategy for a resolved config."""
         if self.generation_strategy == "self_speculative":
-            return SelfSpeculative(self.exit_layer, self.num_speculations, draft_vocab_size=self.draft_vocab_size,
-                                   draft_confidence=self.draft_confidence)
+            # Unresolved draft settings (-1, "the model's stored value") fall back to the full head, always k drafts.
+            return SelfSpeculative(self.exit_layer, self.num_speculations, draft_vocab_size=max(0, self.draft_vocab_size),
+                                   draft_confidence=max(0.0, self.draft_confidence))
         return Autoregressive(None if self.exit_layer == -1 else self.exit_layer)
 
     def sampler(self, device: torch.device) -> Sampler:
