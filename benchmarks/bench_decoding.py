@@ -38,14 +38,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default=None)
     parser.add_argument("--max_steps", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--configs", default="8:2,15:3,22:4,26:6", help="exit_layer:num_speculations, comma-separated")
+    parser.add_argument("--configs", default="8:2,15:3,22:4,26:6",
+                        help="exit_layer:num_speculations[:draft_vocab_size], comma-separated (a draft vocabulary "
+                             "needs a model that stores one)")
     parser.add_argument("--output_dir", default="logs/bench_decoding")
     parser.add_argument("--no_hf", action="store_true", help="skip the transformers baseline")
     return parser.parse_args()
 
 
 @torch.inference_mode()
-def measure_step_costs(model, exit_layer: int, speculations: int, context: int = 64,
+def measure_step_costs(model, exit_layer: int, speculations: int, vocab_size: int = 0, context: int = 64,
                        repeats: int = 15) -> tuple[float, float]:
     """(c_d, c_v): a draft step and a k-draft verification, in units of one full decoding step.
 
@@ -58,7 +60,8 @@ def measure_step_costs(model, exit_layer: int, speculations: int, context: int =
     layers = model.num_layers
     passes = {
         "full": lambda: model.head(model.forward_layers(one, 0, layers, context, cache)),
-        "draft": lambda: model.head(model.forward_layers(one, 0, exit_layer, context, cache)),
+        "draft": lambda: (model.draft_head(model.forward_layers(one, 0, exit_layer, context, cache), vocab_size)
+                          if vocab_size else model.head(model.forward_layers(one, 0, exit_layer, context, cache))),
         "verify": lambda: (model.forward_layers(one, 0, exit_layer, context, cache),
                            model.head(model.forward_layers(many, exit_layer, layers, context, cache))),
     }
@@ -84,9 +87,9 @@ def main() -> None:
             done[(record["engine"], record["prompt"], record["repeat"])] = record
 
     loaded = layerskip.load(args.model)
-    configs = [tuple(int(x) for x in item.split(":")) for item in args.configs.split(",")]
+    configs = [parse_config(item) for item in args.configs.split(",")]
     engines = (["hf_transformers"] if not args.no_hf else []) + ["layerskip_autoregressive"] + [
-        f"layerskip_self_speculative_E{e}_k{k}" for e, k in configs]
+        f"layerskip_self_speculative_E{e}_k{k}" + (f"_v{v}" if v else "") for e, k, v in configs]
     prompt_ids = [layerskip.encode_prompt(loaded, text) for _, text in PROMPTS]
 
     hf_model = None
@@ -107,8 +110,9 @@ def main() -> None:
                     "token_ids": output[0, len(ids):].tolist()}
         options = dict(sample=False, max_steps=args.max_steps, ignore_eos=True)
         if "self_speculative" in engine:
-            e, k = engine.rsplit("_E", 1)[1].split("_k")
-            options.update(generation_strategy="self_speculative", exit_layer=int(e), num_speculations=int(k))
+            e, k, v = parse_engine(engine)
+            options.update(generation_strategy="self_speculative", exit_layer=e, num_speculations=k,
+                           draft_vocab_size=v, draft_confidence=0)
         result = layerskip.generate(loaded, prompt_ids=ids, **options)
         stats = result.stats
         return {"new_tokens": stats.new_tokens, "seconds": stats.seconds, "acceptance_rate": stats.acceptance_rate,
@@ -128,11 +132,24 @@ def main() -> None:
             done[(engine, prompt, repeat)] = record
 
     with torch.inference_mode():
-        costs = {(e, k): measure_step_costs(loaded.model, e, k) for e, k in configs}
+        costs = {config: measure_step_costs(loaded.model, *config) for config in configs}
     rows = summarize(engines, done, costs)
     lines = render(rows, args)
     print("\n".join(lines))
     (out / "table.md").write_text("\n".join(lines) + "\n")
+
+
+def parse_config(item: str) -> tuple[int, int, int]:
+    """'E:k' or 'E:k:v' -> (exit_layer, num_speculations, draft_vocab_size; 0: the full head)."""
+    numbers = [int(part) for part in item.split(":")]
+    return numbers[0], numbers[1], numbers[2] if len(numbers) > 2 else 0
+
+
+def parse_engine(engine: str) -> tuple[int, int, int]:
+    """(exit_layer, num_speculations, draft_vocab_size) of a self-speculative engine's name."""
+    e, rest = engine.rsplit("_E", 1)[1].split("_k")
+    k, _, v = rest.partition("_v")
+    return int(e), int(k), int(v or 0)
 
 
 def summarize(engines: list[str], done: dict, costs: dict) -> list[dict]:
@@ -148,10 +165,9 @@ def summarize(engines: list[str], done: dict, costs: dict) -> list[dict]:
         if engine == "layerskip_autoregressive":
             reference = {(r["prompt"], r["repeat"]): r["token_ids"] for r in records}
         if "_E" in engine:
-            e, k = (int(x) for x in engine.rsplit("_E", 1)[1].split("_k"))
             rounds = sum(r["rounds"] for r in records)
             row["tokens_per_round"] = tokens / rounds
-            row["c_draft"], row["c_verify"] = costs[(e, k)]
+            row["c_draft"], row["c_verify"] = costs[parse_engine(engine)]
             row["predicted"] = row["tokens_per_round"] / (drafted / rounds * row["c_draft"] + row["c_verify"])
             row["identical"] = all(r["token_ids"] == reference.get((r["prompt"], r["repeat"])) for r in records)
         rows.append(row)
