@@ -44,7 +44,7 @@ def unescape(text: str) -> str:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="checkpoint folder, adapter folder, .gguf file or hub id (default: the embedded "
-                             "smollm2-135m-layerskip; smollm2-135m is the original model)")
+                             "smollm2-135m, or smollm2-135m-layerskip once the package ships its adapter)")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default) or float16")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
@@ -58,7 +58,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser, *, grid: bool = Fa
     else:
         group.add_argument("--generation_strategy", default=None,
                            help="autoregressive or self_speculative (default: the model's stored default, else "
-                                "autoregressive; the embedded default model stores self_speculative)")
+                                "autoregressive)")
         group.add_argument("--exit_layer", type=int, default=-1,
                            help="layers used by the draft (self_speculative) or by early-exit inference (autoregressive)")
         group.add_argument("--num_speculations", type=int, default=-1, help="draft tokens per self-speculative round")

@@ -272,8 +272,9 @@ class Transformer(nn.Module):
         can then never propose a token outside the slice, but verification scores the full vocabulary, so
         outputs are unchanged (greedy) or identically distributed (sampling: q is zero outside the slice).
         """
-        if self.draft_vocab is None or not 0 < vocab_size <= len(self.draft_vocab):
-            raise ValueError(f"draft vocabulary size {vocab_size} is not in [1, {len(self.draft_vocab or [])}]")
+        stored = 0 if self.draft_vocab is None else len(self.draft_vocab)
+        if not 0 < vocab_size <= stored:
+            raise ValueError(f"draft vocabulary size {vocab_size} is not in [1, {stored}]")
         sliced = self._draft_heads.get(vocab_size)
         if sliced is None:
             ids = self.draft_vocab[:vocab_size].to(self.lm_head.weight.device)

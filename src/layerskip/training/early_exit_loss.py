@@ -111,7 +111,7 @@ class ExitLosses(torch.autograd.Function):
         device = weight.device
         want_w = with_grads and ctx.needs_input_grad[0]
         want_x = [with_grads and needed for needed in ctx.needs_input_grad[7:]]
-        ctx.want_w, ctx.want_x, ctx.dtypes = want_w, want_x, (weight.dtype, [x.dtype for x in xs])
+        ctx.dtypes = (weight.dtype, [x.dtype for x in xs])
         count = (labels != IGNORE_INDEX).sum().clamp(min=1).item()
         sums = torch.zeros(len(xs), 2, dtype=torch.float32, device=device)
         grad_x = [torch.zeros(x.shape, dtype=torch.float32, device=device) if want else None
