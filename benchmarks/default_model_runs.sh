@@ -13,12 +13,16 @@ HELD_OUT_TEXT="src/layerskip /usr/share/doc/python3.11/html/_sources/howto /usr/
 layerskip train --config recipes/smollm2_135m_layerskip.yaml "$@"
 checkpoint=$(ls -d "$RUN"/checkpoints/step_* | tail -n 1)
 mkdir -p "$CANDIDATE"
-cp "$checkpoint"/adapter_config.json "$checkpoint"/adapter_model.safetensors "$checkpoint"/layerskip.json "$CANDIDATE"/
+cp "$checkpoint"/adapter_config.json "$checkpoint"/layerskip.json "$CANDIDATE"/
+# The checkpoint keeps float32 (exact resume); the candidate is stored in bfloat16, half the size, as it ships.
+python -c 'import sys, torch; from safetensors.torch import load_file, save_file
+save_file({k: v.to(torch.bfloat16) for k, v in load_file(sys.argv[1]).items()}, sys.argv[2], metadata={"format": "pt"})' \
+    "$checkpoint"/adapter_model.safetensors "$CANDIDATE"/adapter_model.safetensors
 
 # 2. The decoding settings stored with the model: a sweep on HumanEval chat prompts (not the held-out set below).
 #    Self-speculative becomes the stored strategy only if its best point beats autoregressive decoding.
 layerskip sweep --model "$CANDIDATE" --dataset human_eval --num_samples 6 --chat --sample false --max_steps 64 \
-    --exit_layers 6,10 --num_speculations 2,4,6 --draft_vocab_size 16384 --draft_confidence 0 \
+    --exit_layers 8 --num_speculations 2,4,6 --draft_confidence 0,0.5,0.8 --draft_vocab_size 16384 \
     --output_dir logs/sweep_default --save_defaults "$CANDIDATE"
 
 # 3. Per-layer exits before (dashed) and after training, and the final layer's perplexity, on held-out text:

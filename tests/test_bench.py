@@ -13,7 +13,7 @@ import layerskip
 from layerskip.bench.engines import HFEngine, LayerSkipEngine
 from layerskip.bench.runner import passes_tests, run_benchmark, run_benchmarks
 from layerskip.eval.records import read_records
-from layerskip.bench.sweep import parse_grid, run_sweep
+from layerskip.bench.sweep import parse_float_list, parse_grid, run_sweep
 from layerskip.cli import main
 from layerskip.eval.datasets import Sample, load_samples
 from layerskip.generation import GenerationConfig
@@ -93,16 +93,25 @@ def test_sweep_writes_csv_rows_and_heatmap_and_resumes(default_model, tmp_path):
     assert len(rows) == 5
     run_sweep(default_model, SAMPLES[:2], GREEDY, [20, 26], [1, 2], tmp_path, make_engine=make_engine, arguments={})
     assert len(made) == 5 and len(list(csv.DictReader((tmp_path / "sweep.csv").open()))) == 5
+    # draft confidence as a third axis: only the new points run, each under its own name
+    run_sweep(default_model, SAMPLES[:2], GREEDY, [20], [2], tmp_path, make_engine=make_engine, arguments={},
+              confidences=[0.0, 0.9])
+    assert [config.draft_confidence for config in made[5:]] == [0.9]
+    table = list(csv.DictReader((tmp_path / "sweep.csv").open()))
+    assert [(r["exit_layer"], r["num_speculations"], float(r["draft_confidence"])) for r in table[-2:]] == \
+        [("26", "2", 0.0), ("20", "2", 0.9)]
+    assert (tmp_path / "points" / "E20_k2_c0.9").is_dir()
 
 
 def test_sweep_best_point_is_stored_as_the_model_defaults(tmp_path):
     from layerskip.bench.sweep import best_point, save_defaults
 
     rows = [{"exit_layer": 30, "num_speculations": 0, "speedup_vs_autoregressive": 1.0, "acceptance_rate": ""},
-            {"exit_layer": 6, "num_speculations": 4, "speedup_vs_autoregressive": 1.31, "acceptance_rate": 0.6},
+            {"exit_layer": 6, "num_speculations": 4, "speedup_vs_autoregressive": 1.31, "acceptance_rate": 0.6,
+             "draft_confidence": "0.3"},
             {"exit_layer": 10, "num_speculations": 2, "speedup_vs_autoregressive": 1.12, "acceptance_rate": 0.7}]
     (tmp_path / "layerskip.json").write_text(json.dumps({"draft_vocab": [5, 3, 9]}))
-    base = dataclasses.replace(GREEDY, draft_vocab_size=2, draft_confidence=0.3)
+    base = dataclasses.replace(GREEDY, draft_vocab_size=2, draft_confidence=0.0)  # the row's confidence is stored
     stored = save_defaults(tmp_path, best_point(rows), base, "custom_jsonl")
     assert json.loads((tmp_path / "layerskip.json").read_text()) == stored
     assert stored == {"draft_vocab": [5, 3, 9], "generation_strategy": "self_speculative", "exit_layer": 6,
@@ -116,6 +125,9 @@ def test_parse_grid():
     assert parse_grid("2:8:2", "--x") == [2, 4, 6, 8] and parse_grid("4,8,12", "--x") == [4, 8, 12]
     with pytest.raises(layerskip.LayerSkipError, match="--x takes a list"):
         parse_grid("a:b", "--x")
+    assert parse_float_list("0,0.5", "--c") == [0.0, 0.5]
+    with pytest.raises(layerskip.LayerSkipError, match="--c takes a list of numbers"):
+        parse_float_list("0,high", "--c")
 
 
 def test_hf_engine_matches_ours_on_a_tiny_model(tiny_checkpoint):

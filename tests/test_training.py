@@ -124,7 +124,8 @@ def test_chunked_exit_losses_equal_plain_autograd(autocast):
             kl = (kl.sum(-1) * mask).sum() / mask.sum()
             ce = torch.nn.functional.cross_entropy(logits, labels.flatten(), ignore_index=-100)
             total = total + ce_weight * ce + kl_weight * kl
-            metrics.append([ce.item(), kl.item()])
+            agreement = ((logits.argmax(-1) == target.argmax(-1)) & mask).sum() / mask.sum()
+            metrics.append([ce.item(), kl.item(), agreement.item()])
         return total, torch.tensor(metrics)
 
     def chunked(rows):
@@ -148,7 +149,7 @@ def test_chunked_exit_losses_equal_plain_autograd(autocast):
         for got, expected in zip(other[2:], results[0][2:], strict=True):
             assert torch.allclose(got, expected, rtol=tolerance, atol=tolerance)
     without_teacher = exit_losses(Head(norm, weight), [ExitTerm(hiddens[0], 1.0)], labels)[1]
-    assert without_teacher[0, 1].isnan() and without_teacher[0, 0].item() == pytest.approx(results[0][1][0, 0].item(), rel=tolerance)
+    assert without_teacher[0, 1:].isnan().all() and without_teacher[0, 0].item() == pytest.approx(results[0][1][0, 0].item(), rel=tolerance)
 
 
 # ---- curricula --------------------------------------------------------------------------------------------
@@ -501,6 +502,9 @@ def test_distilled_exit_loss_is_the_kl_to_the_original_final_layer(tiny_checkpoi
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert metrics[1].item() == pytest.approx(ce(exit_2).item(), rel=1e-5)
     assert metrics[-1].item() == pytest.approx(kl(final).item(), rel=1e-4)
+    agreement = (exit_2.argmax(-1) == target.argmax(-1)).float().mean()
+    assert metrics[4 + 1].item() == pytest.approx(agreement.item())  # exit 2's agreement: after the 4 CEs
+    assert metrics[4:].isnan().tolist() == [True, False, True, False, False]  # agreements of exits 2 and 4, KL
 
 
 def test_frozen_weights_stored_in_bfloat16_give_the_autocast_numbers(tiny_checkpoint):

@@ -50,7 +50,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, *, grid: bool = False) -> None:
-    """Generation flags; with `grid`, --exit_layers/--num_speculations take lists or ranges (for sweeps)."""
+    """Generation flags; with `grid`, --exit_layers/--num_speculations take lists or ranges and
+    --draft_confidence a list (for sweeps)."""
     group = parser.add_argument_group("generation")
     if grid:
         group.add_argument("--exit_layers", required=True, help="'4,8,12' or 'start:stop:step'")
@@ -65,9 +66,10 @@ def add_generation_arguments(parser: argparse.ArgumentParser, *, grid: bool = Fa
     group.add_argument("--draft_vocab_size", type=int, default=-1,
                        help="drafts score only this many of the model's most frequent tokens (0: the whole "
                             "vocabulary; default: the model's stored setting); verification always scores all")
-    group.add_argument("--draft_confidence", type=float, default=-1,
+    group.add_argument("--draft_confidence", type=str if grid else float, default="-1" if grid else -1,
                        help="stop a round's drafting after a draft whose probability is below this (0: always draft "
-                            "--num_speculations; default: the model's stored setting)")
+                            "--num_speculations; default: the model's stored setting)"
+                            + ("; a list '0,0.5' sweeps over them" if grid else ""))
     group.add_argument("--max_steps", type=int, default=512, help="maximum new tokens")
     group.add_argument("--sample", type=parse_bool, nargs="?", const=True, default=True,
                        help="sample (default) or, with --sample false, decode greedily")
@@ -111,7 +113,8 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
              "max_steps", "sample", "temperature", "top_k", "top_p", "seed", "stop_words", "stop_token_ids",
              "ignore_eos")
     if hasattr(args, "exit_layers"):  # a sweep: the grid flags are not single settings
-        names = tuple(name for name in names if name not in ("generation_strategy", "exit_layer", "num_speculations"))
+        names = tuple(name for name in names if name not in ("generation_strategy", "exit_layer", "num_speculations",
+                                                             "draft_confidence"))
     return {name: getattr(args, name) for name in names}
 
 
@@ -353,17 +356,19 @@ def compare_table(summaries: dict[str, dict[str, Any]], engines: list[str]) -> s
 
 def run_sweep_command(args: argparse.Namespace) -> int:
     from layerskip.bench.engines import make_engine
-    from layerskip.bench.sweep import best_point, parse_grid, run_sweep, save_defaults
+    from layerskip.bench.sweep import best_point, parse_float_list, parse_grid, point_key, run_sweep, save_defaults
 
     loaded, samples, config = prepare_benchmark(args)
     exits = parse_grid(args.exit_layers, "--exit_layers")
     speculations = parse_grid(args.num_speculations, "--num_speculations")
+    confidences = parse_float_list(args.draft_confidence, "--draft_confidence")
     output = Path(args.output_dir) / "sweep"
     rows = run_sweep(loaded, samples, config, exits, speculations, output,
                      make_engine=lambda point: make_engine(args.engine, loaded, point),
-                     arguments=vars_for_json(args), chat=args.chat)
+                     arguments=vars_for_json(args), chat=args.chat, confidences=confidences)
     best = best_point(rows)
-    print(f"best self-speculative point: exit_layer {best['exit_layer']}, num_speculations {best['num_speculations']}: "
+    print(f"best self-speculative point: exit_layer {best['exit_layer']}, num_speculations {best['num_speculations']}, "
+          f"draft_confidence {point_key(best)[2]:g}: "
           f"{float(best['speedup_vs_autoregressive']):.2f}x autoregressive, {float(best['tokens_per_second']):.1f} tokens/s, "
           f"acceptance {float(best['acceptance_rate']):.1%}; table: {output / 'sweep.csv'}, "
           f"heatmap: {output / 'sweep_heatmap.png'}")

@@ -1,4 +1,5 @@
-"""A grid of (exit_layer, num_speculations) on one fixed sample set, plus an autoregressive baseline row.
+"""A grid of (exit_layer, num_speculations[, draft_confidence]) on one fixed sample set, plus an autoregressive
+baseline row.
 
 Each point is a resumable benchmark run under <output_dir>/points/; its CSV row is written as soon as it
 is measured, and rerunning the same command skips the points already in the CSV.
@@ -21,7 +22,7 @@ from layerskip.loading import LoadedModel
 from layerskip.loading.hf_folder import GENERATION_DEFAULTS_FILE
 
 QUALITY = ("rouge1", "rouge2", "rougeL", "bleu", "exact_match")
-COLUMNS = ("exit_layer", "num_speculations", "acceptance_rate", "tokens_per_second", "time_per_token", "total_time",
+COLUMNS = ("exit_layer", "num_speculations", "draft_confidence", "acceptance_rate", "tokens_per_second", "time_per_token", "total_time",
            "speedup_vs_autoregressive", *QUALITY)
 
 
@@ -36,16 +37,28 @@ def parse_grid(text: str, flag: str) -> list[int]:
         raise LayerSkipError(f"{flag} takes a list '4,8,12' or a range 'start:stop:step', got '{text}'") from None
 
 
+def parse_float_list(text: str, flag: str) -> list[float]:
+    """'0,0.5,0.8'."""
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise LayerSkipError(f"{flag} takes a list of numbers '0,0.5,0.8', got '{text}'") from None
+
+
 def run_sweep(loaded: LoadedModel, samples: Sequence[Sample], base: GenerationConfig, exit_layers: list[int],
               speculations: list[int], output_dir: Path, *, make_engine: Callable[[GenerationConfig], Engine],
-              arguments: dict[str, Any], chat: bool = False) -> list[dict[str, Any]]:
+              arguments: dict[str, Any], chat: bool = False,
+              confidences: Sequence[float] | None = None) -> list[dict[str, Any]]:
+    """Run every point not yet in <output_dir>/sweep.csv; `confidences` adds draft_confidence as a third axis
+    (default: the base config's alone)."""
     layers = loaded.config.num_hidden_layers
     points = [dataclasses.replace(base, generation_strategy="autoregressive", exit_layer=-1, num_speculations=-1)]
-    points += [dataclasses.replace(base, generation_strategy="self_speculative", exit_layer=e, num_speculations=k)
-               .resolved(layers, loaded.defaults) for e in exit_layers for k in speculations]
+    points += [dataclasses.replace(base, generation_strategy="self_speculative", exit_layer=e, num_speculations=k,
+                                   draft_confidence=c).resolved(layers, loaded.defaults)
+               for e in exit_layers for k in speculations for c in (confidences or [base.draft_confidence])]
     csv_path = output_dir / "sweep.csv"
     rows = list(csv.DictReader(csv_path.open())) if csv_path.is_file() else []
-    done = {(int(row["exit_layer"]), int(row["num_speculations"])) for row in rows}
+    done = {point_key(row) for row in rows}
     baseline_speed = next((float(row["tokens_per_second"]) for row in rows if int(row["num_speculations"]) == 0), None)
     output_dir.mkdir(parents=True, exist_ok=True)
     with csv_path.open("a", newline="") as sink:
@@ -54,16 +67,18 @@ def run_sweep(loaded: LoadedModel, samples: Sequence[Sample], base: GenerationCo
             writer.writeheader()
         for config in points:
             speculative = config.generation_strategy == "self_speculative"
-            key = (config.exit_layer, config.num_speculations) if speculative else (layers, 0)
+            key = (config.exit_layer, config.num_speculations, config.draft_confidence) if speculative \
+                else (layers, 0, 0.0)
             if key in done:
                 continue
-            name = f"E{key[0]}_k{key[1]}" if speculative else "autoregressive"
+            name = (f"E{key[0]}_k{key[1]}" + (f"_c{key[2]:g}" if key[2] > 0 else "")) if speculative \
+                else "autoregressive"
             summary = run_benchmark(loaded, make_engine(config), samples, output_dir / "points" / name,
                                     arguments={**arguments, **dataclasses.asdict(config)}, chat=chat, resume=True,
                                     description=name)["metrics"]
             if baseline_speed is None:
                 baseline_speed = summary["tokens_per_second"]
-            row = {"exit_layer": key[0], "num_speculations": key[1],
+            row = {"exit_layer": key[0], "num_speculations": key[1], "draft_confidence": key[2],
                    "acceptance_rate": summary.get("acceptance_rate", ""),
                    "tokens_per_second": summary["tokens_per_second"], "time_per_token": summary["time_per_token"],
                    "total_time": summary["total_time"],
@@ -74,6 +89,11 @@ def run_sweep(loaded: LoadedModel, samples: Sequence[Sample], base: GenerationCo
             rows.append(row)
     draw_heatmap([r for r in rows if int(r["num_speculations"]) > 0], output_dir / "sweep_heatmap.png")
     return rows
+
+
+def point_key(row: dict[str, Any]) -> tuple[int, int, float]:
+    """(E, k, draft confidence) of a CSV row; rows written before the confidence column have 0 (none)."""
+    return int(row["exit_layer"]), int(row["num_speculations"]), float(row.get("draft_confidence") or 0.0)
 
 
 def best_point(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -93,7 +113,7 @@ def save_defaults(folder: Path, best: dict[str, Any], base: GenerationConfig, da
     stored.update({
         "generation_strategy": "self_speculative" if speedup > 1 else "autoregressive",
         "exit_layer": int(best["exit_layer"]), "num_speculations": int(best["num_speculations"]),
-        "draft_vocab_size": base.draft_vocab_size, "draft_confidence": base.draft_confidence,
+        "draft_vocab_size": base.draft_vocab_size, "draft_confidence": point_key(best)[2],
         "sweep": {"dataset": dataset, "speedup_vs_autoregressive": round(speedup, 3),
                   "acceptance_rate": round(float(best["acceptance_rate"]), 4)}})
     folder.mkdir(parents=True, exist_ok=True)
@@ -102,7 +122,8 @@ def save_defaults(folder: Path, best: dict[str, Any], base: GenerationConfig, da
 
 
 def draw_heatmap(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Speedup over autoregressive decoding for every (exit_layer, num_speculations), annotated."""
+    """Speedup over autoregressive decoding for every (exit_layer, num_speculations), annotated; with several
+    draft confidences, each cell shows the best of them and which it was."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,17 +134,22 @@ def draw_heatmap(rows: Sequence[dict[str, Any]], path: Path) -> None:
         return
     exits = sorted({int(r["exit_layer"]) for r in rows})
     specs = sorted({int(r["num_speculations"]) for r in rows})
+    several = len({point_key(row)[2] for row in rows}) > 1
     grid = [[float("nan")] * len(exits) for _ in specs]
+    labels = [[""] * len(exits) for _ in specs]
     for row in rows:
-        grid[specs.index(int(row["num_speculations"]))][exits.index(int(row["exit_layer"]))] = \
-            float(row["speedup_vs_autoregressive"])
+        exit_layer, k, confidence = point_key(row)
+        y, x, speedup = specs.index(k), exits.index(exit_layer), float(row["speedup_vs_autoregressive"])
+        if not grid[y][x] >= speedup:  # NaN (empty) or slower
+            grid[y][x] = speedup
+            labels[y][x] = f"{speedup:.2f}x" + (f"\nc={confidence:g}" if several else "")
     figure, axes = plt.subplots(figsize=(1.2 * len(exits) + 2.5, 0.8 * len(specs) + 2))
     values = [value for line in grid for value in line if value == value]
     norm = TwoSlopeNorm(vcenter=1.0, vmin=min(0.5, *values), vmax=max(1.5, *values))  # red: slower, green: faster
     image = axes.imshow(grid, cmap="RdYlGn", norm=norm, origin="lower", aspect="auto")
-    for y, line in enumerate(grid):
-        for x, value in enumerate(line):
-            axes.text(x, y, f"{value:.2f}x", ha="center", va="center", fontsize=9)
+    for y, line in enumerate(labels):
+        for x, label in enumerate(line):
+            axes.text(x, y, label, ha="center", va="center", fontsize=9)
     axes.set_xticks(range(len(exits)), exits)
     axes.set_yticks(range(len(specs)), specs)
     axes.set_xlabel("exit layer E")

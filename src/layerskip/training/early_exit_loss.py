@@ -69,8 +69,9 @@ class ExitTerm:
 
 def exit_losses(head: Head, exits: list[ExitTerm], labels: torch.Tensor, *, chunk_rows: int = 0,
                 teacher: tuple[Head, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weighted sum of every exit's losses, and detached [exits, 2]: each exit's mean cross-entropy and mean
-    KL (NaN without a teacher), all through one shared head.
+    """The weighted sum of every exit's losses, and detached [exits, 3]: each exit's mean cross-entropy, mean KL
+    and top-1 agreement with the teacher (the share of positions where both pick the same token: what greedy
+    self-speculation's acceptance tracks), the last two NaN without a teacher; all through one shared head.
 
     The logits go through ExitLosses chunk by chunk (`chunk_rows`; 0: one chunk), so no float32 [positions,
     vocabulary] tensor outlives its chunk (with a 49k-token vocabulary those logits are larger than a small
@@ -88,13 +89,14 @@ def exit_losses(head: Head, exits: list[ExitTerm], labels: torch.Tensor, *, chun
                                   weights, torch.is_grad_enabled(), *xs)
     means = sums / (labels != IGNORE_INDEX).sum().clamp(min=1)
     if teacher_x is None:
-        means[:, 1] = float("nan")
+        means[:, 1:] = float("nan")
     return loss, means
 
 
 class ExitLosses(torch.autograd.Function):
     """sum_i (w_ce_i CE_i + w_kl_i KL_i) over exits i, with CE_i = mean CE(x_i W^T, labels) and KL_i = mean
-    KL(p_teacher || softmax(x_i W^T)) over labelled rows; also the per-exit sums, as metrics (no gradient).
+    KL(p_teacher || softmax(x_i W^T)) over labelled rows; also the per-exit sums of CE, KL and top-1 agreement
+    with the teacher, as metrics (no gradient).
 
     Rows are processed in chunks, and since the loss ends the graph, each chunk's gradients with respect to
     every x_i and W are formed right away, from d loss / d logits_i = (w_ce_i + w_kl_i) softmax - w_ce_i onehot
@@ -113,7 +115,7 @@ class ExitLosses(torch.autograd.Function):
         want_x = [with_grads and needed for needed in ctx.needs_input_grad[7:]]
         ctx.dtypes = (weight.dtype, [x.dtype for x in xs])
         count = (labels != IGNORE_INDEX).sum().clamp(min=1).item()
-        sums = torch.zeros(len(xs), 2, dtype=torch.float32, device=device)
+        sums = torch.zeros(len(xs), 3, dtype=torch.float32, device=device)
         grad_x = [torch.zeros(x.shape, dtype=torch.float32, device=device) if want else None
                   for x, want in zip(xs, want_x)]
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if want_w else None
@@ -125,16 +127,18 @@ class ExitLosses(torch.autograd.Function):
             rows = slice(start, start + chunk_rows)
             labelled = labels[rows] != IGNORE_INDEX
             target = labels[rows].clamp(min=0)[:, None]
-            teacher_probs = teacher_log_probs = None
+            teacher_probs = teacher_log_probs = teacher_top = None
             if teacher_x is not None:
                 teacher_log_probs = F.log_softmax(F.linear(teacher_x[rows].to(dtype), teacher_weight).float(), dim=-1)
                 teacher_probs = teacher_log_probs.exp()
+                teacher_top = teacher_log_probs.argmax(-1)
             for index, (x, (ce_weight, kl_weight)) in enumerate(zip(xs, weights)):
                 chunk = x[rows].to(dtype)
                 log_probs = F.log_softmax(F.linear(chunk, weight).float(), dim=-1)
                 sums[index, 0] -= (log_probs.gather(1, target).squeeze(1) * labelled).sum()
                 if teacher_log_probs is not None:
                     sums[index, 1] += ((teacher_probs * (teacher_log_probs - log_probs)).sum(-1) * labelled).sum()
+                    sums[index, 2] += ((log_probs.argmax(-1) == teacher_top) & labelled).sum()
                 if grad_x[index] is None and grad_w is None:
                     continue
                 grad_logits = log_probs.exp_().mul_((ce_weight + kl_weight) / count)
@@ -148,7 +152,7 @@ class ExitLosses(torch.autograd.Function):
                     grad_x[index][rows] = grad_logits @ weight
                 if grad_w is not None:
                     grad_w += grad_logits.t() @ chunk
-        loss = (torch.tensor(weights, dtype=torch.float32, device=device) * sums).sum()
+        loss = (torch.tensor(weights, dtype=torch.float32, device=device) * sums[:, :2]).sum()
         ctx.save_for_backward(grad_w, *grad_x)
         ctx.mark_non_differentiable(sums)
         return loss / count, sums

@@ -48,7 +48,8 @@ class TrainingModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, keep: Sequence[Sequence[bool]],
                 exit_weights: Sequence[float], must_run: Sequence[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss to minimise, and detached [L + 1]: each exit's cross-entropy (NaN where not computed), then the KL.
+        """The loss to minimise, and detached [2 L + 1]: each exit's cross-entropy, then each exit's top-1 agreement
+        with the original final layer (NaN where not computed, or without a teacher), then the final layer's KL.
 
         keep: [L][B], False where a sample skips a layer. exit_weights: [L], e~(t, l).
         must_run: [L], layers that this rank must call even when none of its samples keeps them
@@ -76,8 +77,9 @@ class TrainingModel(nn.Module):
                 indices.append(index)
         teacher = (Head.of(self.teacher.model), teacher_hidden) if teacher_hidden is not None else None
         loss, means = exit_losses(Head.of(model), exits, labels, chunk_rows=self.loss_chunk_rows, teacher=teacher)
-        metrics = torch.full((num_layers + 1,), float("nan"), device=hidden.device)
+        metrics = torch.full((2 * num_layers + 1,), float("nan"), device=hidden.device)
         metrics[indices] = means[:, 0]
+        metrics[[num_layers + index for index in indices]] = means[:, 2]
         if indices and indices[-1] == num_layers - 1:
             metrics[-1] = means[-1, 1]
         return loss, metrics

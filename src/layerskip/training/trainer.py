@@ -286,8 +286,8 @@ class Window:
         self._reset()
 
     def _reset(self) -> None:
-        self.sums = torch.zeros(self.num_layers + 2, dtype=torch.float64, device=self.device)
-        self.counts = torch.zeros(self.num_layers + 2, dtype=torch.float64, device=self.device)
+        self.sums = torch.zeros(2 * self.num_layers + 2, dtype=torch.float64, device=self.device)
+        self.counts = torch.zeros(2 * self.num_layers + 2, dtype=torch.float64, device=self.device)
         self.grad_norms: list[float] = []
         self.tokens = 0
         self.started = time.perf_counter()
@@ -309,7 +309,8 @@ class Window:
         row = {"step": step, "samples": samples, "lr": lr, "loss": means[0],
                "grad_norm": sum(self.grad_norms) / len(self.grad_norms),
                "tokens_per_second": self.tokens / seconds, "distill_kl": means[-1],
-               **{exit_column(layer): means[1 + layer] for layer in range(self.num_layers)}}
+               **{exit_column(layer): means[1 + layer] for layer in range(self.num_layers)},
+               **{agreement_column(layer): means[1 + self.num_layers + layer] for layer in range(self.num_layers)}}
         self._reset()
         return row
 
@@ -319,12 +320,20 @@ def exit_column(layer: int) -> str:
     return f"ce_e{layer + 1}"
 
 
+def agreement_column(layer: int) -> str:
+    """The CSV column of that exit's top-1 agreement with the original model's final layer."""
+    return f"agree_e{layer + 1}"
+
+
 def format_row(row: dict[str, Any], num_layers: int) -> str:
     exits = " ".join(f"{row[exit_column(layer)]:.3f}" if not math.isnan(row[exit_column(layer)]) else "-"
                      for layer in range(num_layers))
     kl = "" if math.isnan(row["distill_kl"]) else f" kl {row['distill_kl']:.4f}"
+    agreements = ", ".join(f"E{layer + 1} {row[agreement_column(layer)]:.1%}" for layer in range(num_layers - 1)
+                           if not math.isnan(row[agreement_column(layer)]))
     return (f"step {row['step']}: loss {row['loss']:.4f}{kl} lr {row['lr']:.2e} grad_norm {row['grad_norm']:.3f} "
-            f"{row['tokens_per_second']:.0f} tok/s | exits E=1..{num_layers}: {exits}")
+            f"{row['tokens_per_second']:.0f} tok/s | exits E=1..{num_layers}: {exits}"
+            + (f" | agreement {agreements}" if agreements else ""))
 
 
 class MetricsLog:
@@ -334,7 +343,8 @@ class MetricsLog:
     def __init__(self, path: Path, num_layers: int, *, resume_step: int):
         self.path = path
         self.columns = ["step", "samples", "lr", "loss", "grad_norm", "tokens_per_second", "distill_kl",
-                        *(exit_column(layer) for layer in range(num_layers))]
+                        *(exit_column(layer) for layer in range(num_layers)),
+                        *(agreement_column(layer) for layer in range(num_layers))]
         kept: list[dict[str, str]] = []
         if path.is_file() and resume_step > 0:
             with path.open(newline="") as handle:
