@@ -23,15 +23,14 @@ PANELS = (("agree_e", "agreement with the original final layer", True),
 
 
 def read_run(folder: Path) -> tuple[list[dict[str, float]], int]:
-    """metrics.csv rows as floats, and the tokens per optimizer step (from the run's resolved recipe)."""
+    """metrics.csv rows as floats, and the tokens per sample (seq_len, from the run's resolved recipe)."""
     metrics, recipe = folder / "metrics.csv", folder / "recipe.yaml"
     if not metrics.is_file() or not recipe.is_file():
         raise SystemExit(f"error: {folder} is not a training run (no metrics.csv and recipe.yaml)")
     with metrics.open(newline="") as handle:
         rows = [{key: float(value) if value not in ("", None) else math.nan for key, value in row.items()}
                 for row in csv.DictReader(handle)]
-    data = yaml.safe_load(recipe.read_text())["data"]
-    return rows, data["seq_len"] * data["batch_size"]
+    return rows, yaml.safe_load(recipe.read_text())["data"]["seq_len"]
 
 
 def early_exits(rows: list[dict[str, float]], num_layers: int) -> list[int]:
@@ -51,8 +50,8 @@ def main() -> None:
         raise SystemExit(f"error: {len(args.runs)} runs but {len(labels)} labels")
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for run, label in zip(args.runs, labels):
-        rows, tokens_per_step = read_run(Path(run))
-        tokens = [row["step"] * tokens_per_step / 1e3 for row in rows]
+        rows, seq_len = read_run(Path(run))
+        tokens = [row["samples"] * seq_len / 1e3 for row in rows]  # samples: global, over ranks and accumulation
         num_layers = sum(1 for key in rows[0] if key.startswith("ce_e"))
         for layer in early_exits(rows, num_layers):
             for axis, (prefix, _, percent) in zip(axes, PANELS):

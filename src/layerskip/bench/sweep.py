@@ -22,8 +22,8 @@ from layerskip.loading import LoadedModel
 from layerskip.loading.hf_folder import GENERATION_DEFAULTS_FILE
 
 QUALITY = ("rouge1", "rouge2", "rougeL", "bleu", "exact_match")
-COLUMNS = ("exit_layer", "num_speculations", "draft_confidence", "acceptance_rate", "tokens_per_second", "time_per_token", "total_time",
-           "speedup_vs_autoregressive", *QUALITY)
+COLUMNS = ("exit_layer", "num_speculations", "draft_confidence", "acceptance_rate", "tokens_per_second",
+           "time_per_token", "total_time", "speedup_vs_autoregressive", *QUALITY)
 
 
 def parse_grid(text: str, flag: str) -> list[int]:
@@ -66,13 +66,11 @@ def run_sweep(loaded: LoadedModel, samples: Sequence[Sample], base: GenerationCo
         if not rows:
             writer.writeheader()
         for config in points:
-            speculative = config.generation_strategy == "self_speculative"
-            key = (config.exit_layer, config.num_speculations, config.draft_confidence) if speculative \
-                else (layers, 0, 0.0)
+            key = (config.exit_layer, config.num_speculations, config.draft_confidence) \
+                if config.generation_strategy == "self_speculative" else (layers, 0, 0.0)
             if key in done:
                 continue
-            name = (f"E{key[0]}_k{key[1]}" + (f"_c{key[2]:g}" if key[2] > 0 else "")) if speculative \
-                else "autoregressive"
+            name = point_name(key)
             summary = run_benchmark(loaded, make_engine(config), samples, output_dir / "points" / name,
                                     arguments={**arguments, **dataclasses.asdict(config)}, chat=chat, resume=True,
                                     description=name)["metrics"]
@@ -94,6 +92,14 @@ def run_sweep(loaded: LoadedModel, samples: Sequence[Sample], base: GenerationCo
 def point_key(row: dict[str, Any]) -> tuple[int, int, float]:
     """(E, k, draft confidence) of a CSV row; rows written before the confidence column have 0 (none)."""
     return int(row["exit_layer"]), int(row["num_speculations"]), float(row.get("draft_confidence") or 0.0)
+
+
+def point_name(key: tuple[int, int, float]) -> str:
+    """The point's folder under points/: E8_k4, E8_k4_c0.8 with a confidence stop, or autoregressive (k = 0)."""
+    exit_layer, k, confidence = key
+    if k == 0:
+        return "autoregressive"
+    return f"E{exit_layer}_k{k}" + (f"_c{confidence:g}" if confidence > 0 else "")
 
 
 def best_point(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
