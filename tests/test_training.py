@@ -404,6 +404,25 @@ def test_resume_continues_bit_identically(tiny_text_model, tmp_path, variant):
         train(tiny_run(folder, data, tmp_path / "resumed", *common, "resume=false"))
 
 
+def test_compiled_layers_train_like_eager_ones(tiny_text_model, tmp_path):
+    """compile=true changes the speed only: the same losses (to float32 rounding of fused kernels) and an
+    adapter with the same tensor names, with layer dropout's sub-batches and the distillation teacher in play."""
+    folder, data = tiny_text_model
+    common = ["steps=3", "precision=fp32", "lora.enabled=true", "lora.rank=4", "lora.merge_at_end=false",
+              "early_exit.distill_weight=0.5", "early_exit.exit_distill=0.5"]
+    results = {}
+    for compiled in ("false", "true"):
+        run = Run(tiny_run(folder, data, tmp_path / compiled, *common, f"compile={compiled}"), setup_distributed("cpu"))
+        output = run.train()
+        assert all((layer._compiled_call_impl is not None) == (compiled == "true") for layer in run.model.layers)
+        rows = csv_rows(tmp_path / compiled / "metrics.csv")
+        results[compiled] = ([float(row["loss"]) for row in rows], load_file(output / "adapter_model.safetensors"))
+    (eager_losses, eager_adapter), (compiled_losses, compiled_adapter) = results["false"], results["true"]
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
+    assert compiled_adapter.keys() == eager_adapter.keys()
+    assert all(torch.allclose(compiled_adapter[name], eager_adapter[name], atol=1e-4) for name in eager_adapter)
+
+
 def test_model_that_cannot_be_trained_is_a_clear_error(tiny_checkpoint, tmp_path):
     folder, _ = tiny_checkpoint()
     (tmp_path / "d.jsonl").write_text(json.dumps({"input_ids": list(range(40))}) + "\n")

@@ -108,6 +108,7 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)
     precision: str = "bf16"  # bf16: float32 weights with bfloat16 autocast; fp32
     activation_checkpointing: bool = False  # recompute each layer in backward (less memory, ~30% more compute)
+    compile: bool = False  # torch.compile each decoder layer: ~1.35x faster steps on CPU after a minute of compiling
     log_every: int = 10  # steps between console/CSV log lines
     save_every: int = 500  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept in output_dir/checkpoints

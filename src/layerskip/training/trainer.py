@@ -114,6 +114,9 @@ class Run:
                                     exit_distill=config.early_exit.exit_distill)
         if context.sharded:
             shard(self.module, self.model.layers)
+        if config.compile:  # in place, after sharding: parameter names (checkpoints, adapters) are unchanged
+            for layer in self.model.layers:
+                layer.compile()
         torch.manual_seed(config.seed + context.rank)  # after the (rank-identical) LoRA initialisation
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(
