@@ -38,6 +38,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num_speculations", type=int, default=-1)
     parser.add_argument("--draft_vocab_size", type=int, default=-1)
     parser.add_argument("--draft_confidence", type=float, default=-1)
+    parser.add_argument("--dtype", default=None, help="float32 (the CPU default), bfloat16, float16")
     parser.add_argument("--output_dir", default="logs/bench_default")
     return parser.parse_args()
 
@@ -45,7 +46,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     out = Path(args.output_dir)
-    loaded = layerskip.load(args.model)
+    loaded = layerskip.load(args.model, dtype=args.dtype)
     prompts = [record for _, record in read_objects(Path(args.prompts))]
     tested = dict(generation_strategy=args.generation_strategy, exit_layer=args.exit_layer,
                   num_speculations=args.num_speculations, draft_vocab_size=args.draft_vocab_size,
@@ -77,15 +78,17 @@ def main() -> None:
             write_record(sink, record)
             records.append(record)
 
-    lines = render(records, loaded.name, settings, args, len(prompts))
+    lines = render(records, loaded.name, settings, args, len(prompts), loaded.model.embed_tokens.weight.dtype)
     print("\n".join(lines))
     (out / "table.md").write_text("\n".join(lines) + "\n")
 
 
-def render(records: list[dict], model: str, settings: dict, args: argparse.Namespace, prompts: int) -> list[str]:
+def render(records: list[dict], model: str, settings: dict, args: argparse.Namespace, prompts: int,
+           model_dtype: torch.dtype) -> list[str]:
     lines = [f"Model {model}; stored settings: {json.dumps(settings)}. Machine: "
              f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-             f"{prompts} held-out chat prompts, up to {args.max_steps} new tokens, float32.",
+             f"{prompts} held-out chat prompts, up to {args.max_steps} new tokens, "
+             f"{str(model_dtype).removeprefix('torch.')}.",
              "",
              "| mode | prompts | AR tokens/s | stored settings tokens/s | speedup | acceptance | tokens/round | "
              "greedy output = AR |",

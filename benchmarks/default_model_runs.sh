@@ -20,9 +20,9 @@ save_file({k: v.to(torch.bfloat16) for k, v in load_file(sys.argv[1]).items()}, 
     "$checkpoint"/adapter_model.safetensors "$CANDIDATE"/adapter_model.safetensors
 
 # 2. The decoding settings stored with the model: a sweep on HumanEval chat prompts (not the held-out set below).
-#    Self-speculative becomes the stored strategy only if its best point beats autoregressive decoding.
+#    Self-speculative becomes the stored strategy only if its best point beats autoregressive decoding by 5%.
 layerskip sweep --model "$CANDIDATE" --dataset human_eval --num_samples 6 --chat --sample false --max_steps 64 \
-    --exit_layers 8 --num_speculations 2,4,6 --draft_confidence 0,0.5,0.8 --draft_vocab_size 16384 \
+    --exit_layers 8 --num_speculations 2,4,6 --draft_confidence 0,0.8,0.9 --draft_vocab_size 16384 \
     --output_dir logs/sweep_default --save_defaults "$CANDIDATE"
 
 # 3. Per-layer exits before (dashed) and after training, and the final layer's perplexity, on held-out text:

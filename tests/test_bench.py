@@ -119,6 +119,10 @@ def test_sweep_best_point_is_stored_as_the_model_defaults(tmp_path):
                       "sweep": {"dataset": "custom_jsonl", "speedup_vs_autoregressive": 1.31, "acceptance_rate": 0.6}}
     slower = [{**row, "speedup_vs_autoregressive": 0.9} for row in rows[1:]]
     assert save_defaults(tmp_path, best_point(slower), base, "x")["generation_strategy"] == "autoregressive"
+    within_noise = [{**row, "speedup_vs_autoregressive": 1.04} for row in rows[1:]]
+    assert save_defaults(tmp_path, best_point(within_noise), base, "x")["generation_strategy"] == "autoregressive"
+    assert save_defaults(tmp_path, best_point(within_noise), base, "x", min_speedup=1.02)["generation_strategy"] \
+        == "self_speculative"
 
 
 def test_parse_grid():

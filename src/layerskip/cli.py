@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--save_defaults", default=None, metavar="FOLDER",
                        help="store the best point as the model's decoding defaults in FOLDER/layerskip.json (the "
                             "model's or adapter's folder); self_speculative becomes the default strategy if it won")
+    sweep.add_argument("--min_speedup", type=float, default=1.05,
+                       help="with --save_defaults: the speedup over autoregressive decoding the best point needs "
+                            "to become the default strategy (a margin over timing noise)")
 
     evaluation = commands.add_parser(
         "eval", help="EleutherAI lm-evaluation-harness tasks: accuracy per exit layer, speed per strategy",
@@ -373,7 +376,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
           f"acceptance {float(best['acceptance_rate']):.1%}; table: {output / 'sweep.csv'}, "
           f"heatmap: {output / 'sweep_heatmap.png'}")
     if args.save_defaults:
-        stored = save_defaults(Path(args.save_defaults), best, config, args.dataset)
+        stored = save_defaults(Path(args.save_defaults), best, config, args.dataset, args.min_speedup)
         print(f"stored as the model's decoding defaults: {Path(args.save_defaults) / 'layerskip.json'} "
               f"(generation_strategy {stored['generation_strategy']})")
     return 0
