@@ -125,6 +125,33 @@ def test_sweep_best_point_is_stored_as_the_model_defaults(tmp_path):
         == "self_speculative"
 
 
+def test_sweep_points_keep_the_draft_flags_of_a_model_stored_as_autoregressive(tmp_path):
+    """A model whose stored strategy is autoregressive (every model before its sweep) still sweeps with the
+    given --draft_vocab_size; the autoregressive baseline drafts nothing."""
+    from layerskip.cli import build_parser, generation_options
+
+    args = build_parser().parse_args(["sweep", "--dataset", "human_eval", "--exit_layers", "8",
+                                      "--num_speculations", "2,4", "--draft_vocab_size", "3"])
+    stored = {"generation_strategy": "autoregressive", "draft_vocab": [5, 3, 9, 7]}
+    base = GenerationConfig.from_options(generation_options(args)).resolved(30, stored)
+    assert base.draft_vocab_size == 3
+
+    class Loaded:  # what run_sweep reads of a loaded model before it runs anything
+        config = dataclasses.make_dataclass("Config", [("num_hidden_layers", int)])(30)
+        defaults = stored
+
+    made = []
+
+    def make_engine(config):
+        made.append(config)
+        raise KeyboardInterrupt  # stop at the first point: only the configs are under test
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(Loaded(), SAMPLES[:1], base, [8], [2, 4], tmp_path, make_engine=make_engine,
+                  arguments={})
+    assert made[0].generation_strategy == "autoregressive" and made[0].draft_vocab_size == 0
+
+
 def test_parse_grid():
     assert parse_grid("2:8:2", "--x") == [2, 4, 6, 8] and parse_grid("4,8,12", "--x") == [4, 8, 12]
     with pytest.raises(layerskip.LayerSkipError, match="--x takes a list"):

@@ -115,6 +115,9 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     if hasattr(args, "exit_layers"):  # a sweep: the grid flags are not single settings
         names = tuple(name for name in names if name not in ("generation_strategy", "exit_layer", "num_speculations",
                                                              "draft_confidence"))
+        # Its points are self-speculative: resolve the draft settings as such, not as the model's stored strategy
+        # (which, when autoregressive, would drop --draft_vocab_size).
+        return {"generation_strategy": "self_speculative", **{name: getattr(args, name) for name in names}}
     return {name: getattr(args, name) for name in names}
 
 

@@ -52,7 +52,8 @@ def run_sweep(loaded: LoadedModel, samples: Sequence[Sample], base: GenerationCo
     """Run every point not yet in <output_dir>/sweep.csv; `confidences` adds draft_confidence as a third axis
     (default: the base config's alone)."""
     layers = loaded.config.num_hidden_layers
-    points = [dataclasses.replace(base, generation_strategy="autoregressive", exit_layer=-1, num_speculations=-1)]
+    points = [dataclasses.replace(base, generation_strategy="autoregressive", exit_layer=-1, num_speculations=-1,
+                                  draft_vocab_size=0, draft_confidence=0.0)]
     points += [dataclasses.replace(base, generation_strategy="self_speculative", exit_layer=e, num_speculations=k,
                                    draft_confidence=c).resolved(layers, loaded.defaults)
                for e in exit_layers for k in speculations for c in (confidences or [base.draft_confidence])]
