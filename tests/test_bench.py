@@ -140,13 +140,16 @@ def test_sweep_points_keep_the_draft_flags_of_a_model_stored_as_autoregressive(t
         config = dataclasses.make_dataclass("Config", [("num_hidden_layers", int)])(30)
         defaults = stored
 
+    class Stop(Exception):
+        """Raised at the first point: only the configs are under test."""
+
     made = []
 
     def make_engine(config):
         made.append(config)
-        raise KeyboardInterrupt  # stop at the first point: only the configs are under test
+        raise Stop
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Stop):
         run_sweep(Loaded(), SAMPLES[:1], base, [8], [2, 4], tmp_path, make_engine=make_engine,
                   arguments={})
     assert made[0].generation_strategy == "autoregressive" and made[0].draft_vocab_size == 0

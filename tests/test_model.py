@@ -65,7 +65,7 @@ def test_cached_incremental_decoding_equals_one_full_pass(tiny_checkpoint):
 
 def test_packed_decoding_agrees_with_plain_weights(tiny_checkpoint):
     folder, _ = tiny_checkpoint(attention_bias=True)
-    model = layerskip.load(str(folder)).model
+    model = layerskip.load(str(folder), cpu_kernels="packed").model
     assert model.packed_head is not None
     ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(4))
 
@@ -77,6 +77,19 @@ def test_packed_decoding_agrees_with_plain_weights(tiny_checkpoint):
     packed = decode_one_by_one()
     model.unpack()
     assert (packed - decode_one_by_one()).abs().max().item() < 1e-5
+
+
+def test_cpu_kernels_auto_keeps_the_path_that_times_faster(tiny_checkpoint, monkeypatch):
+    from layerskip.model import Transformer
+
+    folder, _ = tiny_checkpoint()
+    assert isinstance(layerskip.load(str(folder), cpu_kernels="packed").model.packing_pays(), bool)
+    for pays in (True, False):
+        monkeypatch.setattr(Transformer, "packing_pays", lambda self, pays=pays: pays)
+        assert (layerskip.load(str(folder)).model.packed_head is not None) == pays
+    assert layerskip.load(str(folder), cpu_kernels="plain").model.packed_head is None
+    with pytest.raises(LayerSkipError, match="unknown cpu_kernels 'fast': choose one of auto, packed, plain"):
+        layerskip.load(str(folder), cpu_kernels="fast")
 
 
 def test_embedded_default_logits_match_transformers_gguf_loader(default_model):

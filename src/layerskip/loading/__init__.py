@@ -22,6 +22,7 @@ from layerskip.loading.tokenizer import Tokenizer
 from layerskip.model import ModelConfig, Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_KERNELS = ("auto", "packed", "plain")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -96,9 +97,14 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load(model: str | None = None, *, dtype: str | None = None, device: str = "auto") -> LoadedModel:
+def load(model: str | None = None, *, dtype: str | None = None, device: str = "auto",
+         cpu_kernels: str = "auto") -> LoadedModel:
     """Load a model for decoding. `model`: None for the embedded default, a folder (a checkpoint, or a LoRA
-    adapter whose base model is then loaded and merged), a .gguf file, or a hub id."""
+    adapter whose base model is then loaded and merged), a .gguf file, or a hub id. `cpu_kernels` (CPU,
+    float32): "packed" (oneDNN-prepacked weights for decoding passes), "plain", or "auto", the faster of
+    the two timed on this machine."""
+    if cpu_kernels not in CPU_KERNELS:
+        raise LayerSkipError(f"unknown cpu_kernels '{cpu_kernels}': choose one of {', '.join(CPU_KERNELS)}")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     folder = resolve_model_folder(model)
@@ -110,7 +116,9 @@ def load(model: str | None = None, *, dtype: str | None = None, device: str = "a
     if adapter is not None:
         state = merge_lora(state, adapter)
     network = build_model(config, state, dtype=torch_dtype, device=torch_device)
-    network.pack_for_cpu_inference()
+    if cpu_kernels != "plain" and network.pack_for_cpu_inference() and cpu_kernels == "auto" \
+            and not network.packing_pays():
+        network.unpack()
     tokenizer = Tokenizer.from_folder(folder)
     eos_ids = eos_token_ids(folder)
     if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:

@@ -47,7 +47,9 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
 # is 25-45% faster for 1 to 32 rows, more so with the q/k/v and gate/up matrices fused into one
 # (docs/BENCHMARKS.md). Longer passes (prompt prefill) stay on the default path, which is bit-identical
 # to transformers; the packed path sums in another order (logits differ by ~1e-4). Packed copies cost
-# the weights' memory again; training always uses the plain weights.
+# the weights' memory again; training always uses the plain weights. Which path is faster depends on the
+# CPU (on a later host MKL's single-row path streamed at 21 GB/s, the packed one at 15), so loading times
+# both on the model's own weights and keeps the faster (`packing_pays`).
 
 PACKED_MAX_ROWS = 32
 PackedWeight = tuple[torch.Tensor, torch.Tensor | None]
@@ -213,6 +215,46 @@ class Transformer(nn.Module):
             self.unpack()
             return False
         return True
+
+    def packing_pays(self, rows: tuple[int, ...] = (1, 5), repeats: int = 2) -> bool:
+        """Whether the packed weights (already made) run a decoding step and a verification pass faster than
+        the plain ones on this machine: every layer's matrix products timed both ways, interleaved, medians.
+        About 0.5 s for a 135M model: the weights are streamed from memory as in real decoding."""
+        import time
+
+        def linears(layer: DecoderLayer) -> list[tuple[nn.Linear, ...]]:
+            """A layer's linears grouped as the packed path fuses them (each group reads one input)."""
+            attn, mlp = layer.self_attn, layer.mlp
+            return [(attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj, mlp.up_proj),
+                    (mlp.down_proj,)]
+
+        def packed_weights(layer: DecoderLayer) -> list[PackedWeight]:
+            attn, mlp = layer.self_attn, layer.mlp
+            return [attn.packed_qkv, attn.packed_o, mlp.packed_gate_up, mlp.packed_down]
+
+        def plain_pass(m: int) -> None:
+            for layer in self.layers:
+                for group in linears(layer):
+                    for linear in group:
+                        linear(inputs[m, group[0].in_features])
+
+        def packed_pass(m: int) -> None:
+            for layer in self.layers:
+                for group, packed in zip(linears(layer), packed_weights(layer)):
+                    packed_linear(inputs[m, group[0].in_features], packed)
+
+        seconds = {plain_pass: [], packed_pass: []}
+        with torch.inference_mode():
+            widths = {group[0].in_features for group in linears(self.layers[0])}
+            inputs = {(m, width): torch.randn(1, m, width) for m in rows for width in widths}
+            for _ in range(repeats + 1):  # the first round warms up (allocation, kernel selection)
+                for run, times in seconds.items():
+                    start = time.perf_counter()
+                    for m in rows:
+                        run(m)
+                    times.append(time.perf_counter() - start)
+        median = {run: sorted(times[1:])[repeats // 2] for run, times in seconds.items()}
+        return median[packed_pass] < median[plain_pass]
 
     def unpack(self) -> None:
         """Drop the packed copies and draft heads (for example before changing weights)."""
