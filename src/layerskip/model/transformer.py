@@ -11,6 +11,7 @@ The three entry points that decoding strategies compose:
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -220,7 +221,6 @@ class Transformer(nn.Module):
         """Whether the packed weights (already made) run a decoding step and a verification pass faster than
         the plain ones on this machine: every layer's matrix products timed both ways, interleaved, medians.
         About 0.5 s for a 135M model: the weights are streamed from memory as in real decoding."""
-        import time
 
         def linears(layer: DecoderLayer) -> list[tuple[nn.Linear, ...]]:
             """A layer's linears grouped as the packed path fuses them (each group reads one input)."""
