@@ -112,13 +112,14 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     names = ("generation_strategy", "exit_layer", "num_speculations", "draft_vocab_size", "draft_confidence",
              "max_steps", "sample", "temperature", "top_k", "top_p", "seed", "stop_words", "stop_token_ids",
              "ignore_eos")
-    if hasattr(args, "exit_layers"):  # a sweep: the grid flags are not single settings
+    sweep = hasattr(args, "exit_layers")
+    if sweep:  # the grid flags are not single settings
         names = tuple(name for name in names if name not in ("generation_strategy", "exit_layer", "num_speculations",
                                                              "draft_confidence"))
-        # Its points are self-speculative: resolve the draft settings as such, not as the model's stored strategy
-        # (which, when autoregressive, would drop --draft_vocab_size).
-        return {"generation_strategy": "self_speculative", **{name: getattr(args, name) for name in names}}
-    return {name: getattr(args, name) for name in names}
+    options = {name: getattr(args, name) for name in names}
+    if sweep:  # its points are self-speculative: resolve the draft settings as such, not as the model's stored
+        options["generation_strategy"] = "self_speculative"  # strategy (autoregressive drops --draft_vocab_size)
+    return options
 
 
 def build_parser() -> argparse.ArgumentParser:

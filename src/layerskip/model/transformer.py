@@ -95,9 +95,12 @@ class Attention(nn.Module):
         self.packed_qkv: PackedWeight | None = None
         self.packed_o: PackedWeight | None = None
 
+    def linear_groups(self) -> list[tuple[tuple[nn.Linear, ...], PackedWeight | None]]:
+        """The linears the packed path fuses (each group reads one input), with their packed weights."""
+        return [((self.q_proj, self.k_proj, self.v_proj), self.packed_qkv), ((self.o_proj,), self.packed_o)]
+
     def pack(self) -> None:
-        self.packed_qkv = pack_linears(self.q_proj, self.k_proj, self.v_proj)
-        self.packed_o = pack_linears(self.o_proj)
+        self.packed_qkv, self.packed_o = (pack_linears(*group) for group, _ in self.linear_groups())
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int,
                 cache: KVCache | None) -> torch.Tensor:
@@ -143,9 +146,12 @@ class FeedForward(nn.Module):
         self.packed_gate_up: PackedWeight | None = None
         self.packed_down: PackedWeight | None = None
 
+    def linear_groups(self) -> list[tuple[tuple[nn.Linear, ...], PackedWeight | None]]:
+        """The linears the packed path fuses (each group reads one input), with their packed weights."""
+        return [((self.gate_proj, self.up_proj), self.packed_gate_up), ((self.down_proj,), self.packed_down)]
+
     def pack(self) -> None:
-        self.packed_gate_up = pack_linears(self.gate_proj, self.up_proj)
-        self.packed_down = pack_linears(self.down_proj)
+        self.packed_gate_up, self.packed_down = (pack_linears(*group) for group, _ in self.linear_groups())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if packed_applies(self.packed_gate_up, x):
@@ -222,30 +228,20 @@ class Transformer(nn.Module):
         the plain ones on this machine: every layer's matrix products timed both ways, interleaved, medians.
         About 0.5 s for a 135M model: the weights are streamed from memory as in real decoding."""
 
-        def linears(layer: DecoderLayer) -> list[tuple[nn.Linear, ...]]:
-            """A layer's linears grouped as the packed path fuses them (each group reads one input)."""
-            attn, mlp = layer.self_attn, layer.mlp
-            return [(attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj, mlp.up_proj),
-                    (mlp.down_proj,)]
-
-        def packed_weights(layer: DecoderLayer) -> list[PackedWeight]:
-            attn, mlp = layer.self_attn, layer.mlp
-            return [attn.packed_qkv, attn.packed_o, mlp.packed_gate_up, mlp.packed_down]
+        work = [pair for layer in self.layers for pair in (*layer.self_attn.linear_groups(), *layer.mlp.linear_groups())]
 
         def plain_pass(m: int) -> None:
-            for layer in self.layers:
-                for group in linears(layer):
-                    for linear in group:
-                        linear(inputs[m, group[0].in_features])
+            for group, _ in work:
+                for linear in group:
+                    linear(inputs[m, group[0].in_features])
 
         def packed_pass(m: int) -> None:
-            for layer in self.layers:
-                for group, packed in zip(linears(layer), packed_weights(layer)):
-                    packed_linear(inputs[m, group[0].in_features], packed)
+            for group, packed in work:
+                packed_linear(inputs[m, group[0].in_features], packed)
 
         seconds = {plain_pass: [], packed_pass: []}
         with torch.inference_mode():
-            widths = {group[0].in_features for group in linears(self.layers[0])}
+            widths = {group[0].in_features for group, _ in work}
             inputs = {(m, width): torch.randn(1, m, width) for m in rows for width in widths}
             for _ in range(repeats + 1):  # the first round warms up (allocation, kernel selection)
                 for run, times in seconds.items():
