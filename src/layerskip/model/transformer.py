@@ -228,7 +228,8 @@ class Transformer(nn.Module):
         the plain ones on this machine: every layer's matrix products timed both ways, interleaved, medians.
         About 0.5 s for a 135M model: the weights are streamed from memory as in real decoding."""
 
-        work = [pair for layer in self.layers for pair in (*layer.self_attn.linear_groups(), *layer.mlp.linear_groups())]
+        work = [pair for layer in self.layers
+                for pair in (*layer.self_attn.linear_groups(), *layer.mlp.linear_groups())]
 
         def plain_pass(m: int) -> None:
             for group, _ in work:
