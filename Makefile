@@ -7,7 +7,12 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 PROMPT ?= Write a Python function that checks whether a string is a palindrome.
 
-.PHONY: setup demo test bench clean
+# The tests that decode, run again under each CPU kernel path forced (LAYERSKIP_CPU_KERNELS), so CI exercises
+# every path whichever one this host's timing would pick.
+DECODING_TESTS ?= tests/test_generation.py tests/test_eval.py tests/test_self_generated.py tests/test_exits.py
+CPU_KERNEL_PATHS ?= packed plain
+
+.PHONY: setup demo test test-kernel-paths bench clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +30,12 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+test-kernel-paths: setup
+	set -e; for path in $(CPU_KERNEL_PATHS); do \
+		echo "== decoding tests with LAYERSKIP_CPU_KERNELS=$$path"; \
+		LAYERSKIP_CPU_KERNELS=$$path $(BIN)/python -m pytest -q $(DECODING_TESTS); \
+	done
 
 bench: setup
 	$(BIN)/python benchmarks/bench_decoding.py --output_dir logs/bench_decoding

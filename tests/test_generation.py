@@ -12,6 +12,7 @@ from layerskip.errors import LayerSkipError
 from layerskip.generation import Autoregressive, GenerationConfig, Sampler, SelfSpeculative, Streamer, generate_ids
 from layerskip.generation.strategies import DecodeContext
 from layerskip.model import KVCache
+from conftest import assert_same_greedy_tokens
 
 GREEDY = dict(sample=False)
 
@@ -48,12 +49,27 @@ def test_tiny_self_speculative_greedy_equals_autoregressive(tiny, exit_layer, nu
         reference = layerskip.generate(tiny, prompt_ids=prompt, max_steps=30, **GREEDY)
         result = layerskip.generate(tiny, prompt_ids=prompt, max_steps=30, generation_strategy="self_speculative",
                                     exit_layer=exit_layer, num_speculations=num_speculations, **GREEDY)
-        assert result.token_ids == reference.token_ids
+        assert_same_greedy_tokens(tiny, prompt, reference.token_ids, result.token_ids)
+        if result.token_ids != reference.token_ids:
+            continue  # parted at a near-tie of a library kernel: the statistics below assume 30 tokens
         stats = result.stats
         assert stats.new_tokens == 30 and stats.verify_forwards == stats.rounds
         # Every round drafts except, possibly, a last one with a single token of budget left.
         assert stats.rounds - 1 <= sum(stats.accepted_length_counts) <= stats.rounds
         assert sum(i * n for i, n in enumerate(stats.accepted_length_counts)) == stats.accepted_drafts
+
+
+def test_greedy_comparison_accepts_only_a_near_tie(tiny):
+    """The comparison the equality tests use: a planted wrong token is caught, on every kernel path."""
+    prompt = TINY_PROMPTS[0]
+    reference = layerskip.generate(tiny, prompt_ids=prompt, max_steps=8, **GREEDY).token_ids
+    planted = reference[:3] + [(reference[3] + 1) % 97] + reference[4:]
+    for row_invariant in (False, True):
+        assert_same_greedy_tokens(tiny, prompt, reference, list(reference), row_invariant=row_invariant)
+        with pytest.raises(AssertionError, match="tokens part at 3"):
+            assert_same_greedy_tokens(tiny, prompt, reference, planted, row_invariant=row_invariant)
+    with pytest.raises(AssertionError, match="stops early"):
+        assert_same_greedy_tokens(tiny, prompt, reference, reference[:5], row_invariant=False)
 
 
 @pytest.mark.parametrize("vocab_size, confidence", [(40, 0.0), (97, 0.5), (30, 0.2)])
@@ -69,7 +85,7 @@ def test_tiny_drafts_from_a_head_slice_or_stopping_early_keep_greedy_output(tiny
         result = layerskip.generate(tiny, prompt_ids=prompt, max_steps=30, generation_strategy="self_speculative",
                                     exit_layer=2, num_speculations=5, draft_vocab_size=vocab_size,
                                     draft_confidence=confidence, **GREEDY)
-        assert result.token_ids == reference.token_ids
+        assert_same_greedy_tokens(tiny, prompt, reference.token_ids, result.token_ids)
         assert result.settings["draft_vocab_size"] == vocab_size
         drafted.append(result.stats.drafted_tokens / result.stats.rounds)
     if confidence:  # unsure drafts end a round early: fewer than k drafts per round on average
@@ -106,7 +122,7 @@ def test_stop_token_reached_mid_round(tiny):
     recorder = RoundRecorder()
     result = layerskip.generate(tiny, prompt_ids=prompt, max_steps=30, generation_strategy="self_speculative",
                                 exit_layer=4, num_speculations=8, stop_token_ids=[stop], streamer=recorder, **GREEDY)
-    assert result.token_ids == reference[:reference.index(stop) + 1]
+    assert_same_greedy_tokens(tiny, prompt, reference[:reference.index(stop) + 1], result.token_ids)
     assert result.finish_reason == "stop_token"
 
 
@@ -117,7 +133,7 @@ def test_early_exit_equals_argmax_of_exit_logits(tiny):
     with torch.inference_mode():
         for _ in range(12):
             tokens.append(int(tiny.model(torch.tensor([tokens]), exit_layer=2)[0, -1].argmax()))
-    assert result.token_ids == tokens[len(prompt):]
+    assert_same_greedy_tokens(tiny, prompt, tokens[len(prompt):], result.token_ids, exit_layer=2)
 
 
 class RecordingContext(DecodeContext):
@@ -213,6 +229,17 @@ def cases_for(config_index: int) -> list[Case]:
     return [case for i, case in enumerate(CASES) if config_index in (i % len(CONFIGS), (i + 2) % len(CONFIGS))]
 
 
+def case_prompt_ids(loaded, case: Case) -> list[int]:
+    return layerskip.encode_prompt(loaded, case.prompt, chat=case.chat)
+
+
+def assert_same_case_output(loaded, case: Case, reference, result) -> None:
+    """Token-identical greedy output (see assert_same_greedy_tokens), and then the same text and finish reason."""
+    assert_same_greedy_tokens(loaded, case_prompt_ids(loaded, case), reference.token_ids, result.token_ids)
+    if result.token_ids == reference.token_ids:
+        assert result.text == reference.text and result.finish_reason == reference.finish_reason
+
+
 def run_case(loaded, case: Case, streamer=None, **options):
     options = {"generation_strategy": "autoregressive", **options}  # None: the model's stored default
     return layerskip.generate(loaded, case.prompt, chat=case.chat, stop_words=list(case.stop_words),
@@ -238,8 +265,7 @@ def test_default_self_speculative_greedy_is_token_identical(default_model, refer
         reference = references[case]
         result = run_case(default_model, case, streamer=recorder, generation_strategy="self_speculative",
                           exit_layer=exit_layer, num_speculations=num_speculations)
-        assert result.token_ids == reference.token_ids, case.prompt
-        assert result.text == reference.text and result.finish_reason == reference.finish_reason
+        assert_same_case_output(default_model, case, reference, result)
     if exit_layer == 29:  # drafts this deep are accepted often enough to run past EOS or a stop word
         assert recorder.cut_rounds > 0
 
@@ -255,7 +281,7 @@ def test_stored_settings_with_a_draft_slice_and_confidence_keep_greedy_output(de
     drafted = rounds = 0
     for case in cases_for(0) + cases_for(3):
         result = run_case(loaded, case, generation_strategy=None)
-        assert result.token_ids == references[case].token_ids, case.prompt
+        assert_same_case_output(loaded, case, references[case], result)
         assert result.settings == {key: stored[key] for key in ("generation_strategy", "exit_layer", "num_speculations",
                                                                 "draft_vocab_size", "draft_confidence")}
         drafted, rounds = drafted + result.stats.drafted_tokens, rounds + result.stats.rounds
@@ -273,6 +299,7 @@ def test_stop_word_spanning_two_tokens_cuts_text_before_it(default_model):
         result = run_case(default_model, dataclasses.replace(case, stop_words=(stop_word,)), **options)
         assert result.finish_reason == "stop_word"
         assert result.text == expected_text
-        assert result.token_ids == full.token_ids[:len(result.token_ids)]
+        assert_same_greedy_tokens(default_model, case_prompt_ids(default_model, case),
+                                  full.token_ids[:len(result.token_ids)], result.token_ids)
         assert stop_word in default_model.tokenizer.decode(result.token_ids)
         assert stop_word not in default_model.tokenizer.decode(result.token_ids[:-1])

@@ -83,6 +83,7 @@ def test_cpu_kernels_auto_keeps_the_path_that_times_faster(tiny_checkpoint, monk
     from layerskip.model import Transformer
 
     folder, _ = tiny_checkpoint()
+    monkeypatch.delenv("LAYERSKIP_CPU_KERNELS", raising=False)
     assert isinstance(layerskip.load(str(folder), cpu_kernels="packed").model.packing_pays(), bool)
     for pays in (True, False):
         monkeypatch.setattr(Transformer, "packing_pays", lambda self, pays=pays: pays)
@@ -90,6 +91,14 @@ def test_cpu_kernels_auto_keeps_the_path_that_times_faster(tiny_checkpoint, monk
     assert layerskip.load(str(folder), cpu_kernels="plain").model.packed_head is None
     with pytest.raises(LayerSkipError, match="unknown cpu_kernels 'fast': choose one of auto, packed, plain"):
         layerskip.load(str(folder), cpu_kernels="fast")
+    # The environment forces a path for a whole run; an explicit argument still wins.
+    monkeypatch.setattr(Transformer, "packing_pays", lambda self: False)
+    monkeypatch.setenv("LAYERSKIP_CPU_KERNELS", "packed")
+    assert layerskip.load(str(folder)).model.packed_head is not None
+    assert layerskip.load(str(folder), cpu_kernels="plain").model.packed_head is None
+    monkeypatch.setenv("LAYERSKIP_CPU_KERNELS", "fast")
+    with pytest.raises(LayerSkipError, match="unknown LAYERSKIP_CPU_KERNELS 'fast': choose one of auto, packed"):
+        layerskip.load(str(folder))
 
 
 def test_embedded_default_logits_match_transformers_gguf_loader(default_model):

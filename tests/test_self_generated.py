@@ -12,6 +12,7 @@ from layerskip.errors import LayerSkipError
 from layerskip.eval.records import read_records
 from layerskip.generation import Sampler
 from layerskip.training.config import DataSource
+from conftest import assert_same_greedy_tokens
 from layerskip.training.self_generated import cache_path, length_sorted_batches, sample_replies, self_generated_documents
 
 
@@ -27,7 +28,7 @@ def test_left_padded_batch_replies_equal_single_prompt_decoding(tiny_checkpoint)
     for prompt, reply in zip(prompts, batch):
         alone = layerskip.generate(loaded, prompt_ids=prompt, sample=False, max_steps=12, stop_token_ids=[end_id],
                                    generation_strategy="autoregressive")
-        assert reply == alone.token_ids
+        assert_same_greedy_tokens(loaded, prompt, alone.token_ids, reply)
     assert len(batch[1]) <= 4 and batch[1][-1] == end_id
     # Sampling: the same seed gives the same replies.
     again = [sample_replies(loaded.model, prompts, max_new_tokens=12, end_ids=end,
@@ -40,11 +41,13 @@ def test_batches_group_prompts_of_similar_length():
 
 
 def test_self_generated_source_is_chat_prompt_plus_reply_and_resumes(tmp_path):
+    """Like with like: replies are generated in bfloat16, so the reference decodes in bfloat16 too, and one
+    prompt per batch keeps the same row shapes as one-at-a-time decoding (batching is tested above)."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Say hi.", "Name a colour.", "Count to 3."]))
     source = DataSource(self_generated=str(prompts), field="prompt", max_new_tokens=6, temperature=0.0)
-    documents = list(self_generated_documents(source, "smollm2-135m", tmp_path / "cache"))
-    base = layerskip.load("smollm2-135m")
+    documents = list(self_generated_documents(source, "smollm2-135m", tmp_path / "cache", batch_size=1))
+    base = layerskip.load("smollm2-135m", dtype="bfloat16")
     for prompt, document in zip(["Say hi.", "Name a colour.", "Count to 3."], documents):
         chat = base.tokenizer.encode_chat([{"role": "user", "content": prompt}])
         reply = layerskip.generate(base, prompt_ids=chat, sample=False, max_steps=6,
@@ -54,7 +57,7 @@ def test_self_generated_source_is_chat_prompt_plus_reply_and_resumes(tmp_path):
     records = cache_path(source, "smollm2-135m", tmp_path / "cache")
     kept = read_records(records)[:1]
     records.write_text(json.dumps(kept[0]) + "\n" + '{"index": 1, "input_')
-    assert list(self_generated_documents(source, "smollm2-135m", tmp_path / "cache")) == documents
+    assert list(self_generated_documents(source, "smollm2-135m", tmp_path / "cache", batch_size=1)) == documents
     assert sorted(r["index"] for r in read_records(records)) == [0, 1, 2]
     with pytest.raises(LayerSkipError, match="has no non-empty text field 'text'"):
         list(self_generated_documents(DataSource(self_generated=str(prompts)), "smollm2-135m", tmp_path / "c2"))

@@ -6,6 +6,7 @@ Every source is first turned into a Hugging Face checkpoint folder; one code pat
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from layerskip.model import ModelConfig, Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KERNELS = ("auto", "packed", "plain")
+CPU_KERNELS_ENV = "LAYERSKIP_CPU_KERNELS"  # forces the CPU kernel path for a whole run (tests, CI, benchmarks)
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -97,14 +99,23 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def resolve_cpu_kernels(cpu_kernels: str | None) -> str:
+    """The kernel path asked for: the argument, else the environment's, else "auto"."""
+    source = "cpu_kernels"
+    if cpu_kernels is None:
+        cpu_kernels, source = os.environ.get(CPU_KERNELS_ENV) or "auto", CPU_KERNELS_ENV
+    if cpu_kernels not in CPU_KERNELS:
+        raise LayerSkipError(f"unknown {source} '{cpu_kernels}': choose one of {', '.join(CPU_KERNELS)}")
+    return cpu_kernels
+
+
 def load(model: str | None = None, *, dtype: str | None = None, device: str = "auto",
-         cpu_kernels: str = "auto") -> LoadedModel:
+         cpu_kernels: str | None = None) -> LoadedModel:
     """Load a model for decoding. `model`: None for the embedded default, a folder (a checkpoint, or a LoRA
     adapter whose base model is then loaded and merged), a .gguf file, or a hub id. `cpu_kernels` (CPU,
     float32): "packed" (oneDNN-prepacked weights for decoding passes), "plain", or "auto", the faster of
-    the two timed on this machine."""
-    if cpu_kernels not in CPU_KERNELS:
-        raise LayerSkipError(f"unknown cpu_kernels '{cpu_kernels}': choose one of {', '.join(CPU_KERNELS)}")
+    the two timed on this machine; None reads $LAYERSKIP_CPU_KERNELS (default "auto")."""
+    cpu_kernels = resolve_cpu_kernels(cpu_kernels)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     folder = resolve_model_folder(model)

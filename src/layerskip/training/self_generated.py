@@ -63,7 +63,8 @@ def sample_replies(model: Transformer, prompts: list[list[int]], *, max_new_toke
     cache = KVCache(model.config, min(length + max_new_tokens, model.config.max_position_embeddings),
                     batch_size=len(prompts), dtype=model.embed_tokens.weight.dtype, device=device)
     padding = torch.tensor([length - len(prompt) for prompt in prompts], device=device)
-    cache.attendable = torch.arange(cache.capacity, device=device)[None, :] >= padding[:, None]
+    if padding.any():  # without padding every position is attendable: no mask, the kernels of plain decoding
+        cache.attendable = torch.arange(cache.capacity, device=device)[None, :] >= padding[:, None]
     replies: list[list[int]] = [[] for _ in prompts]
     rows = list(range(len(prompts)))  # the prompt of each batch row, in cache order
     running = set(rows)
