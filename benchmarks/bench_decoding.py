@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 import layerskip
-from layerskip.model import KVCache
+from layerskip.bench.costs import measure_step_costs
 
 PROMPTS = [
     ("code", "Write a Python function that merges two sorted lists into one sorted list."),
@@ -44,35 +44,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output_dir", default="logs/bench_decoding")
     parser.add_argument("--no_hf", action="store_true", help="skip the transformers baseline")
     return parser.parse_args()
-
-
-@torch.inference_mode()
-def measure_step_costs(model, exit_layer: int, speculations: int, vocab_size: int = 0, context: int = 64,
-                       repeats: int = 15) -> tuple[float, float]:
-    """(c_d, c_v): a draft step and a k-draft verification, in units of one full decoding step.
-
-    The three passes are timed in turn, repeatedly, and compared by their medians.
-    """
-    cache = KVCache(model.config, context + speculations + 2)
-    model(torch.arange(context)[None] % model.config.vocab_size, cache=cache)
-    one = model.embed(torch.tensor([[7]]))
-    many = model.embed(torch.full((1, speculations + 1), 7))
-    layers = model.num_layers
-    passes = {
-        "full": lambda: model.head(model.forward_layers(one, 0, layers, context, cache)),
-        "draft": lambda: (model.draft_head(model.forward_layers(one, 0, exit_layer, context, cache), vocab_size)
-                          if vocab_size else model.head(model.forward_layers(one, 0, exit_layer, context, cache))),
-        "verify": lambda: (model.forward_layers(one, 0, exit_layer, context, cache),
-                           model.head(model.forward_layers(many, exit_layer, layers, context, cache))),
-    }
-    times: dict[str, list[float]] = {name: [] for name in passes}
-    for _ in range(repeats):
-        for name, run_pass in passes.items():
-            start = time.perf_counter()
-            run_pass()
-            times[name].append(time.perf_counter() - start)
-    median = {name: sorted(values)[len(values) // 2] for name, values in times.items()}
-    return median["draft"] / median["full"], median["verify"] / median["full"]
 
 
 def main() -> None:

@@ -10,7 +10,9 @@ import torch
 import layerskip
 from layerskip.errors import LayerSkipError
 from layerskip.model import KVCache, ModelConfig
-from layerskip.model.transformer import PACKED_MAX_ROWS
+from layerskip.model.kernels.prepare import unprepare
+from layerskip.model.kernels import native
+from layerskip.model.kernels.packed import PACKED_MAX_ROWS
 
 VARIANTS = {
     "mha_tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
@@ -63,10 +65,14 @@ def test_cached_incremental_decoding_equals_one_full_pass(tiny_checkpoint):
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() < 1e-4
 
 
-def test_packed_decoding_agrees_with_plain_weights(tiny_checkpoint):
+@pytest.mark.parametrize("path", ["packed", "native"])
+def test_prepared_kernel_paths_decode_like_plain_weights(tiny_checkpoint, path):
+    if path == "native" and native.load_native() is None:
+        pytest.skip("the native kernels do not build here")
     folder, _ = tiny_checkpoint(attention_bias=True)
-    model = layerskip.load(str(folder), cpu_kernels="packed").model
-    assert model.packed_head is not None
+    model = layerskip.load(str(folder), cpu_kernels=path).model
+    assert model.kernel_path == path and model.prepared["head"].path == path
+    assert model.row_invariant == (path == "native")
     ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(4))
 
     def decode_one_by_one():
@@ -74,30 +80,40 @@ def test_packed_decoding_agrees_with_plain_weights(tiny_checkpoint):
         with torch.inference_mode():
             return torch.cat([model(ids[:, i:i + 1], start_pos=i, cache=cache) for i in range(12)], dim=1)
 
-    packed = decode_one_by_one()
-    model.unpack()
-    assert (packed - decode_one_by_one()).abs().max().item() < 1e-5
+    prepared = decode_one_by_one()
+    with torch.inference_mode():
+        prefill = model(ids)  # a long pass: the native path serves it too
+    unprepare(model)
+    plain = decode_one_by_one()
+    assert (prepared - plain).abs().max().item() < 1e-5
+    assert (prefill - plain).abs().max().item() < 1e-5
 
 
-def test_cpu_kernels_auto_keeps_the_path_that_times_faster(tiny_checkpoint, monkeypatch):
-    from layerskip.model import Transformer
+def test_cpu_kernels_auto_takes_native_else_the_path_that_times_faster(tiny_checkpoint, monkeypatch):
+    from layerskip.model.kernels import prepare
 
     folder, _ = tiny_checkpoint()
     monkeypatch.delenv("LAYERSKIP_CPU_KERNELS", raising=False)
-    assert isinstance(layerskip.load(str(folder), cpu_kernels="packed").model.packing_pays(), bool)
+    assert isinstance(prepare.packing_pays(layerskip.load(str(folder), cpu_kernels="packed").model), bool)
+    if native.load_native() is not None:
+        assert layerskip.load(str(folder)).model.kernel_path == "native"
+    monkeypatch.setattr(native, "load_native", lambda: None)  # as where the extension cannot build
     for pays in (True, False):
-        monkeypatch.setattr(Transformer, "packing_pays", lambda self, pays=pays: pays)
-        assert (layerskip.load(str(folder)).model.packed_head is not None) == pays
-    assert layerskip.load(str(folder), cpu_kernels="plain").model.packed_head is None
-    with pytest.raises(LayerSkipError, match="unknown cpu_kernels 'fast': choose one of auto, packed, plain"):
+        monkeypatch.setattr(prepare, "packing_pays", lambda model, pays=pays: pays)
+        assert layerskip.load(str(folder)).model.kernel_path == ("packed" if pays else "plain")
+    loaded = layerskip.load(str(folder), cpu_kernels="plain")
+    assert loaded.model.kernel_path == "plain" and not loaded.model.prepared
+    with pytest.raises(LayerSkipError, match="unknown cpu_kernels 'fast': choose one of auto, native, packed, plain"):
         layerskip.load(str(folder), cpu_kernels="fast")
+    with pytest.raises(LayerSkipError, match="the native kernels are not available"):
+        layerskip.load(str(folder), cpu_kernels="native")
     # The environment forces a path for a whole run; an explicit argument still wins.
-    monkeypatch.setattr(Transformer, "packing_pays", lambda self: False)
+    monkeypatch.setattr(prepare, "packing_pays", lambda model: False)
     monkeypatch.setenv("LAYERSKIP_CPU_KERNELS", "packed")
-    assert layerskip.load(str(folder)).model.packed_head is not None
-    assert layerskip.load(str(folder), cpu_kernels="plain").model.packed_head is None
+    assert layerskip.load(str(folder)).model.kernel_path == "packed"
+    assert layerskip.load(str(folder), cpu_kernels="plain").model.kernel_path == "plain"
     monkeypatch.setenv("LAYERSKIP_CPU_KERNELS", "fast")
-    with pytest.raises(LayerSkipError, match="unknown LAYERSKIP_CPU_KERNELS 'fast': choose one of auto, packed"):
+    with pytest.raises(LayerSkipError, match="unknown LAYERSKIP_CPU_KERNELS 'fast': choose one of auto, native"):
         layerskip.load(str(folder))
 
 

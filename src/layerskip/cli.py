@@ -47,6 +47,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "smollm2-135m, or smollm2-135m-layerskip once the package ships its adapter)")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default) or float16")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--quantize", default="none",
+                        help="weight format for decoding, applied at load, LM head included: none, bf16, int8 "
+                             "(Q8_0) or int4 (Q4_1); a GGUF file's own blocks of that format are used as they are")
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, *, grid: bool = False) -> None:
@@ -256,7 +259,7 @@ def run_generate(args: argparse.Namespace) -> int:
     import layerskip
     from layerskip.generation import GenerationConfig, SpeculativeStreamer, TextStreamer
 
-    loaded = layerskip.load(args.model, dtype=args.dtype, device=args.device)
+    loaded = layerskip.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     config = GenerationConfig.from_options(generation_options(args)).resolved(loaded.config.num_hidden_layers,
                                                                              loaded.defaults)
 
@@ -271,7 +274,9 @@ def run_generate(args: argparse.Namespace) -> int:
         streamer = streamer_for()
         result = layerskip.api.generate_with_config(loaded, ids, config, streamer=streamer)
         if args.output == "json":
-            print(json.dumps({"model": loaded.name, **result.as_dict()}, ensure_ascii=False))
+            output = result.as_dict()
+            output["settings"].update(weight_format=loaded.model.weight_format, cpu_kernels=loaded.model.kernel_path)
+            print(json.dumps({"model": loaded.name, **output}, ensure_ascii=False))
         else:
             if streamer is None:
                 print(result.text if result.text is not None else ",".join(map(str, result.token_ids)))
@@ -294,7 +299,7 @@ def run_correctness(args: argparse.Namespace) -> int:
 
     options = {**generation_options(args), "generation_strategy": "self_speculative"}
     samples = load_dataset_samples(args)
-    loaded = layerskip.load(args.model, dtype=args.dtype, device=args.device)
+    loaded = layerskip.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     config = GenerationConfig.from_options(options).resolved(loaded.config.num_hidden_layers, loaded.defaults)
     output = Path(args.output_dir)
     report = {"model": loaded.name, "dataset": args.dataset,
@@ -318,7 +323,7 @@ def prepare_benchmark(args: argparse.Namespace) -> tuple[Any, list[Any], Any]:
     if args.execute_code and args.dataset != "human_eval":
         raise LayerSkipError("--execute_code applies to --dataset human_eval only")
     samples = load_dataset_samples(args)
-    loaded = layerskip.load(args.model, dtype=args.dtype, device=args.device)
+    loaded = layerskip.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     config = GenerationConfig.from_options(generation_options(args)).resolved(loaded.config.num_hidden_layers,
                                                                              loaded.defaults)
     return loaded, samples, config
@@ -396,8 +401,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise LayerSkipError(f"--num_fewshot must be at least 0, got {args.num_fewshot}")
     selection = load_tasks([name for entry in args.tasks for name in entry.split(",") if name], args.include_path)
-    lm = LayerSkipLM(args.model, dtype=args.dtype, device=args.device, batch_size=args.batch_size,
-                     generation_strategy=args.generation_strategy, exit_layer=args.exit_layer,
+    lm = LayerSkipLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                     batch_size=args.batch_size, generation_strategy=args.generation_strategy, exit_layer=args.exit_layer,
                      num_speculations=args.num_speculations, seed=args.seed, stop_words=args.stop_words,
                      stop_token_ids=args.stop_token_ids, ignore_eos=args.ignore_eos)
     overrides = {"do_sample": args.sample, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
@@ -422,7 +427,7 @@ def run_exits(args: argparse.Namespace) -> int:
     reports = run_exit_analysis([args.model] + ([args.compare] if args.compare else []), args.data_path, output,
                                 text_field=args.text_field, seq_len=args.seq_len, num_samples=args.num_samples,
                                 gen_tokens=args.gen_tokens, num_speculations=args.num_speculations, seed=args.seed,
-                                dtype=args.dtype, device=args.device)
+                                dtype=args.dtype, device=args.device, quantize=args.quantize)
     for report in reports:
         print(format_report(report) + "\n")
     print(f"table: {output / 'exits.csv'}, plot: {output / 'exits.png'}", file=sys.stderr)

@@ -17,13 +17,13 @@ from layerskip.loading.adapter import adapter_base_model, is_adapter_folder, mer
 from layerskip.loading.default_model import (BASE_MODEL_ALIASES, LAYERSKIP_MODEL, base_model_folder,
                                              default_model_folder, default_model_name, layerskip_model_folder)
 from layerskip.loading.hf_folder import (build_model, eos_token_ids, generation_defaults, load_state_dict,
-                                         read_config)
+                                         read_config, stored_blocks)
 from layerskip.loading.hub import looks_like_hub_id, resolve_hub_id
 from layerskip.loading.tokenizer import Tokenizer
 from layerskip.model import ModelConfig, Transformer
+from layerskip.model.kernels.prepare import CPU_KERNELS, QUANTIZE, KernelError, prepare
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CPU_KERNELS = ("auto", "packed", "plain")
 CPU_KERNELS_ENV = "LAYERSKIP_CPU_KERNELS"  # forces the CPU kernel path for a whole run (tests, CI, benchmarks)
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -110,12 +110,18 @@ def resolve_cpu_kernels(cpu_kernels: str | None) -> str:
 
 
 def load(model: str | None = None, *, dtype: str | None = None, device: str = "auto",
-         cpu_kernels: str | None = None) -> LoadedModel:
+         cpu_kernels: str | None = None, quantize: str = "none") -> LoadedModel:
     """Load a model for decoding. `model`: None for the embedded default, a folder (a checkpoint, or a LoRA
-    adapter whose base model is then loaded and merged), a .gguf file, or a hub id. `cpu_kernels` (CPU,
-    float32): "packed" (oneDNN-prepacked weights for decoding passes), "plain", or "auto", the faster of
-    the two timed on this machine; None reads $LAYERSKIP_CPU_KERNELS (default "auto")."""
+    adapter whose base model is then loaded and merged), a .gguf file, or a hub id.
+
+    `cpu_kernels` (CPU): "native" (our row-invariant kernels), "packed" (oneDNN-prepacked float32), "plain"
+    (torch's), or "auto": native where it builds, else the faster of the other two timed here; None reads
+    $LAYERSKIP_CPU_KERNELS (default "auto"). `quantize`: the weights' format for decoding, weight-only and
+    applied at load (the LM head included): "none", "bf16", "int8" (Q8_0 blocks) or "int4" (Q4_1 blocks); a
+    GGUF file's blocks of that format are used as they are."""
     cpu_kernels = resolve_cpu_kernels(cpu_kernels)
+    if quantize not in QUANTIZE:
+        raise LayerSkipError(f"unknown quantize '{quantize}': choose one of {', '.join(QUANTIZE)}")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     folder = resolve_model_folder(model)
@@ -127,9 +133,11 @@ def load(model: str | None = None, *, dtype: str | None = None, device: str = "a
     if adapter is not None:
         state = merge_lora(state, adapter)
     network = build_model(config, state, dtype=torch_dtype, device=torch_device)
-    if cpu_kernels != "plain" and network.pack_for_cpu_inference() and cpu_kernels == "auto" \
-            and not network.packing_pays():
-        network.unpack()
+    try:
+        prepare(network, cpu_kernels, QUANTIZE[quantize], None if adapter is not None else stored_blocks(folder))
+    except KernelError as error:
+        raise LayerSkipError(f"cannot load {model or default_model_name()} with quantize={quantize}, "
+                             f"cpu_kernels={cpu_kernels}: {error}") from None
     tokenizer = Tokenizer.from_folder(folder)
     eos_ids = eos_token_ids(folder)
     if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:

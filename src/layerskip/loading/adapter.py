@@ -90,7 +90,7 @@ ModelOrState = TypeVar("ModelOrState", Transformer, dict)
 def merge_lora(base: ModelOrState, adapter_folder: str | Path) -> ModelOrState:
     """Fold an adapter into full weights: W += scaling * B @ A.
 
-    `base` is a Transformer (merged in place; its CPU-packed copies are rebuilt if it had them) or a
+    `base` is a Transformer (merged in place; its weights prepared for a kernel path are prepared again) or a
     state dict with our names or HF names ("model." prefixed), returned as a new dict.
     """
     deltas = adapter_deltas(adapter_folder)
@@ -101,15 +101,16 @@ def merge_lora(base: ModelOrState, adapter_folder: str | Path) -> ModelOrState:
             _check_fits(adapter_folder, name, base.get(key), delta)
             merged[key] = (base[key].float() + delta).to(base[key].dtype)
         return merged
+    from layerskip.model.kernels.prepare import prepare, unprepare
+
     parameters = dict(base.named_parameters())
-    was_packed = base.packed_head is not None
-    base.unpack()
+    path, weight_format = base.kernel_path, base.weight_format
+    unprepare(base)
     with torch.no_grad():
         for name, delta in deltas.items():
             _check_fits(adapter_folder, name, parameters.get(name), delta)
             parameters[name].add_(delta.to(parameters[name]))
-    if was_packed:
-        base.pack_for_cpu_inference()
+    prepare(base, path, weight_format)
     return base
 
 

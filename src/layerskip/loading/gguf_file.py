@@ -27,6 +27,9 @@ LAYER_TENSORS = {
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
 GLOBAL_TENSORS = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
+# A converted folder is current when its marker holds this version (2: the GGUF blocks are kept beside).
+CONVERSION_MARKER = "layerskip_conversion"
+CONVERSION_VERSION = 2
 
 
 def _open(path: Path) -> Any:
@@ -77,10 +80,16 @@ def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return weight.reshape(num_heads, rows // num_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def gguf_state_dict(reader: Any, config: ModelConfig) -> dict[str, torch.Tensor]:
+Blocks = dict[str, tuple[str, torch.Tensor]]
+BLOCK_TYPES = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}  # the GGUF block formats our kernels run
+
+
+def gguf_state_dict(reader: Any, config: ModelConfig) -> tuple[dict[str, torch.Tensor], Blocks]:
+    """Float32 weights (dequantized by the gguf package) with our names, and the raw blocks of the tensors
+    stored in a block format our kernels run (a tied head's blocks are those of the token embedding)."""
     from gguf.quants import dequantize
 
-    state = {}
+    state, blocks = {}, {}
     for tensor in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", leave=False):
         stem, _, suffix = tensor.name.rpartition(".")
         if stem.startswith("blk."):
@@ -94,12 +103,16 @@ def gguf_state_dict(reader: Any, config: ModelConfig) -> dict[str, torch.Tensor]
             raise LayerSkipError(f"unsupported GGUF tensor '{tensor.name}'")
         values = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)  # a writable copy
         values = values.reshape([int(d) for d in reversed(tensor.shape)])
-        if stem.endswith("attn_q"):
-            values = unpermute_rotary_rows(values, config.num_attention_heads)
-        elif stem.endswith("attn_k"):
-            values = unpermute_rotary_rows(values, config.num_key_value_heads)
+        raw = np.array(tensor.data) if tensor.tensor_type.name in BLOCK_TYPES else None  # [rows, bytes]
+        heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(stem.split(".")[-1])
+        if heads:  # whole rows move, so the blocks follow the same permutation
+            values = unpermute_rotary_rows(values, heads)
+            raw = None if raw is None else unpermute_rotary_rows(raw, heads)
         state[name] = torch.from_numpy(np.ascontiguousarray(values))
-    return state
+        if raw is not None:
+            block_name = "lm_head.weight" if name == "embed_tokens.weight" and config.tie_word_embeddings else name
+            blocks[block_name] = (BLOCK_TYPES[tensor.tensor_type.name], torch.from_numpy(np.ascontiguousarray(raw)))
+    return state, blocks
 
 
 def gguf_eos_ids(reader: Any) -> list[int]:
@@ -125,11 +138,14 @@ def converted_folder_for(path: Path) -> Path:
 def convert_gguf(path: Path, folder: Path | None = None) -> Path:
     """Convert a GGUF file into an HF folder (once; later calls return the cached folder)."""
     folder = folder or converted_folder_for(path)
-    if (folder / "config.json").is_file():
+    marker = folder / CONVERSION_MARKER
+    if marker.is_file() and marker.read_text().strip() == str(CONVERSION_VERSION):
         return folder
     reader = _open(path)
     config = gguf_config(reader)
     print(f"layerskip: converting {path.name} once into {folder} (later loads take under a second)", file=sys.stderr)
-    state = gguf_state_dict(reader, config)
-    save_hf_folder(folder, config, state, eos_ids=gguf_eos_ids(reader), tokenizer=gguf_tokenizer(path, reader))
+    state, blocks = gguf_state_dict(reader, config)
+    save_hf_folder(folder, config, state, eos_ids=gguf_eos_ids(reader), tokenizer=gguf_tokenizer(path, reader),
+                   blocks=blocks)
+    marker.write_text(f"{CONVERSION_VERSION}\n")
     return folder

@@ -22,6 +22,10 @@ from layerskip.model import ModelConfig, Transformer
 from layerskip.model.transformer import rope_inverse_frequencies
 
 GENERATION_DEFAULTS_FILE = "layerskip.json"
+# A GGUF file's quantized weights as they are (uint8 GGUF blocks), beside the float weights converted from
+# them, so that decoding can run from the file's own blocks (`load(..., quantize=...)`). In a subfolder: the
+# float weights are every *.safetensors file of the folder itself.
+BLOCKS_FILE = Path("gguf_blocks") / "blocks.safetensors"
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -125,11 +129,28 @@ def save_hf_weights(folder: Path, state: dict[str, torch.Tensor], *, tied: bool)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+def stored_blocks(folder: Path) -> dict[str, tuple[str, torch.Tensor]] | None:
+    """The GGUF blocks kept with a converted folder: parameter name -> (format, uint8 blocks [rows, bytes])."""
+    path = folder / BLOCKS_FILE
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as blocks:
+        formats = blocks.metadata() or {}
+        return {name: (formats[name], blocks.get_tensor(name)) for name in blocks.keys()}
+
+
 def save_hf_folder(folder: Path, config: ModelConfig, state: dict[str, torch.Tensor], *,
-                   eos_ids: list[int] | None = None, tokenizer: Any = None) -> None:
-    """Write a complete HF checkpoint atomically."""
+                   eos_ids: list[int] | None = None, tokenizer: Any = None,
+                   blocks: dict[str, tuple[str, torch.Tensor]] | None = None) -> None:
+    """Write a complete HF checkpoint atomically (with a GGUF file's blocks, if given)."""
     with atomic_folder(folder) as staging:
         save_hf_weights(staging, state, tied=config.tie_word_embeddings)
+        if blocks:
+            (staging / BLOCKS_FILE).parent.mkdir()
+            save_file({name: data.contiguous() for name, (_, data) in blocks.items()}, staging / BLOCKS_FILE,
+                      metadata={name: weight_format for name, (weight_format, _) in blocks.items()})
         (staging / "config.json").write_text(json.dumps(
             {**config.to_hf_dict(), **({"eos_token_id": eos_ids} if eos_ids else {})}, indent=2))
         if eos_ids:

@@ -11,7 +11,7 @@ The three entry points that decoding strategies compose:
 from __future__ import annotations
 
 import math
-import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from torch import nn
 
 from layerskip.model.cache import KVCache
 from layerskip.model.config import ModelConfig
+from layerskip.model.kernels.linear import PreparedLinear
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -42,38 +43,15 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     return inv_freq
 
 
-# ---- CPU decoding fast path -------------------------------------------------------------------------
-# Decoding multiplies a few activation rows (1 per step, k+1 per verification) by every weight matrix.
-# MKL's default path streams the weights at about 10 GB/s on our 2-core machine; oneDNN's prepacked path
-# is 25-45% faster for 1 to 32 rows, more so with the q/k/v and gate/up matrices fused into one
-# (docs/BENCHMARKS.md). Longer passes (prompt prefill) stay on the default path, which is bit-identical
-# to transformers; the packed path sums in another order (logits differ by ~1e-4). Packed copies cost
-# the weights' memory again; training always uses the plain weights. Which path is faster depends on the
-# CPU (on a later host MKL's single-row path streamed at 21 GB/s, the packed one at 15), so loading times
-# both on the model's own weights and keeps the faster (`packing_pays`).
-
-PACKED_MAX_ROWS = 32
-PackedWeight = tuple[torch.Tensor, torch.Tensor | None]
+# Decoding passes run through weights prepared for a kernel path (model/kernels): each module lists its groups
+# of linears that read one input (fused into one matrix there), and holds their prepared matrices by name.
+# A module without prepared weights, and every pass under autograd (training), uses the nn.Linear weights.
+LinearGroups = dict[str, tuple[nn.Linear, ...]]
 
 
-def pack_linears(*linears: nn.Linear) -> PackedWeight:
-    """One oneDNN-prepacked matrix for several linears that read the same input (outputs concatenated)."""
-    weight = torch.cat([linear.weight.detach() for linear in linears])
-    biases = [linear.bias for linear in linears]
-    bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
-    return pack_weight(weight), bias
-
-
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-
-
-def packed_applies(packed: PackedWeight | None, x: torch.Tensor) -> bool:
-    return packed is not None and x.numel() <= PACKED_MAX_ROWS * x.shape[-1] and not torch.is_grad_enabled()
-
-
-def packed_linear(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed[0], packed[1], "none", [], "")
+def run_prepared(prepared: PreparedLinear | None, x: torch.Tensor) -> torch.Tensor | None:
+    """The prepared product when it serves this pass, else None (the caller runs its nn.Linear)."""
+    return prepared(x) if prepared is not None and prepared.applies(x) else None
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -92,22 +70,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
-        self.packed_qkv: PackedWeight | None = None
-        self.packed_o: PackedWeight | None = None
+        self.prepared: dict[str, PreparedLinear] = {}
+        # A row-invariant attention kernel for passes without autograd (set with the native kernels), else SDPA.
+        self.attend: Callable[..., torch.Tensor] | None = None
 
-    def linear_groups(self) -> list[tuple[tuple[nn.Linear, ...], PackedWeight | None]]:
-        """The linears the packed path fuses (each group reads one input), with their packed weights."""
-        return [((self.q_proj, self.k_proj, self.v_proj), self.packed_qkv), ((self.o_proj,), self.packed_o)]
-
-    def pack(self) -> None:
-        self.packed_qkv, self.packed_o = (pack_linears(*group) for group, _ in self.linear_groups())
+    def linear_groups(self) -> LinearGroups:
+        return {"qkv": (self.q_proj, self.k_proj, self.v_proj), "o": (self.o_proj,)}
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int,
                 cache: KVCache | None) -> torch.Tensor:
         batch, length, _ = x.shape
-        if packed_applies(self.packed_qkv, x):
+        qkv = run_prepared(self.prepared.get("qkv"), x)
+        if qkv is not None:
             kv_size = self.num_kv_heads * self.head_dim
-            q, k, v = packed_linear(x, self.packed_qkv).split([self.num_heads * self.head_dim, kv_size, kv_size], -1)
+            q, k, v = qkv.split([self.num_heads * self.head_dim, kv_size, kv_size], -1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
@@ -117,6 +93,11 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer_index, start_pos, k, v)
+        if self.attend is not None and not torch.is_grad_enabled():
+            # Without a cache the keys are this pass's own: key s is query s's position.
+            first, attendable = (start_pos, cache.attendable) if cache is not None else (0, None)
+            out = self.attend(q, k, v, first, attendable)
+            return self.output(out.transpose(1, 2).reshape(batch, length, -1))
         # Grouped-query attention without copying K/V: the query heads that share a KV head are
         # folded into the query-length axis, so one attention call per KV head serves the group.
         group = self.num_heads // self.num_kv_heads
@@ -134,7 +115,11 @@ class Attention(nn.Module):
                 mask = (mask & attendable) | (key_pos[None, :] == query_pos[:, None]).repeat(group, 1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.view(batch, self.num_heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
-        return packed_linear(out, self.packed_o) if packed_applies(self.packed_o, out) else self.o_proj(out)
+        return self.output(out)
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        projected = run_prepared(self.prepared.get("o"), out)
+        return projected if projected is not None else self.o_proj(out)
 
 
 class FeedForward(nn.Module):
@@ -143,21 +128,19 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
-        self.packed_gate_up: PackedWeight | None = None
-        self.packed_down: PackedWeight | None = None
+        self.prepared: dict[str, PreparedLinear] = {}
 
-    def linear_groups(self) -> list[tuple[tuple[nn.Linear, ...], PackedWeight | None]]:
-        """The linears the packed path fuses (each group reads one input), with their packed weights."""
-        return [((self.gate_proj, self.up_proj), self.packed_gate_up), ((self.down_proj,), self.packed_down)]
-
-    def pack(self) -> None:
-        self.packed_gate_up, self.packed_down = (pack_linears(*group) for group, _ in self.linear_groups())
+    def linear_groups(self) -> LinearGroups:
+        return {"gate_up": (self.gate_proj, self.up_proj), "down": (self.down_proj,)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if packed_applies(self.packed_gate_up, x):
-            gate, up = packed_linear(x, self.packed_gate_up).chunk(2, dim=-1)
-            return packed_linear(F.silu(gate) * up, self.packed_down)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = run_prepared(self.prepared.get("gate_up"), x)
+        if gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = gate_up.chunk(2, dim=-1)
+        hidden = F.silu(gate) * up
+        down = run_prepared(self.prepared.get("down"), hidden)
+        return down if down is not None else self.down_proj(hidden)
 
 
 class RMSNorm(nn.Module):
@@ -199,67 +182,24 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.packed_head: PackedWeight | None = None
+        self.prepared: dict[str, PreparedLinear] = {}   # the head, prepared for a kernel path (model/kernels)
+        self.kernel_path = "plain"                         # which path the prepared weights are for
+        self.weight_format = "float32"                     # and in which format they are
         # Token ids ranked by how often the model produces them (stored with the model, see draft_head).
         self.draft_vocab: torch.Tensor | None = None
-        self._draft_heads: dict[int, tuple[torch.Tensor, torch.Tensor, PackedWeight | None]] = {}
+        self._draft_heads: dict[int, tuple[torch.Tensor, torch.Tensor, PreparedLinear | None]] = {}
 
-    def pack_for_cpu_inference(self) -> bool:
-        """Prepack the weights for CPU float32 decoding passes of a few rows (see above); returns whether it did.
+    def linear_groups(self) -> LinearGroups:
+        return {"head": (self.lm_head,)}
 
-        Call after the weights are final (after loading and merging adapters): packing copies them.
-        """
-        weight = self.embed_tokens.weight
-        if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
-            return False
-        self._draft_heads.clear()
-        try:
-            for layer in self.layers:
-                layer.self_attn.pack()
-                layer.mlp.pack()
-            self.packed_head = pack_linears(self.lm_head)
-        except (RuntimeError, AttributeError):  # a torch build without the oneDNN ops: keep the plain path
-            self.unpack()
-            return False
-        return True
+    def prepared_modules(self) -> list[nn.Module]:
+        """Every module whose linears a kernel path prepares (see model/kernels/prepare.py)."""
+        return [module for layer in self.layers for module in (layer.self_attn, layer.mlp)] + [self]
 
-    def packing_pays(self, rows: tuple[int, ...] = (1, 5), repeats: int = 2) -> bool:
-        """Whether the packed weights (already made) run a decoding step and a verification pass faster than
-        the plain ones on this machine: every layer's matrix products timed both ways, interleaved, medians.
-        About 0.5 s for a 135M model: the weights are streamed from memory as in real decoding."""
-
-        work = [pair for layer in self.layers
-                for pair in (*layer.self_attn.linear_groups(), *layer.mlp.linear_groups())]
-
-        def plain_pass(m: int) -> None:
-            for group, _ in work:
-                for linear in group:
-                    linear(inputs[m, group[0].in_features])
-
-        def packed_pass(m: int) -> None:
-            for group, packed in work:
-                packed_linear(inputs[m, group[0].in_features], packed)
-
-        seconds = {plain_pass: [], packed_pass: []}
-        with torch.inference_mode():
-            widths = {group[0].in_features for group, _ in work}
-            inputs = {(m, width): torch.randn(1, m, width) for m in rows for width in widths}
-            for _ in range(repeats + 1):  # the first round warms up (allocation, kernel selection)
-                for run, times in seconds.items():
-                    start = time.perf_counter()
-                    for m in rows:
-                        run(m)
-                    times.append(time.perf_counter() - start)
-        median = {run: sorted(times[1:])[repeats // 2] for run, times in seconds.items()}
-        return median[packed_pass] < median[plain_pass]
-
-    def unpack(self) -> None:
-        """Drop the packed copies and draft heads (for example before changing weights)."""
-        for layer in self.layers:
-            layer.self_attn.packed_qkv = layer.self_attn.packed_o = None
-            layer.mlp.packed_gate_up = layer.mlp.packed_down = None
-        self.packed_head = None
-        self._draft_heads.clear()
+    @property
+    def row_invariant(self) -> bool:
+        """Whether a position's logits are bit-identical whatever else shares its pass (native kernels)."""
+        return bool(self.prepared) and all(p.row_invariant for m in self.prepared_modules() for p in m.prepared.values())
 
     @property
     def num_layers(self) -> int:
@@ -291,8 +231,8 @@ class Transformer(nn.Module):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """The one exit head shared by every layer: final norm, then the LM head; float32 logits."""
         normed = self.norm(hidden)
-        logits = packed_linear(normed, self.packed_head) if packed_applies(self.packed_head, normed) else self.lm_head(normed)
-        return logits.float()
+        logits = run_prepared(self.prepared.get("head"), normed)
+        return (logits if logits is not None else self.lm_head(normed)).float()
 
     def set_draft_vocab(self, token_ids: list[int] | None) -> None:
         """Token ids ranked by how often the model produces them, most frequent first (see draft_head)."""
@@ -318,11 +258,12 @@ class Transformer(nn.Module):
         if sliced is None:
             ids = self.draft_vocab[:vocab_size].to(self.lm_head.weight.device)
             weight = self.lm_head.weight.detach()[ids]
-            packed = (pack_weight(weight), None) if self.packed_head is not None else None
-            sliced = self._draft_heads[vocab_size] = (ids, weight, packed)
-        ids, weight, packed = sliced
+            head = self.prepared.get("head")
+            sliced = self._draft_heads[vocab_size] = (ids, weight, head.rows(ids, weight) if head else None)
+        ids, weight, prepared = sliced
         normed = self.norm(hidden)
-        logits = packed_linear(normed, packed) if packed_applies(packed, normed) else F.linear(normed, weight)
+        logits = run_prepared(prepared, normed)
+        logits = logits if logits is not None else F.linear(normed, weight)
         full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"), dtype=torch.float32)
         return full.index_copy_(-1, ids, logits.float())
 

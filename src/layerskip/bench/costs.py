@@ -1,0 +1,38 @@
+"""The cost model's step costs timed on the engine: c_d and c_v in units of one full decoding step."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from layerskip.model import KVCache
+
+
+@torch.inference_mode()
+def measure_step_costs(model, exit_layer: int, speculations: int, vocab_size: int = 0, context: int = 64,
+                       repeats: int = 15) -> tuple[float, float]:
+    """(c_d, c_v): a draft step and a k-draft verification, in units of one full decoding step.
+
+    The three passes are timed in turn, repeatedly, and compared by their medians.
+    """
+    cache = KVCache(model.config, context + speculations + 2)
+    model(torch.arange(context)[None] % model.config.vocab_size, cache=cache)
+    one = model.embed(torch.tensor([[7]]))
+    many = model.embed(torch.full((1, speculations + 1), 7))
+    layers = model.num_layers
+    passes = {
+        "full": lambda: model.head(model.forward_layers(one, 0, layers, context, cache)),
+        "draft": lambda: (model.draft_head(model.forward_layers(one, 0, exit_layer, context, cache), vocab_size)
+                          if vocab_size else model.head(model.forward_layers(one, 0, exit_layer, context, cache))),
+        "verify": lambda: (model.forward_layers(one, 0, exit_layer, context, cache),
+                           model.head(model.forward_layers(many, exit_layer, layers, context, cache))),
+    }
+    times: dict[str, list[float]] = {name: [] for name in passes}
+    for _ in range(repeats):
+        for name, run_pass in passes.items():
+            start = time.perf_counter()
+            run_pass()
+            times[name].append(time.perf_counter() - start)
+    median = {name: sorted(values)[len(values) // 2] for name, values in times.items()}
+    return median["draft"] / median["full"], median["verify"] / median["full"]

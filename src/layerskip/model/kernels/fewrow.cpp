@@ -1,0 +1,841 @@
+// Few-row CPU kernels for decoding: y = x W^T for a handful of activation rows, and few-query attention.
+//
+// Why: a decoding step multiplies 1..~16 rows by every weight matrix, so the cost is reading the weights.
+// These kernels read each weight once per call whatever the number of rows, and they are row-invariant by
+// construction: every output element is computed by one thread, in a reduction order that depends only on
+// K (and on the instruction-set path), never on the other rows, on how rows are grouped in registers, or on
+// how the output features are split between threads.  So a row decoded alone and the same row inside a
+// speculative-verification batch give bit-identical logits.
+//
+// Layout of this file: the common part (helpers, dispatch, Python bindings) is compiled once; the "ISA body"
+// (generic kernels written over a small vector abstraction V) is included three times, each inside its own
+// namespace and `#pragma GCC target` region: scalar (plain C++), avx2 (AVX2+FMA+F16C) and avx512
+// (AVX-512 F/BW/VL/DQ/VNNI).  The body is this same file, included again with FEWROW_ISA_BODY defined, so
+// the three paths share every line of kernel logic and differ only in their V.
+//
+// Formats: f32 and bf16 weights [N, K] are multiplied in fp32 with FMA.  Q8_0 / Q4_0 / Q4_1 weights are the
+// GGUF block bytes, uint8 [N, K/32 * block_bytes]; the activation is quantized per row to int8 in blocks of
+// 32 (scale = max|x| / 127, q = round-half-even(x / scale)), block dot products run in int32, then each block
+// is scaled in fp32 and the blocks are summed in a fixed order.
+
+#ifndef FEWROW_ISA_BODY
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#define FR_INLINE inline __attribute__((always_inline))
+#ifndef FEWROW_EXP
+#define FEWROW_EXP 0
+#endif
+#ifndef FEWROW_PF
+#define FEWROW_PF 2048
+#endif
+#ifndef FEWROW_ACC512
+#define FEWROW_ACC512 4
+#define FEWROW_ACC2 2
+#endif
+
+namespace fewrow {
+
+// GGUF block formats this file reads.
+enum Fmt : int { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2 };
+constexpr int kBlock = 32;                      // elements per block (all three formats)
+constexpr int block_bytes(int f) { return f == Q8_0 ? 34 : f == Q4_0 ? 18 : 20; }
+constexpr int data_offset(int f) { return f == Q4_1 ? 4 : 2; }  // bytes of fp16 scale (and min) before the data
+constexpr const char* fmt_name(int f) { return f == Q8_0 ? "q8_0" : f == Q4_0 ? "q4_0" : "q4_1"; }
+
+// IEEE half -> float, portable (the scalar path cannot assume F16C).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);          // inf / nan
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);  // normal: rebias 15 -> 127
+  } else if (man == 0) {
+    bits = sign;                                      // +-0
+  } else {                                            // subnormal half: normalise
+    int e = -1;
+    do { man <<= 1; ++e; } while ((man & 0x400) == 0);
+    bits = sign | uint32_t(112 - e) << 23 | ((man & 0x3ff) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t load_u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
+
+constexpr int kPrefetchBytes = FEWROW_PF;
+
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// Grain for at::parallel_for over tiles of output features: at least ~64 KiB of weights per task, so small
+// matrices stay on one thread and big ones split evenly.
+inline int64_t tile_grain(int64_t tile_bytes) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, tile_bytes)); }
+
+// How one ISA path wants a quantized activation row laid out for one weight format.
+struct ActLayout {
+  int bpv = 1;           // blocks per vector
+  int le = 32;           // block elements summed into one int32 lane
+  int perm[64] = {};     // vector byte position -> (block in vector) * 32 + element, for bpv * 32 positions
+  int offset = 0;        // added to every int8 value (128: stored as unsigned bytes)
+  int corr_factor = 0;   // per lane, keep corr_factor * sum(q over the lane) (0: none)
+  bool sums = false;     // per lane, keep dx * sum(q over the lane) (Q4_1's min term)
+};
+
+// Per-row int8 activation: for each vector of bpv blocks one record of [bpv*32 bytes of q][per lane: dx (the
+// block's scale) float][corr int32, if kept][dx * sum(q) float, if kept], rows padded with zero blocks to whole
+// vectors.  One record per vector keeps every load of a step at a constant offset from one pointer per row.
+struct QAct {
+  std::vector<uint8_t> buf;
+  uint8_t* data = nullptr;
+  int64_t rec = 0, row_stride = 0, off_dx = 0, off_corr = 0, off_sl = 0;
+  const uint8_t* row(int64_t r) const { return data + r * row_stride; }
+};
+
+// Quantize rows: scale = max|x| / 127, q = round-half-even(x / scale), per block of 32, each row on its own.
+inline void quantize_act(const float* x, int64_t R, int64_t K, const ActLayout& L, QAct& a) {
+  const int64_t nb = K / kBlock, nv = (nb + L.bpv - 1) / L.bpv, pos = int64_t(L.bpv) * kBlock, lanes = pos / L.le;
+  a.off_dx = pos;
+  a.off_corr = a.off_dx + 4 * lanes;
+  a.off_sl = a.off_corr + (L.corr_factor ? 4 * lanes : 0);
+  a.rec = a.off_sl + (L.sums ? 4 * lanes : 0);
+  a.row_stride = round_up(nv * a.rec, 64);
+  a.buf.assign(R * a.row_stride + 64, 0);
+  a.data = a.buf.data() + (64 - reinterpret_cast<uintptr_t>(a.buf.data()) % 64) % 64;
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<int8_t> q(nv * pos, 0);
+    std::vector<float> d(nv * L.bpv, 0.f);
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* xb = x + r * K + b * kBlock;
+        float amax = 0.f;
+        for (int e = 0; e < kBlock; ++e) amax = std::max(amax, std::fabs(xb[e]));
+        d[b] = amax / 127.f;
+        for (int e = 0; e < kBlock; ++e) {
+          const float v = d[b] > 0.f ? std::nearbyint(xb[e] / d[b]) : 0.f;
+          q[b * kBlock + e] = int8_t(std::fmin(std::fmax(v, -127.f), 127.f));  // also maps nan to a number
+        }
+      }
+      for (int64_t v = 0; v < nv; ++v) {
+        uint8_t* rec = a.data + r * a.row_stride + v * a.rec;
+        const int8_t* qv = q.data() + v * pos;
+        for (int p = 0; p < pos; ++p) rec[p] = uint8_t(qv[L.perm[p]] + L.offset);
+        for (int g = 0; g < lanes; ++g) {
+          int32_t s = 0;
+          for (int p = g * L.le; p < (g + 1) * L.le; ++p) s += qv[L.perm[p]];
+          const float dx = d[v * L.bpv + L.perm[g * L.le] / kBlock];
+          const int32_t corr = L.corr_factor * s;
+          const float sl = dx * float(s);
+          std::memcpy(rec + a.off_dx + 4 * g, &dx, 4);
+          if (L.corr_factor) std::memcpy(rec + a.off_corr + 4 * g, &corr, 4);
+          if (L.sums) std::memcpy(rec + a.off_sl + 4 * g, &sl, 4);
+        }
+      }
+    }
+  });
+}
+
+// ---- vector abstractions -------------------------------------------------------------------------------
+// Each V gives: W float lanes; BPV quant blocks per vector; LE block elements per int32 lane; kAcc accumulators
+// per output element; float ops, bf16 load, a fixed-order horizontal sum and the pieces of exp; and for the
+// block formats the activation layout it wants, WQ (one vector of prepared weight blocks), load_q and dot_q.
+
+namespace scalar {
+struct V {
+  static constexpr int W = 1, BPV = 1, LE = 32, kAcc = 2;
+  using F = float;
+  using I = int32_t;
+  static F zero() { return 0.f; }
+  static F set1(float a) { return a; }
+  static F load(const float* p) { return *p; }
+  static void store(float* p, F a) { *p = a; }
+  static F load_bf16(const uint16_t* p) {
+    const uint32_t u = uint32_t(*p) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  static F add(F a, F b) { return a + b; }
+  static F sub(F a, F b) { return a - b; }
+  static F mul(F a, F b) { return a * b; }
+  static F max(F a, F b) { return a > b ? a : b; }
+  static F fma(F a, F b, F c) { return a * b + c; }  // unfused: no FMA hardware assumed (-ffp-contract=off)
+  static float sfma(float a, float b, float c) { return a * b + c; }
+  static float hsum(F a) { return a; }
+  static F cvt(I a) { return float(a); }
+  static F castf(I a) { float f; std::memcpy(&f, &a, 4); return f; }
+  // exp pieces
+  static F round(F a) { return std::nearbyint(a); }
+  static F pow2i(F n) {  // 2^n for integral n in [-126, 127]
+    const uint32_t bits = uint32_t(int32_t(n) + 127) << 23;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+  static F zero_below(F x, F lo, F r) { return x < lo ? 0.f : r; }
+
+  // Quant: one block per step; weights widened to their true integers, activations signed, no corrections.
+  template <int FMT>
+  static ActLayout layout() {
+    ActLayout L;
+    L.bpv = 1;
+    L.le = 32;
+    for (int p = 0; p < 32; ++p) L.perm[p] = p;
+    L.sums = FMT == Q4_1;
+    return L;
+  }
+  struct WQ { int8_t q[32]; float dw, m; };
+  template <int FMT>
+  static WQ load_q(const uint8_t* b, int /*valid*/) {
+    WQ w;
+    w.dw = half_to_float(load_u16(b));
+    w.m = FMT == Q4_1 ? half_to_float(load_u16(b + 2)) : 0.f;
+    const uint8_t* d = b + data_offset(FMT);
+    const int zero = FMT == Q4_0 ? 8 : 0;
+    if (FMT == Q8_0) {
+      for (int e = 0; e < 32; ++e) w.q[e] = int8_t(d[e]);
+    } else {
+      for (int e = 0; e < 16; ++e) { w.q[e] = int8_t((d[e] & 0x0f) - zero); w.q[e + 16] = int8_t((d[e] >> 4) - zero); }
+    }
+    return w;
+  }
+  template <int FMT>
+  static I dot_q(const WQ& w, const uint8_t* xq, const uint8_t* /*corr*/) {
+    int32_t s = 0;
+    for (int e = 0; e < 32; ++e) s += int32_t(w.q[e]) * int32_t(int8_t(xq[e]));
+    return s;
+  }
+  static F wdw(const WQ& w) { return w.dw; }
+  static F wm(const WQ& w) { return w.m; }
+};
+#define FEWROW_ISA_BODY
+#include __FILE__
+}  // namespace scalar
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+struct V {
+  static constexpr int W = 8, BPV = 1, LE = 4, kAcc = FEWROW_ACC2;
+  using F = __m256;
+  using I = __m256i;
+  static FR_INLINE F zero() { return _mm256_setzero_ps(); }
+  static FR_INLINE F set1(float a) { return _mm256_set1_ps(a); }
+  static FR_INLINE F load(const float* p) { return _mm256_loadu_ps(p); }
+  static FR_INLINE void store(float* p, F a) { _mm256_storeu_ps(p, a); }
+  static FR_INLINE F load_bf16(const uint16_t* p) {
+    const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+  }
+  static FR_INLINE F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static FR_INLINE F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static FR_INLINE F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static FR_INLINE F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static FR_INLINE F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static FR_INLINE float sfma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+  static FR_INLINE float hsum(F a) {  // ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+  }
+  static FR_INLINE F cvt(I a) { return _mm256_cvtepi32_ps(a); }
+  static FR_INLINE F castf(I a) { return _mm256_castsi256_ps(a); }
+  static FR_INLINE F round(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static FR_INLINE F pow2i(F n) {
+    const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+  }
+  static FR_INLINE F zero_below(F x, F lo, F r) { return _mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_GE_OQ), r); }
+
+  // Quant: one block per step (8 int32 lanes of 4 elements), activations signed.  vpmaddubsw needs one unsigned
+  // operand: Q8_0 uses |w| and x * sign(w); Q4 uses the nibbles as they are, Q4_0's -8 coming back through a
+  // per-lane correction -8 * sum(x) kept with the activation.
+  template <int FMT>
+  static ActLayout layout() {
+    ActLayout L;
+    L.bpv = 1;
+    L.le = 4;
+    for (int p = 0; p < 32; ++p) L.perm[p] = p;
+    L.corr_factor = FMT == Q4_0 ? -8 : 0;
+    L.sums = FMT == Q4_1;
+    return L;
+  }
+  struct WQ { I q, s; F dw, m; };
+  template <int FMT>
+  static FR_INLINE WQ load_q(const uint8_t* b, int /*valid*/) {
+    WQ w;
+    w.dw = _mm256_set1_ps(_cvtsh_ss(load_u16(b)));
+    const uint8_t* d = b + data_offset(FMT);
+    if constexpr (FMT == Q8_0) {
+      w.s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d));
+      w.q = _mm256_abs_epi8(w.s);
+    } else {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(d));
+      w.q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0f));
+      if constexpr (FMT == Q4_1) w.m = _mm256_set1_ps(_cvtsh_ss(load_u16(b + 2)));
+    }
+    return w;
+  }
+  template <int FMT>
+  static FR_INLINE I dot_q(const WQ& w, const uint8_t* xq, const uint8_t* corr) {
+    __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+    if constexpr (FMT == Q8_0) x = _mm256_sign_epi8(x, w.s);  // |w| * (x * sign w) == w * x
+    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w.q, x), _mm256_set1_epi16(1));
+    if constexpr (FMT == Q4_0) return _mm256_add_epi32(p, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr)));
+    return p;
+  }
+  static FR_INLINE F wdw(const WQ& w) { return w.dw; }
+  static FR_INLINE F wm(const WQ& w) { return w.m; }
+};
+#include __FILE__
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
+namespace avx512 {
+struct V {
+  static constexpr int W = 16, BPV = 2, LE = 4, kAcc = FEWROW_ACC512;
+  using F = __m512;
+  using I = __m512i;
+  static FR_INLINE F zero() { return _mm512_setzero_ps(); }
+  static FR_INLINE F set1(float a) { return _mm512_set1_ps(a); }
+  static FR_INLINE F load(const float* p) { return _mm512_loadu_ps(p); }
+  static FR_INLINE void store(float* p, F a) { _mm512_storeu_ps(p, a); }
+  static FR_INLINE F load_bf16(const uint16_t* p) {
+    const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+  }
+  static FR_INLINE F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static FR_INLINE F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static FR_INLINE F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static FR_INLINE F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static FR_INLINE F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static FR_INLINE float sfma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+  static FR_INLINE float hsum(F a) {  // halves first, then the same order as the AVX2 path
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+  }
+  static FR_INLINE F cvt(I a) { return _mm512_cvtepi32_ps(a); }
+  static FR_INLINE F castf(I a) { return _mm512_castsi512_ps(a); }
+  static FR_INLINE F round(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static FR_INLINE F pow2i(F n) {
+    const __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+  }
+  static FR_INLINE F zero_below(F x, F lo, F r) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), r); }
+
+  // Quant: two blocks per step (16 int32 lanes of 4 elements).  Activations are stored as unsigned bytes
+  // x + 128 and weights as their signed integers (Q4_0: nibble - 8), so vpdpbusd gives sum((x + 128) * w); the
+  // 128 * sum(w) it adds is computed once per weight vector (shared by all rows) and starts the accumulation
+  // negated.  Q8_0 blocks sit in lanes 0-7 and 8-15; Q4 vectors hold [low nibbles of block 0 | of block 1 |
+  // high nibbles of block 0 | of block 1], the activation bytes permuted to match.
+  template <int FMT>
+  static ActLayout layout() {
+    ActLayout L;
+    L.bpv = 2;
+    L.le = 4;
+    for (int p = 0; p < 64; ++p) L.perm[p] = FMT == Q8_0 ? p : ((p >> 4) & 1) * 32 + (p >> 5) * 16 + (p & 15);
+    L.offset = 128;
+    L.sums = FMT == Q4_1;
+    return L;
+  }
+  struct WQ { I q, negc; F dw, m; };
+  template <int FMT>
+  static FR_INLINE WQ load_q(const uint8_t* b, int valid) {
+    constexpr int BB = block_bytes(FMT);
+    const bool two = valid > 1;
+    // Both blocks' fp16 scale (and min) words in one conversion: [d0, m0, d1, m1], then spread to the lanes.
+    uint32_t h0, h1 = 0;
+    std::memcpy(&h0, b, 4);
+    if (two) std::memcpy(&h1, b + BB, 4);
+    const __m512 f = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128(int(h0)), int(h1), 1)));
+    const uint8_t* d = b + data_offset(FMT);
+    WQ w;
+    if constexpr (FMT == Q8_0) {
+      const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d));
+      const __m256i hi = two ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + BB)) : _mm256_setzero_si256();
+      w.q = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+      w.dw = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2), f);
+    } else {
+      const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(d));
+      const __m128i hi = two ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(d + BB)) : _mm_setzero_si128();
+      const __m256i t = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+      w.q = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(t), _mm256_srli_epi16(t, 4), 1),
+                             _mm512_set1_epi8(0x0f));
+      if constexpr (FMT == Q4_0) w.q = _mm512_sub_epi8(w.q, _mm512_set1_epi8(8));
+      w.dw = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2), f);
+      if constexpr (FMT == Q4_1)
+        w.m = _mm512_permutexvar_ps(_mm512_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3, 1, 1, 1, 1, 3, 3, 3, 3), f);
+    }
+    const __m512i c = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(char(0x80)), w.q);
+    w.negc = _mm512_sub_epi32(_mm512_setzero_si512(), c);
+    return w;
+  }
+  template <int FMT>
+  static FR_INLINE I dot_q(const WQ& w, const uint8_t* xq, const uint8_t* /*corr*/) {
+    return _mm512_dpbusd_epi32(w.negc, _mm512_loadu_si512(xq), w.q);
+  }
+  static FR_INLINE F wdw(const WQ& w) { return w.dw; }
+  static FR_INLINE F wm(const WQ& w) { return w.m; }
+};
+#include __FILE__
+}  // namespace avx512
+#pragma GCC pop_options
+
+// ---- dispatch --------------------------------------------------------------------------------------------
+
+enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
+static const char* const kIsaNames[] = {"scalar", "avx2", "avx512"};
+
+static bool isa_supported(Isa i) {
+  __builtin_cpu_init();
+  switch (i) {
+    case Isa::scalar: return true;
+    case Isa::avx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case Isa::avx512:
+      return isa_supported(Isa::avx2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("avx512vnni");
+  }
+  return false;
+}
+
+static Isa best_isa() {
+  if (isa_supported(Isa::avx512)) return Isa::avx512;
+  if (isa_supported(Isa::avx2)) return Isa::avx2;
+  return Isa::scalar;
+}
+
+static std::atomic<int> g_isa{int(best_isa())};
+
+struct Impl {
+  decltype(&scalar::linear_f32_impl) linear_f32;
+  decltype(&scalar::linear_bf16_impl) linear_bf16;
+  decltype(&scalar::linear_q_impl) linear_q;
+  decltype(&scalar::attention_impl) attention;
+};
+
+static Impl impl() {
+  switch (Isa(g_isa.load())) {
+    case Isa::avx512: return {avx512::linear_f32_impl, avx512::linear_bf16_impl, avx512::linear_q_impl, avx512::attention_impl};
+    case Isa::avx2: return {avx2::linear_f32_impl, avx2::linear_bf16_impl, avx2::linear_q_impl, avx2::attention_impl};
+    default: return {scalar::linear_f32_impl, scalar::linear_bf16_impl, scalar::linear_q_impl, scalar::attention_impl};
+  }
+}
+
+// ---- Python entry points -----------------------------------------------------------------------------------
+
+static void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+}
+
+static at::Tensor check_x(const at::Tensor& x) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be float32 [R, K]");
+  TORCH_CHECK(x.size(0) >= 1, "x needs at least one row");
+  return x.contiguous();
+}
+
+static at::Tensor linear_f32(const at::Tensor& x_, const at::Tensor& w) {
+  const at::Tensor x = check_x(x_);
+  check_cpu(w, "w");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous(), "w must be contiguous float32 [N, K]");
+  TORCH_CHECK(w.size(1) == x.size(1), "x is [R, ", x.size(1), "] but w is [N, ", w.size(1), "]");
+  at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
+  impl().linear_f32(x.data_ptr<float>(), w.data_ptr<float>(), x.size(0), w.size(0), x.size(1), y.data_ptr<float>());
+  return y;
+}
+
+static at::Tensor linear_bf16(const at::Tensor& x_, const at::Tensor& w) {
+  const at::Tensor x = check_x(x_);
+  check_cpu(w, "w");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous(), "w must be contiguous bfloat16 [N, K]");
+  TORCH_CHECK(w.size(1) == x.size(1), "x is [R, ", x.size(1), "] but w is [N, ", w.size(1), "]");
+  at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
+  impl().linear_bf16(x.data_ptr<float>(), reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), x.size(0),
+                     w.size(0), x.size(1), y.data_ptr<float>());
+  return y;
+}
+
+static at::Tensor linear_q(int fmt, const at::Tensor& x_, const at::Tensor& w) {
+  const at::Tensor x = check_x(x_);
+  check_cpu(w, "w_blocks");
+  const int bb = block_bytes(fmt);
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
+              "w_blocks must be contiguous uint8 [N, K/32*", bb, "] (", fmt_name(fmt), ")");
+  TORCH_CHECK(w.size(1) % bb == 0, "w_blocks row of ", w.size(1), " bytes is not whole ", fmt_name(fmt), " blocks");
+  const int64_t K = w.size(1) / bb * kBlock;
+  TORCH_CHECK(K == x.size(1), "x is [R, ", x.size(1), "] but ", fmt_name(fmt), " w_blocks hold K = ", K);
+  at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
+  impl().linear_q(fmt, x.data_ptr<float>(), w.data_ptr<uint8_t>(), x.size(0), w.size(0), K, y.data_ptr<float>());
+  return y;
+}
+
+static at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, int64_t start_pos,
+                            const c10::optional<at::Tensor>& attendable) {
+  check_cpu(q_, "q"); check_cpu(k_, "k"); check_cpu(v_, "v");
+  TORCH_CHECK(q_.dim() == 4 && k_.dim() == 4 && v_.dim() == 4, "q, k, v must be [B, H, T, D], [B, Hkv, S, D]");
+  TORCH_CHECK(q_.scalar_type() == at::kFloat && k_.scalar_type() == at::kFloat && v_.scalar_type() == at::kFloat,
+              "q, k, v must be float32");
+  // Strided views (a cache sliced along S) are used as they are; only the last dim must be contiguous.
+  const at::Tensor q = q_.stride(3) == 1 ? q_ : q_.contiguous();
+  const at::Tensor k = k_.stride(3) == 1 ? k_ : k_.contiguous();
+  const at::Tensor v = v_.stride(3) == 1 ? v_ : v_.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == S && k.size(3) == D &&
+                  v.size(3) == D, "k and v must be [B, Hkv, S, D] matching q [B, H, T, D]");
+  TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, "H must be a multiple of Hkv");
+  TORCH_CHECK(start_pos >= 0, "start_pos must be >= 0");
+  const bool* att = nullptr;
+  int64_t att_stride = 0;
+  at::Tensor a;
+  if (attendable.has_value() && attendable->defined()) {
+    a = attendable->contiguous();
+    check_cpu(a, "attendable");
+    TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kBool && a.size(0) == B && a.size(1) >= S,
+                "attendable must be bool [B, S'] with S' >= S");
+    att = a.data_ptr<bool>();
+    att_stride = a.size(1);
+  }
+  at::Tensor out = at::empty({B, H, T, D}, q.options());
+  const int64_t qs[3] = {q.stride(0), q.stride(1), q.stride(2)};
+  const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)};
+  const int64_t vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
+  impl().attention(q.data_ptr<float>(), qs, k.data_ptr<float>(), ks, v.data_ptr<float>(), vs, att, att_stride, B, H,
+                   T, D, Hkv, S, start_pos, out.data_ptr<float>());
+  return out;
+}
+
+static std::string isa() { return kIsaNames[g_isa.load()]; }
+
+static std::vector<std::string> available_isas() {
+  std::vector<std::string> out;
+  for (int i = 0; i < 3; ++i)
+    if (isa_supported(Isa(i))) out.push_back(kIsaNames[i]);
+  return out;
+}
+
+static void set_isa(const std::string& name) {
+  for (int i = 0; i < 3; ++i) {
+    if (name == kIsaNames[i]) {
+      TORCH_CHECK(isa_supported(Isa(i)), "this CPU does not support the ", name, " path");
+      g_isa.store(i);
+      return;
+    }
+  }
+  TORCH_CHECK(false, "unknown ISA path '", name, "' (expected avx512, avx2 or scalar)");
+}
+
+}  // namespace fewrow
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  using namespace fewrow;
+  auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.doc() = "Few-row, row-invariant CPU kernels for decoding (y = x W^T and few-query attention).";
+  m.def("linear_f32", &linear_f32, "x float32 [R, K] @ w float32 [N, K]^T -> [R, N]", py::arg("x"), py::arg("w"), nogil);
+  m.def("linear_bf16", &linear_bf16, "x float32 [R, K] @ w bfloat16 [N, K]^T -> [R, N]", py::arg("x"), py::arg("w"),
+        nogil);
+  m.def("linear_q8_0", [](const at::Tensor& x, const at::Tensor& w) { return linear_q(Q8_0, x, w); },
+        "x float32 [R, K] @ Q8_0 blocks uint8 [N, K/32*34]^T -> [R, N]", py::arg("x"), py::arg("w_blocks"), nogil);
+  m.def("linear_q4_0", [](const at::Tensor& x, const at::Tensor& w) { return linear_q(Q4_0, x, w); },
+        "x float32 [R, K] @ Q4_0 blocks uint8 [N, K/32*18]^T -> [R, N]", py::arg("x"), py::arg("w_blocks"), nogil);
+  m.def("linear_q4_1", [](const at::Tensor& x, const at::Tensor& w) { return linear_q(Q4_1, x, w); },
+        "x float32 [R, K] @ Q4_1 blocks uint8 [N, K/32*20]^T -> [R, N]", py::arg("x"), py::arg("w_blocks"), nogil);
+  m.def("attention", &attention, "few-query causal attention, q [B,H,T,D], k/v [B,Hkv,S,D] -> [B,H,T,D]",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("start_pos"), py::arg("attendable") = py::none(), nogil);
+  m.def("isa", &isa, "the instruction-set path in use: avx512, avx2 or scalar");
+  m.def("available_isas", &available_isas, "the paths this CPU can run, best last");
+  m.def("set_isa", &set_isa, "force a path (error if this CPU lacks it)", py::arg("name"));
+}
+
+#else  // ---- FEWROW_ISA_BODY: generic kernels over V, compiled once per ISA namespace ---------------------
+
+using F = V::F;
+
+// Each output element keeps kAcc vector accumulators (vector step c goes to accumulator c % kAcc, so the FMA
+// latency chains overlap even for one row), summed in a fixed tree and then across lanes by V::hsum.
+constexpr int kAcc = V::kAcc;
+
+static FR_INLINE float finish(F (&acc)[kAcc]) {
+#pragma GCC unroll 4
+  for (int s = 1; s < kAcc; s *= 2)
+#pragma GCC unroll 4
+    for (int a = 0; a + s < kAcc; a += 2 * s) acc[a] = V::add(acc[a], acc[a + s]);
+  return V::hsum(acc[0]);
+}
+
+// Software prefetch a fixed distance ahead of the weight stream (each thread reads one contiguous range).
+static FR_INLINE void prefetch(const void* p, int bytes) {
+  for (int o = 0; o < bytes; o += 64) __builtin_prefetch(static_cast<const char*>(p) + kPrefetchBytes + o, 0, 3);
+}
+
+// Parallel over output features; a thread walks its features in order and, for each, the rows in groups of 4,
+// then 2, then 1: the weight row streams from memory once and is re-read from L1 by the later groups.  The
+// grouping only decides which (row, feature) elements run side by side; each element's arithmetic is the same.
+template <class Run>
+static void drive(const Run& run, int64_t R, int64_t N, int64_t row_bytes) {
+  at::parallel_for(0, N, tile_grain(row_bytes), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      int64_t r = 0;
+      for (; r + 4 <= R; r += 4) run.template tile<4>(r, n);
+      if (R - r >= 2) { run.template tile<2>(r, n); r += 2; }
+      if (R - r == 1) run.template tile<1>(r, n);
+    }
+  });
+}
+
+// ---- f32 / bf16 weights ----
+
+static FR_INLINE F wload(const float* p) { return V::load(p); }
+static FR_INLINE F wload(const uint16_t* p) { return V::load_bf16(p); }
+static FR_INLINE float to_f32(float v) { return v; }
+static FR_INLINE float to_f32(uint16_t v) {
+  const uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <class WT>
+struct FloatRun {
+  const float* x; const WT* w; float* y; int64_t N, K;
+
+  template <int RB>
+  FR_INLINE void step(F (&acc)[RB][kAcc], const float* xr, const WT* wr, int64_t c, int slot) const {
+    const F wv = wload(wr + c * V::W);
+#pragma GCC unroll 4
+    for (int i = 0; i < RB; ++i) acc[i][slot] = V::fma(V::load(xr + i * K + c * V::W), wv, acc[i][slot]);
+  }
+
+  // Rows r0 .. r0 + RB - 1 times weight row n.
+  template <int RB>
+  FR_INLINE void tile(int64_t r0, int64_t n) const {
+    const float* xr = x + r0 * K;
+    const WT* wr = w + n * K;
+    F acc[RB][kAcc];
+#pragma GCC unroll 16
+    for (int i = 0; i < RB * kAcc; ++i) acc[i / kAcc][i % kAcc] = V::zero();
+    const int64_t nc = K / V::W;
+    int64_t c = 0;
+    for (; c + kAcc <= nc; c += kAcc) {
+      prefetch(wr + c * V::W, kAcc * V::W * int(sizeof(WT)));
+#pragma GCC unroll 4
+      for (int a = 0; a < kAcc; ++a) step<RB>(acc, xr, wr, c + a, a);
+    }
+#pragma GCC unroll 4
+    for (int a = 0; a < kAcc; ++a)
+      if (c + a < nc) step<RB>(acc, xr, wr, c + a, a);
+    for (int i = 0; i < RB; ++i) {
+      float s = finish(acc[i]);
+      for (int64_t k = nc * V::W; k < K; ++k) s = V::sfma(xr[i * K + k], to_f32(wr[k]), s);
+      y[(r0 + i) * N + n] = s;
+    }
+  }
+};
+
+void linear_f32_impl(const float* x, const float* w, int64_t R, int64_t N, int64_t K, float* y) {
+  drive(FloatRun<float>{x, w, y, N, K}, R, N, K * 4);
+}
+
+void linear_bf16_impl(const float* x, const uint16_t* w, int64_t R, int64_t N, int64_t K, float* y) {
+  drive(FloatRun<uint16_t>{x, w, y, N, K}, R, N, K * 2);
+}
+
+// ---- block-quantized weights ----
+
+template <int FMT>
+struct QuantRun {
+  const QAct* a; const uint8_t* w; float* y; int64_t N, nb;
+  static constexpr int BB = block_bytes(FMT);
+  static_assert(kBlock * V::BPV / V::LE == V::W, "the int32 lanes of a block vector must match the float width");
+
+  // Vector v (BPV blocks, `valid` of them real) of the weight row for each of the RB rows, into accumulator
+  // `slot`: the integer block dot product, then acc += float(dot) * (weight scale * activation scale)
+  // [+ min * (dx * sum(q))].
+  template <int RB>
+  FR_INLINE void step(F (&acc)[RB][kAcc], const uint8_t* wr, const uint8_t* const (&rows)[RB], int64_t v, int valid,
+                      int slot) const {
+    const typename V::WQ wq = V::template load_q<FMT>(wr + v * V::BPV * BB, valid);
+#pragma GCC unroll 4
+    for (int i = 0; i < RB; ++i) {
+      const uint8_t* rec = rows[i] + v * a->rec;
+      F& s = acc[i][slot];
+#if FEWROW_EXP == 1
+      const auto d = V::template dot_q<FMT>(wq, rec, rec + a->off_corr);
+      s = V::add(s, V::castf(d));
+#elif FEWROW_EXP == 2
+      s = V::fma(V::load(reinterpret_cast<const float*>(rec)), V::mul(V::wdw(wq), V::load(reinterpret_cast<const float*>(rec + a->off_dx))), s);
+#elif FEWROW_EXP == 3
+      const auto d = V::template dot_q<FMT>(wq, rec, rec + a->off_corr);
+      s = V::fma(V::cvt(d), V::wdw(wq), s);
+#else
+      const auto d = V::template dot_q<FMT>(wq, rec, rec + a->off_corr);
+      s = V::fma(V::cvt(d), V::mul(V::wdw(wq), V::load(reinterpret_cast<const float*>(rec + a->off_dx))), s);
+#endif
+      if constexpr (FMT == Q4_1) s = V::fma(V::wm(wq), V::load(reinterpret_cast<const float*>(rec + a->off_sl)), s);
+    }
+  }
+
+  template <int RB>
+  FR_INLINE void tile(int64_t r0, int64_t n) const {
+    const uint8_t* wr = w + n * nb * BB;
+    const uint8_t* rows[RB];
+#if FEWROW_EXP == 4
+    for (int i = 0; i < RB; ++i) rows[i] = a->row(r0);
+#else
+    for (int i = 0; i < RB; ++i) rows[i] = a->row(r0 + i);
+#endif
+    F acc[RB][kAcc];
+#pragma GCC unroll 16
+    for (int i = 0; i < RB * kAcc; ++i) acc[i / kAcc][i % kAcc] = V::zero();
+    const int64_t full = nb / V::BPV, nv = (nb + V::BPV - 1) / V::BPV;
+    int64_t v = 0;
+    for (; v + kAcc <= full; v += kAcc) {
+      prefetch(wr + v * V::BPV * BB, kAcc * V::BPV * BB);
+#pragma GCC unroll 4
+      for (int s = 0; s < kAcc; ++s) step<RB>(acc, wr, rows, v + s, V::BPV, s);
+    }
+#pragma GCC unroll 4
+    for (int s = 0; s < kAcc; ++s)
+      if (v + s < nv) step<RB>(acc, wr, rows, v + s, v + s < full ? V::BPV : int(nb % V::BPV), s);
+    for (int i = 0; i < RB; ++i) y[(r0 + i) * N + n] = finish(acc[i]);
+  }
+};
+
+template <int FMT>
+static void linear_q_fmt(const float* x, const uint8_t* w, int64_t R, int64_t N, int64_t K, float* y) {
+  QAct a;
+  quantize_act(x, R, K, V::template layout<FMT>(), a);
+  const int64_t nb = K / kBlock;
+  drive(QuantRun<FMT>{&a, w, y, N, nb}, R, N, nb * block_bytes(FMT));
+}
+
+void linear_q_impl(int fmt, const float* x, const uint8_t* w, int64_t R, int64_t N, int64_t K, float* y) {
+  if (fmt == Q8_0) linear_q_fmt<Q8_0>(x, w, R, N, K, y);
+  else if (fmt == Q4_0) linear_q_fmt<Q4_0>(x, w, R, N, K, y);
+  else linear_q_fmt<Q4_1>(x, w, R, N, K, y);
+}
+
+// ---- attention ----
+
+// exp(x) for x <= 0 (x may be -inf): Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then the degree-7 Taylor
+// polynomial of e^r (truncation error < 1e-8 relative) times 2^n; exactly 0 below -87 (where 2^n would leave the
+// normal range).  Elementwise, so its result does not depend on the lanes around it.
+static FR_INLINE F exp_nonpos(F x) {
+  const F lo = V::set1(-87.f);
+  const F xc = V::max(x, lo);
+  const F n = V::round(V::mul(xc, V::set1(1.44269504088896341f)));
+  F r = V::fma(n, V::set1(-0.693145751953125f), xc);  // ln2 high part: exact product with |n| <= 126
+  r = V::fma(n, V::set1(-1.428606765330187e-06f), r);  // ln2 low part
+  F p = V::set1(1.f / 5040.f);
+  p = V::fma(p, r, V::set1(1.f / 720.f));
+  p = V::fma(p, r, V::set1(1.f / 120.f));
+  p = V::fma(p, r, V::set1(1.f / 24.f));
+  p = V::fma(p, r, V::set1(1.f / 6.f));
+  p = V::fma(p, r, V::set1(0.5f));
+  p = V::fma(p, r, V::set1(1.f));
+  p = V::fma(p, r, V::set1(1.f));
+  return V::zero_below(x, lo, V::mul(p, V::pow2i(n)));
+}
+
+static FR_INLINE float dot(const float* a, const float* b, int64_t D) {
+  const int64_t dv = D - D % V::W;
+  F acc = V::zero();
+  for (int64_t d = 0; d < dv; d += V::W) acc = V::fma(V::load(a + d), V::load(b + d), acc);
+  float s = V::hsum(acc);
+  for (int64_t d = dv; d < D; ++d) s = V::sfma(a[d], b[d], s);
+  return s;
+}
+
+// One query row: scores over s <= pos (masked ones -inf), max, exp and its sum in increasing s, then the weighted
+// sum of V rows in increasing s.  Everything depends only on this query, its position and its batch row's mask.
+static void attend_one(const float* q, const float* k, int64_t ks, const float* v, int64_t vs, const bool* att,
+                       int64_t pos, int64_t S, int64_t D, float scale, std::vector<float>& sc, float* out) {
+  const int64_t ns = std::min(S, pos + 1);
+  sc.assign(round_up(std::max<int64_t>(ns, 1), V::W), -std::numeric_limits<float>::infinity());
+  float mx = -std::numeric_limits<float>::infinity();
+  bool any = false;
+  for (int64_t s = 0; s < ns; ++s) {
+    if (att && !att[s] && s != pos) continue;
+    sc[s] = dot(q, k + s * ks, D) * scale;
+    mx = std::max(mx, sc[s]);
+    any = true;
+  }
+  if (!any) {  // nothing attendable (only possible when pos >= S): zeros rather than nan
+    std::fill(out, out + D, 0.f);
+    return;
+  }
+  const F m = V::set1(mx);
+  F sum = V::zero();
+  for (size_t s = 0; s < sc.size(); s += V::W) {
+    const F p = exp_nonpos(V::sub(V::load(sc.data() + s), m));
+    V::store(sc.data() + s, p);
+    sum = V::add(sum, p);
+  }
+  const float inv = 1.f / V::hsum(sum);
+  // Weighted sum of V, up to 8 vectors of the head dim at a time kept in registers; each output lane is its own
+  // chain over s, so the grouping does not affect results.
+  const int64_t dv = D - D % V::W;
+  for (int64_t d0 = 0; d0 < dv; d0 += 8 * V::W) {
+    const int64_t nc = std::min<int64_t>(8, (dv - d0) / V::W);
+    F o[8];
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c) o[c] = V::zero();
+    for (int64_t s = 0; s < ns; ++s) {
+      if (sc[s] == 0.f) continue;
+      const F p = V::set1(sc[s]);
+      const float* vr = v + s * vs + d0;
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; ++c)
+        if (c < nc) o[c] = V::fma(p, V::load(vr + c * V::W), o[c]);
+    }
+    const F iv = V::set1(inv);
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c)
+      if (c < nc) V::store(out + d0 + c * V::W, V::mul(o[c], iv));
+  }
+  for (int64_t d = dv; d < D; ++d) {
+    float o = 0.f;
+    for (int64_t s = 0; s < ns; ++s)
+      if (sc[s] != 0.f) o = V::sfma(sc[s], v[s * vs + d], o);
+    out[d] = o * inv;
+  }
+}
+
+void attention_impl(const float* q, const int64_t* qs, const float* k, const int64_t* ks, const float* v,
+                    const int64_t* vs, const bool* att, int64_t att_stride, int64_t B, int64_t H, int64_t T, int64_t D,
+                    int64_t Hkv, int64_t S, int64_t start_pos, float* out) {
+  const float scale = 1.f / std::sqrt(float(D));
+  const int64_t group = H / Hkv;
+  at::parallel_for(0, B * H * T, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> sc;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / (H * T), h = i / T % H, t = i % T, hk = h / group;
+      attend_one(q + b * qs[0] + h * qs[1] + t * qs[2], k + b * ks[0] + hk * ks[1], ks[2],
+                 v + b * vs[0] + hk * vs[1], vs[2], att ? att + b * att_stride : nullptr, start_pos + t, S, D, scale,
+                 sc, out + i * D);
+    }
+  });
+}
+
+#endif  // FEWROW_ISA_BODY

@@ -1,0 +1,146 @@
+"""Weights prepared for one kernel path: one matrix per group of linears that read the same input.
+
+Decoding runs every weight matrix over a few rows (1 per step, k+1 per verification), so the layout and the
+kernel decide its speed. A group (q/k/v, gate/up, or a single linear) becomes one prepared matrix whose
+outputs are the group's outputs concatenated. Three paths:
+- native: our C++ kernels (native.py): float32, bfloat16, or GGUF blocks (Q8_0, Q4_0, Q4_1), read once per call
+  whatever the number of rows, and row-invariant, at any row count;
+- packed: oneDNN-prepacked float32 for passes of up to 32 rows (longer ones take torch's GEMM);
+- plain: torch's F.linear (no prepared copy at all).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from layerskip.model.kernels import packed as onednn
+
+BLOCK = 32  # elements per GGUF block of the quantized formats
+BLOCK_FORMATS = ("q8_0", "q4_0", "q4_1")
+WEIGHT_FORMATS = ("float32", "bfloat16", *BLOCK_FORMATS)
+KERNEL_NAMES = {"float32": "f32", "bfloat16": "bf16"}  # the extension's names for the float formats
+BITS_PER_WEIGHT = {"float32": 32.0, "bfloat16": 16.0, "q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0}
+
+
+class KernelError(ValueError):
+    """A kernel path or weight format that this model or machine cannot run."""
+
+
+def ggml_type(weight_format: str):
+    import gguf
+
+    return gguf.GGMLQuantizationType[weight_format.upper()]
+
+
+def quantize_blocks(weight: torch.Tensor, weight_format: str) -> torch.Tensor:
+    """A float matrix [N, K] as GGUF blocks, uint8 [N, K/32 * bytes per block], quantized by the gguf package."""
+    from gguf.quants import quantize
+
+    values = weight.detach().float().cpu().numpy()
+    return torch.from_numpy(np.ascontiguousarray(quantize(values, ggml_type(weight_format))))
+
+
+def dequantize_blocks(blocks: torch.Tensor, weight_format: str) -> torch.Tensor:
+    """The float32 matrix that GGUF blocks stand for (the gguf package's own dequantization)."""
+    from gguf.quants import dequantize
+
+    return torch.from_numpy(np.ascontiguousarray(dequantize(blocks.numpy(), ggml_type(weight_format)), np.float32))
+
+
+class PreparedLinear:
+    """y = x W^T + b for the rows a kernel path serves; `applies` says whether this pass is one of them."""
+
+    path = "plain"
+    row_invariant = False
+
+    def __init__(self, out_features: int, bias: torch.Tensor | None):
+        self.out_features = out_features
+        self.bias = bias
+
+    def applies(self, x: torch.Tensor) -> bool:
+        return not torch.is_grad_enabled()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rows(self, ids: torch.Tensor, weight: torch.Tensor) -> PreparedLinear:
+        """The same path for the output rows `ids` only (`weight`: those rows in float), e.g. a draft head slice."""
+        raise NotImplementedError
+
+
+class PackedLinear(PreparedLinear):
+    path = "packed"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__(weight.shape[0], bias)
+        self.packed = onednn.pack_weight(weight)
+
+    def applies(self, x: torch.Tensor) -> bool:
+        return super().applies(x) and x.numel() <= onednn.PACKED_MAX_ROWS * x.shape[-1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return onednn.packed_linear(x, self.packed, self.bias)
+
+    def rows(self, ids: torch.Tensor, weight: torch.Tensor) -> PackedLinear:
+        return PackedLinear(weight, None if self.bias is None else self.bias[ids])
+
+
+class NativeLinear(PreparedLinear):
+    """Our kernels: every pass without autograd, whatever its length, so a row never depends on its neighbours."""
+
+    path = "native"
+    row_invariant = True
+
+    def __init__(self, extension, weight_format: str, data: torch.Tensor, in_features: int, out_features: int,
+                 bias: torch.Tensor | None):
+        super().__init__(out_features, None if bias is None else bias.float())
+        self.extension = extension
+        self.weight_format = weight_format
+        self.data = data
+        self.in_features = in_features
+        self.kernel = getattr(extension, f"linear_{KERNEL_NAMES.get(weight_format, weight_format)}")
+
+    @classmethod
+    def from_float(cls, extension, weight: torch.Tensor, bias: torch.Tensor | None,
+                   weight_format: str) -> NativeLinear:
+        out_features, in_features = weight.shape
+        if weight_format in BLOCK_FORMATS:
+            if in_features % BLOCK:
+                raise KernelError(f"{weight_format} weights need an input size that is a multiple of {BLOCK}, "
+                                  f"not {in_features}")
+            data = quantize_blocks(weight, weight_format)
+        else:
+            data = weight.detach().to(torch.float32 if weight_format == "float32" else torch.bfloat16).contiguous()
+        return cls(extension, weight_format, data, in_features, out_features, bias)
+
+    def rows(self, ids: torch.Tensor, weight: torch.Tensor) -> NativeLinear:
+        return NativeLinear(self.extension, self.weight_format, self.data[ids.cpu()].contiguous(), self.in_features,
+                            len(ids), None if self.bias is None else self.bias[ids])
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weights this kernel multiplies by."""
+        if self.weight_format in BLOCK_FORMATS:
+            return dequantize_blocks(self.data, self.weight_format).reshape(self.out_features, self.in_features)
+        return self.data.float()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        rows = rows.float().contiguous() if rows.dtype != torch.float32 or not rows.is_contiguous() else rows
+        out = self.kernel(rows, self.data)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def fused_weight(linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights of linears that read one input, stacked (outputs concatenated), and their biases if all have one."""
+    weight = torch.cat([linear.weight.detach() for linear in linears])
+    biases = [linear.bias for linear in linears]
+    bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
+    return weight, bias
