@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import shlex
 import statistics
@@ -191,7 +192,7 @@ def main() -> None:
                     done[(record["engine"], record["prompt"], record["repeat"])] = record
 
     system = {"command": command, "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_info(),
-              "python": platform.python_version()}
+              "python": platform.python_version(), "load_average": list(os.getloadavg())}
     print(f"{command}\ntorch {system['torch']}, {system['threads']} threads, CPU {system['cpu']['model']} "
           f"(avx2: {system['cpu']['avx2']}, avx512f: {system['cpu']['avx512f']})", flush=True)
     system["bandwidth_gbs"] = bandwidth = read_bandwidth(args.bandwidth_mb)
@@ -365,6 +366,7 @@ def summarize(engines, done, metrics, engine_format, engine_config, extra_ppl, p
         row = {"engine": engine, "runs": len(chosen),
                "format": FORMAT_NAMES.get(quantize, "Q4_1 + Q8_0 head" if engine == LLAMA else "float32"),
                "tokens_per_second": statistics.mean(r["new_tokens"] / r["seconds"] for r in chosen),
+               "median_tokens_per_second": statistics.median(r["new_tokens"] / r["seconds"] for r in chosen),
                "agree_fp32": agreement(engine, fp32), "agree_llama": agreement(engine, llama),
                "perplexity": metrics[quantize]["perplexity"] if quantize else extra_ppl.get(engine)}
         bound_format = quantize or ("int4" if engine == LLAMA and "int4" in metrics else None)
@@ -400,7 +402,8 @@ def render(rows, system, metrics, extra_ppl, notes, args, prompts) -> list[str]:
              f"Machine: {cpu['model']} (avx2: {'yes' if cpu['avx2'] else 'no'}, avx512f: "
              f"{'yes' if cpu['avx512f'] else 'no'}), {system['threads']} threads, torch {system['torch']}"
              + (f", llama-cpp-python {system['llama_cpp']['version']}" if "llama_cpp" in system else "")
-             + f"; read bandwidth {system['bandwidth_gbs']:.1f} GB/s.",
+             + f"; read bandwidth {system['bandwidth_gbs']:.1f} GB/s; load average at start "
+             + " ".join(f"{value:.2f}" for value in system["load_average"]) + ".",
              f"{args.max_steps} new tokens (EOS ignored) x {prompts} chat prompts x {args.repeats} repeats, greedy, "
              f"timed end to end (prompt + new tokens); perplexity over {args.ppl_tokens} tokens in windows of "
              f"{args.ppl_window}.",
@@ -414,18 +417,20 @@ def render(rows, system, metrics, extra_ppl, notes, args, prompts) -> list[str]:
     for engine, value in extra_ppl.items():
         lines.append(f"| {engine} | - | - | - | {value:.3f} |")
     lines += ["",
-              "| engine | weights | tokens/s | vs llama.cpp | of bound | c_d | c_v | acceptance | tokens/round | "
+              "| engine | weights | tokens/s | median | vs llama.cpp | of bound | c_d | c_v | acceptance | tokens/round | "
               "cost model vs AR | measured vs AR | agree fp32 | agree llama.cpp | perplexity |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(
-            f"| {row['engine']} | {row['format']} | {row['tokens_per_second']:.1f} | {fmt(row.get('vs_llama'), '.2f', 'x')} | "
+            f"| {row['engine']} | {row['format']} | {row['tokens_per_second']:.1f} | "
+            f"{row['median_tokens_per_second']:.1f} | {fmt(row.get('vs_llama'), '.2f', 'x')} | "
             f"{fmt(row.get('bound_fraction'), '.0%')} | {fmt(row.get('c_d'), '.3f')} | {fmt(row.get('c_v'), '.3f')} | "
             f"{fmt(row.get('acceptance'), '.1%')} | {fmt(row.get('tokens_per_round'), '.2f')} | "
             f"{fmt(row.get('predicted'), '.2f', 'x')} | {fmt(row.get('measured_vs_ar'), '.2f', 'x')} | "
             f"{fmt(row['agree_fp32'], '.0%')} | {fmt(row['agree_llama'], '.0%')} | {fmt(row['perplexity'], '.3f')} |")
     lines += ["",
-              "of bound: tokens/s over read bandwidth / bytes of weights per token (llama.cpp: against int4's bytes, "
+              "tokens/s: the mean over runs of new tokens / seconds (median: their median, which an outlier run moves "
+              "less); ratios use the mean. of bound: tokens/s over read bandwidth / bytes of weights per token (llama.cpp: against int4's bytes, "
               "the same Q4_1 and Q8_0 blocks). cost model: T / (k c_d + c_v), T the measured tokens per round, k the "
               "drafts per round as made. agree: mean common-prefix length / N with our float32 autoregressive output "
               "and with llama.cpp's."]

@@ -47,6 +47,8 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
 # of linears that read one input (fused into one matrix there), and holds their prepared matrices by name.
 # A module without prepared weights, and every pass under autograd (training), uses the nn.Linear weights.
 LinearGroups = dict[str, tuple[nn.Linear, ...]]
+# (hidden, start_layer, end_layer, start_pos, cache, cos, sin) -> hidden, as forward_layers.
+FusedLayers = Callable[[torch.Tensor, int, int, int, "KVCache | None", torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def run_prepared(prepared: PreparedLinear | None, x: torch.Tensor) -> torch.Tensor | None:
@@ -71,8 +73,6 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
         self.prepared: dict[str, PreparedLinear] = {}
-        # A row-invariant attention kernel for passes without autograd (set with the native kernels), else SDPA.
-        self.attend: Callable[..., torch.Tensor] | None = None
 
     def linear_groups(self) -> LinearGroups:
         return {"qkv": (self.q_proj, self.k_proj, self.v_proj), "o": (self.o_proj,)}
@@ -93,11 +93,6 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer_index, start_pos, k, v)
-        if self.attend is not None and not torch.is_grad_enabled():
-            # Without a cache the keys are this pass's own: key s is query s's position.
-            first, attendable = (start_pos, cache.attendable) if cache is not None else (0, None)
-            out = self.attend(q, k, v, first, attendable)
-            return self.output(out.transpose(1, 2).reshape(batch, length, -1))
         # Grouped-query attention without copying K/V: the query heads that share a KV head are
         # folded into the query-length axis, so one attention call per KV head serves the group.
         group = self.num_heads // self.num_kv_heads
@@ -115,9 +110,6 @@ class Attention(nn.Module):
                 mask = (mask & attendable) | (key_pos[None, :] == query_pos[:, None]).repeat(group, 1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.view(batch, self.num_heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
-        return self.output(out)
-
-    def output(self, out: torch.Tensor) -> torch.Tensor:
         projected = run_prepared(self.prepared.get("o"), out)
         return projected if projected is not None else self.o_proj(out)
 
@@ -185,6 +177,8 @@ class Transformer(nn.Module):
         self.prepared: dict[str, PreparedLinear] = {}   # the head, prepared for a kernel path (model/kernels)
         self.kernel_path = "plain"                         # which path the prepared weights are for
         self.weight_format = "float32"                     # and in which format they are
+        # All layers of a pass in one call of the native kernels (passes without autograd; see forward_layers).
+        self.fused_layers: FusedLayers | None = None
         # Token ids ranked by how often the model produces them (stored with the model, see draft_head).
         self.draft_vocab: torch.Tensor | None = None
         self._draft_heads: dict[int, tuple[torch.Tensor, torch.Tensor, PreparedLinear | None]] = {}
@@ -198,8 +192,9 @@ class Transformer(nn.Module):
 
     @property
     def row_invariant(self) -> bool:
-        """Whether a position's logits are bit-identical whatever else shares its pass (native kernels)."""
-        return bool(self.prepared) and all(p.row_invariant for m in self.prepared_modules() for p in m.prepared.values())
+        """Whether a position's logits are bit-identical whatever else shares its pass: the native kernels run
+        every layer (attention included) and the head."""
+        return self.fused_layers is not None and all(p.row_invariant for p in self.prepared.values())
 
     @property
     def num_layers(self) -> int:
@@ -224,6 +219,8 @@ class Transformer(nn.Module):
                        cache: KVCache | None = None) -> torch.Tensor:
         """Run layers [start_layer, end_layer) over positions [start_pos, start_pos + T), writing their KV."""
         cos, sin = self.rope(start_pos, hidden.shape[1], hidden.dtype)
+        if self.fused_layers is not None and not torch.is_grad_enabled():
+            return self.fused_layers(hidden, start_layer, end_layer, start_pos, cache, cos, sin)
         for layer in self.layers[start_layer:end_layer]:
             hidden = layer(hidden, cos, sin, start_pos, cache)
         return hidden

@@ -23,7 +23,12 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#define FEWROW_X86 1  // the vector paths; elsewhere only the scalar one is built
 #include <immintrin.h>
+#else
+#define FEWROW_X86 0
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -34,22 +39,17 @@
 #include <string>
 #include <vector>
 
+#include "fewrow.h"  // the C++ interface that layers.cpp calls
+
 #define FR_INLINE inline __attribute__((always_inline))
-#ifndef FEWROW_EXP
-#define FEWROW_EXP 0
-#endif
-#ifndef FEWROW_PF
-#define FEWROW_PF 2048
-#endif
-#ifndef FEWROW_ACC512
-#define FEWROW_ACC512 4
-#define FEWROW_ACC2 2
+#ifndef FEWROW_AVX2_ROWS
+#define FEWROW_AVX2_ROWS 4
 #endif
 
 namespace fewrow {
 
 // GGUF block formats this file reads.
-enum Fmt : int { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2 };
+// Fmt (Q8_0, Q4_0, Q4_1 and the float formats) is declared in fewrow.h.
 constexpr int kBlock = 32;                      // elements per block (all three formats)
 constexpr int block_bytes(int f) { return f == Q8_0 ? 34 : f == Q4_0 ? 18 : 20; }
 constexpr int data_offset(int f) { return f == Q4_1 ? 4 : 2; }  // bytes of fp16 scale (and min) before the data
@@ -77,7 +77,9 @@ inline float half_to_float(uint16_t h) {
 
 inline uint16_t load_u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
 
-constexpr int kPrefetchBytes = FEWROW_PF;
+// Software prefetch distance along the weight stream: far enough ahead to keep the memory busy while a group of
+// rows computes (measured: 4-8 KiB).
+constexpr int kPrefetchBytes = 4096;
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -85,68 +87,37 @@ inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 // matrices stay on one thread and big ones split evenly.
 inline int64_t tile_grain(int64_t tile_bytes) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, tile_bytes)); }
 
-// How one ISA path wants a quantized activation row laid out for one weight format.
-struct ActLayout {
-  int bpv = 1;           // blocks per vector
-  int le = 32;           // block elements summed into one int32 lane
-  int perm[64] = {};     // vector byte position -> (block in vector) * 32 + element, for bpv * 32 positions
-  int offset = 0;        // added to every int8 value (128: stored as unsigned bytes)
-  int corr_factor = 0;   // per lane, keep corr_factor * sum(q over the lane) (0: none)
-  bool sums = false;     // per lane, keep dx * sum(q over the lane) (Q4_1's min term)
+// How one ISA path wants a quantized activation laid out: a row is a sequence of records, each the bytes one
+// step of the kernel multiplies with a run of weight blocks, followed by per-lane data for its int32 lanes.
+struct RecLayout {
+  int blocks = 0;         // blocks per record (0: this kind of record is not used)
+  int dwords = 0;         // 4-byte groups of q per record (blocks * 8)
+  int lanes = 0;          // int32 lanes the products are summed into
+  int src[64] = {};       // per dword of the record: the dword of its blocks it holds, (block * 32 + element) / 4
+  int lane[64] = {};      // per dword of the record: the lane it is summed into (a lane stays within one block)
+  uint32_t flip = 0;      // xor-ed into every dword (0x80808080: q + 128, stored as unsigned bytes)
+  int corr_factor = 0;    // per lane, keep corr_factor * sum(q over the lane) (0: none)
+  bool sums = false;      // per lane, keep dx * sum(q over the lane) (Q4_1's min term)
+  int bytes() const { return 4 * dwords + 4 * lanes * (1 + (corr_factor != 0) + sums); }
+  int off_dx() const { return 4 * dwords; }
+  int off_corr() const { return off_dx() + 4 * lanes; }
+  int off_sl() const { return off_corr() + (corr_factor ? 4 * lanes : 0); }
 };
 
-// Per-row int8 activation: for each vector of bpv blocks one record of [bpv*32 bytes of q][per lane: dx (the
-// block's scale) float][corr int32, if kept][dx * sum(q) float, if kept], rows padded with zero blocks to whole
-// vectors.  One record per vector keeps every load of a step at a constant offset from one pointer per row.
+// A row: as many `unit` records as whole units fit (when the path has them), then `step` records for the rest,
+// padded with zero blocks.  Per lane: dx (the block's scale) float, [corr int32], [dx * sum(q) float].
+struct ActLayout {
+  RecLayout unit, step;
+};
+
 struct QAct {
   std::vector<uint8_t> buf;
   uint8_t* data = nullptr;
-  int64_t rec = 0, row_stride = 0, off_dx = 0, off_corr = 0, off_sl = 0;
+  int64_t row_stride = 0, step_base = 0;  // bytes per row; where a row's step records start
+  int64_t unit_rec = 0, unit_dx = 0, unit_corr = 0, unit_sl = 0;  // record bytes and per-lane data offsets
+  int64_t step_rec = 0, step_dx = 0, step_corr = 0, step_sl = 0;
   const uint8_t* row(int64_t r) const { return data + r * row_stride; }
 };
-
-// Quantize rows: scale = max|x| / 127, q = round-half-even(x / scale), per block of 32, each row on its own.
-inline void quantize_act(const float* x, int64_t R, int64_t K, const ActLayout& L, QAct& a) {
-  const int64_t nb = K / kBlock, nv = (nb + L.bpv - 1) / L.bpv, pos = int64_t(L.bpv) * kBlock, lanes = pos / L.le;
-  a.off_dx = pos;
-  a.off_corr = a.off_dx + 4 * lanes;
-  a.off_sl = a.off_corr + (L.corr_factor ? 4 * lanes : 0);
-  a.rec = a.off_sl + (L.sums ? 4 * lanes : 0);
-  a.row_stride = round_up(nv * a.rec, 64);
-  a.buf.assign(R * a.row_stride + 64, 0);
-  a.data = a.buf.data() + (64 - reinterpret_cast<uintptr_t>(a.buf.data()) % 64) % 64;
-  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<int8_t> q(nv * pos, 0);
-    std::vector<float> d(nv * L.bpv, 0.f);
-    for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t b = 0; b < nb; ++b) {
-        const float* xb = x + r * K + b * kBlock;
-        float amax = 0.f;
-        for (int e = 0; e < kBlock; ++e) amax = std::max(amax, std::fabs(xb[e]));
-        d[b] = amax / 127.f;
-        for (int e = 0; e < kBlock; ++e) {
-          const float v = d[b] > 0.f ? std::nearbyint(xb[e] / d[b]) : 0.f;
-          q[b * kBlock + e] = int8_t(std::fmin(std::fmax(v, -127.f), 127.f));  // also maps nan to a number
-        }
-      }
-      for (int64_t v = 0; v < nv; ++v) {
-        uint8_t* rec = a.data + r * a.row_stride + v * a.rec;
-        const int8_t* qv = q.data() + v * pos;
-        for (int p = 0; p < pos; ++p) rec[p] = uint8_t(qv[L.perm[p]] + L.offset);
-        for (int g = 0; g < lanes; ++g) {
-          int32_t s = 0;
-          for (int p = g * L.le; p < (g + 1) * L.le; ++p) s += qv[L.perm[p]];
-          const float dx = d[v * L.bpv + L.perm[g * L.le] / kBlock];
-          const int32_t corr = L.corr_factor * s;
-          const float sl = dx * float(s);
-          std::memcpy(rec + a.off_dx + 4 * g, &dx, 4);
-          if (L.corr_factor) std::memcpy(rec + a.off_corr + 4 * g, &corr, 4);
-          if (L.sums) std::memcpy(rec + a.off_sl + 4 * g, &sl, 4);
-        }
-      }
-    }
-  });
-}
 
 // ---- vector abstractions -------------------------------------------------------------------------------
 // Each V gives: W float lanes; BPV quant blocks per vector; LE block elements per int32 lane; kAcc accumulators
@@ -155,7 +126,7 @@ inline void quantize_act(const float* x, int64_t R, int64_t K, const ActLayout& 
 
 namespace scalar {
 struct V {
-  static constexpr int W = 1, BPV = 1, LE = 32, kAcc = 2;
+  static constexpr int W = 1, BPV = 1, LE = 32, kAcc = 2, kRows = 4;
   using F = float;
   using I = int32_t;
   static F zero() { return 0.f; }
@@ -171,12 +142,16 @@ struct V {
   static F add(F a, F b) { return a + b; }
   static F sub(F a, F b) { return a - b; }
   static F mul(F a, F b) { return a * b; }
-  static F max(F a, F b) { return a > b ? a : b; }
+  static F max(F a, F b) { return a > b ? a : b; }  // (a nan a gives b, as maxps does)
+  static F min(F a, F b) { return a < b ? a : b; }
+  static F div(F a, F b) { return a / b; }
+  static F abs(F a) { return std::fabs(a); }
+  static float hmax(F a) { return a; }
+  static void store_i8(int8_t* p, F a) { *p = int8_t(a); }  // a: an integer in [-127, 127]
   static F fma(F a, F b, F c) { return a * b + c; }  // unfused: no FMA hardware assumed (-ffp-contract=off)
   static float sfma(float a, float b, float c) { return a * b + c; }
   static float hsum(F a) { return a; }
   static F cvt(I a) { return float(a); }
-  static F castf(I a) { float f; std::memcpy(&f, &a, 4); return f; }
   // exp pieces
   static F round(F a) { return std::nearbyint(a); }
   static F pow2i(F n) {  // 2^n for integral n in [-126, 127]
@@ -188,13 +163,14 @@ struct V {
   static F zero_below(F x, F lo, F r) { return x < lo ? 0.f : r; }
 
   // Quant: one block per step; weights widened to their true integers, activations signed, no corrections.
+  static constexpr int kUnit = 0;
   template <int FMT>
   static ActLayout layout() {
     ActLayout L;
-    L.bpv = 1;
-    L.le = 32;
-    for (int p = 0; p < 32; ++p) L.perm[p] = p;
-    L.sums = FMT == Q4_1;
+    RecLayout& s = L.step;
+    s.blocks = 1, s.dwords = 8, s.lanes = 1;
+    for (int j = 0; j < 8; ++j) s.src[j] = j, s.lane[j] = 0;
+    s.sums = FMT == Q4_1;
     return L;
   }
   struct WQ { int8_t q[32]; float dw, m; };
@@ -225,11 +201,12 @@ struct V {
 #include __FILE__
 }  // namespace scalar
 
+#if FEWROW_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 struct V {
-  static constexpr int W = 8, BPV = 1, LE = 4, kAcc = FEWROW_ACC2;
+  static constexpr int W = 8, BPV = 1, LE = 4, kAcc = 2, kRows = FEWROW_AVX2_ROWS;
   using F = __m256;
   using I = __m256i;
   static FR_INLINE F zero() { return _mm256_setzero_ps(); }
@@ -244,6 +221,19 @@ struct V {
   static FR_INLINE F sub(F a, F b) { return _mm256_sub_ps(a, b); }
   static FR_INLINE F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static FR_INLINE F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static FR_INLINE F min(F a, F b) { return _mm256_min_ps(a, b); }
+  static FR_INLINE F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static FR_INLINE F abs(F a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), a); }
+  static FR_INLINE void store_i8(int8_t* p, F a) {  // a: integers in [-127, 127]
+    const __m256i i = _mm256_cvttps_epi32(a);
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(w, w));
+  }
+  static FR_INLINE float hmax(F a) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps(s, s, 1)));
+  }
   static FR_INLINE F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static FR_INLINE float sfma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
   static FR_INLINE float hsum(F a) {  // ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))
@@ -253,7 +243,6 @@ struct V {
     return _mm_cvtss_f32(s);
   }
   static FR_INLINE F cvt(I a) { return _mm256_cvtepi32_ps(a); }
-  static FR_INLINE F castf(I a) { return _mm256_castsi256_ps(a); }
   static FR_INLINE F round(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static FR_INLINE F pow2i(F n) {
     const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
@@ -264,14 +253,15 @@ struct V {
   // Quant: one block per step (8 int32 lanes of 4 elements), activations signed.  vpmaddubsw needs one unsigned
   // operand: Q8_0 uses |w| and x * sign(w); Q4 uses the nibbles as they are, Q4_0's -8 coming back through a
   // per-lane correction -8 * sum(x) kept with the activation.
+  static constexpr int kUnit = 0;
   template <int FMT>
   static ActLayout layout() {
     ActLayout L;
-    L.bpv = 1;
-    L.le = 4;
-    for (int p = 0; p < 32; ++p) L.perm[p] = p;
-    L.corr_factor = FMT == Q4_0 ? -8 : 0;
-    L.sums = FMT == Q4_1;
+    RecLayout& s = L.step;
+    s.blocks = 1, s.dwords = 8, s.lanes = 8;
+    for (int j = 0; j < 8; ++j) s.src[j] = j, s.lane[j] = j;
+    s.corr_factor = FMT == Q4_0 ? -8 : 0;
+    s.sums = FMT == Q4_1;
     return L;
   }
   struct WQ { I q, s; F dw, m; };
@@ -309,7 +299,7 @@ struct V {
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
 namespace avx512 {
 struct V {
-  static constexpr int W = 16, BPV = 2, LE = 4, kAcc = FEWROW_ACC512;
+  static constexpr int W = 16, BPV = 2, LE = 4, kAcc = 2, kRows = 8;
   using F = __m512;
   using I = __m512i;
   static FR_INLINE F zero() { return _mm512_setzero_ps(); }
@@ -324,6 +314,13 @@ struct V {
   static FR_INLINE F sub(F a, F b) { return _mm512_sub_ps(a, b); }
   static FR_INLINE F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static FR_INLINE F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static FR_INLINE F min(F a, F b) { return _mm512_min_ps(a, b); }
+  static FR_INLINE F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static FR_INLINE F abs(F a) { return _mm512_abs_ps(a); }
+  static FR_INLINE float hmax(F a) { return _mm512_reduce_max_ps(a); }
+  static FR_INLINE void store_i8(int8_t* p, F a) {  // a: integers in [-127, 127]
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(a)));
+  }
   static FR_INLINE F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static FR_INLINE float sfma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
   static FR_INLINE float hsum(F a) {  // halves first, then the same order as the AVX2 path
@@ -334,7 +331,6 @@ struct V {
     return _mm_cvtss_f32(s);
   }
   static FR_INLINE F cvt(I a) { return _mm512_cvtepi32_ps(a); }
-  static FR_INLINE F castf(I a) { return _mm512_castsi512_ps(a); }
   static FR_INLINE F round(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static FR_INLINE F pow2i(F n) {
     const __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
@@ -347,16 +343,93 @@ struct V {
   // 128 * sum(w) it adds is computed once per weight vector (shared by all rows) and starts the accumulation
   // negated.  Q8_0 blocks sit in lanes 0-7 and 8-15; Q4 vectors hold [low nibbles of block 0 | of block 1 |
   // high nibbles of block 0 | of block 1], the activation bytes permuted to match.
+  //
+  // Units: eight blocks per step, for the bulk of each row.  The weight dwords are transposed in registers
+  // (4x4 within 128-bit lanes) so that an int32 lane sums 16 products of one block across four vpdpbusd, and
+  // the float work (convert, scale, accumulate) is one vector per eight blocks instead of one per two.  Here
+  // the weights are the unsigned operand (Q8_0 xor 0x80, Q4 nibbles) and the activation the signed one, corrected
+  // per lane by -128 * sum(x) (Q8_0) or -8 * sum(x) (Q4_0) kept with the activation.
+  static constexpr int kUnit = 8;
+  template <int FMT>
+  static constexpr int unit_block(int lane) {  // the block an int32 lane of a unit sums
+    return FMT == Q8_0 ? (lane & 3) + 4 * (lane >= 8) : (lane >> 2) + 4 * ((lane & 3) >= 2);
+  }
   template <int FMT>
   static ActLayout layout() {
     ActLayout L;
-    L.bpv = 2;
-    L.le = 4;
-    for (int p = 0; p < 64; ++p) L.perm[p] = FMT == Q8_0 ? p : ((p >> 4) & 1) * 32 + (p >> 5) * 16 + (p & 15);
-    L.offset = 128;
-    L.sums = FMT == Q4_1;
+    RecLayout& s = L.step;
+    s.blocks = 2, s.dwords = 16, s.lanes = 16;
+    for (int j = 0; j < 16; ++j)  // Q4: [low nibbles of block 0 | of block 1 | high of block 0 | of block 1]
+      s.src[j] = FMT == Q8_0 ? j : ((j >> 2) & 1) * 8 + (j >> 3) * 4 + (j & 3), s.lane[j] = j;
+    s.flip = 0x80808080u;
+    s.sums = FMT == Q4_1;
+    RecLayout& u = L.unit;
+    u.blocks = 8, u.dwords = 64, u.lanes = 16;
+    for (int j = 0; j < 64; ++j) {  // dword j = step k * 16 + lane; lane = 4 * (128-bit lane) + position
+      const int k = j / 16, lane = j % 16, hi = (lane >> 2) & 1, pos = lane & 3;
+      const int dword = FMT == Q8_0 ? 4 * hi + k : 4 * (k & 1) + 2 * (k >> 1) + (pos & 1);  // of the block's 32 q
+      u.src[j] = unit_block<FMT>(lane) * 8 + dword, u.lane[j] = lane;
+    }
+    u.corr_factor = FMT == Q8_0 ? -128 : FMT == Q4_0 ? -8 : 0;
+    u.sums = FMT == Q4_1;
     return L;
   }
+  struct WU { I s[4]; F dw, m; };
+  template <int FMT>
+  static FR_INLINE WU load_unit(const uint8_t* b) {
+    constexpr int BB = block_bytes(FMT);
+    WU w;
+    // The first dword of each block holds its fp16 scale (and Q4_1's min): gather, convert, spread to lanes.
+    const __m256i g = _mm256_i32gather_epi32(reinterpret_cast<const int*>(b),
+                                             _mm256_setr_epi32(0, BB, 2 * BB, 3 * BB, 4 * BB, 5 * BB, 6 * BB, 7 * BB), 1);
+    const __m512i to_lane = _mm512_setr_epi32(unit_block<FMT>(0), unit_block<FMT>(1), unit_block<FMT>(2), unit_block<FMT>(3),
+                                              unit_block<FMT>(4), unit_block<FMT>(5), unit_block<FMT>(6), unit_block<FMT>(7),
+                                              unit_block<FMT>(8), unit_block<FMT>(9), unit_block<FMT>(10), unit_block<FMT>(11),
+                                              unit_block<FMT>(12), unit_block<FMT>(13), unit_block<FMT>(14), unit_block<FMT>(15));
+    w.dw = _mm512_permutexvar_ps(to_lane, _mm512_castps256_ps512(_mm256_cvtph_ps(_mm256_cvtepi32_epi16(g))));
+    if constexpr (FMT == Q4_1)
+      w.m = _mm512_permutexvar_ps(
+          to_lane, _mm512_castps256_ps512(_mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(g, 16)))));
+    const uint8_t* d = b + data_offset(FMT);
+    if constexpr (FMT == Q8_0) {
+      __m512i z[4];
+      for (int j = 0; j < 4; ++j)  // z[j] = [block j | block j + 4], 8 dwords each
+        z[j] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + j * BB))),
+                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + (j + 4) * BB)), 1);
+      const __m512i a0 = _mm512_unpacklo_epi32(z[0], z[1]), a1 = _mm512_unpackhi_epi32(z[0], z[1]);
+      const __m512i a2 = _mm512_unpacklo_epi32(z[2], z[3]), a3 = _mm512_unpackhi_epi32(z[2], z[3]);
+      const __m512i flip = _mm512_set1_epi8(char(0x80));
+      w.s[0] = _mm512_xor_si512(_mm512_unpacklo_epi64(a0, a2), flip);
+      w.s[1] = _mm512_xor_si512(_mm512_unpackhi_epi64(a0, a2), flip);
+      w.s[2] = _mm512_xor_si512(_mm512_unpacklo_epi64(a1, a3), flip);
+      w.s[3] = _mm512_xor_si512(_mm512_unpackhi_epi64(a1, a3), flip);
+    } else {
+      __m512i z[2];
+      for (int h = 0; h < 2; ++h) {  // z[h] = [block 4h | 4h + 1 | 4h + 2 | 4h + 3], 16 bytes of nibbles each
+        const uint8_t* q = d + 4 * h * BB;
+        __m512i t = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+        t = _mm512_inserti32x4(t, _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + BB)), 1);
+        t = _mm512_inserti32x4(t, _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 2 * BB)), 2);
+        z[h] = _mm512_inserti32x4(t, _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 3 * BB)), 3);
+      }
+      const __m512i u0 = _mm512_unpacklo_epi64(z[0], z[1]), u1 = _mm512_unpackhi_epi64(z[0], z[1]);
+      const __m512i low = _mm512_set1_epi8(0x0f);
+      w.s[0] = _mm512_and_si512(u0, low);
+      w.s[1] = _mm512_and_si512(_mm512_srli_epi16(u0, 4), low);
+      w.s[2] = _mm512_and_si512(u1, low);
+      w.s[3] = _mm512_and_si512(_mm512_srli_epi16(u1, 4), low);
+    }
+    return w;
+  }
+  template <int FMT>
+  static FR_INLINE I dot_unit(const WU& w, const uint8_t* x, const uint8_t* corr) {
+    __m512i acc = FMT == Q4_1 ? _mm512_setzero_si512() : _mm512_loadu_si512(corr);
+    for (int k = 0; k < 4; ++k) acc = _mm512_dpbusd_epi32(acc, w.s[k], _mm512_loadu_si512(x + 64 * k));
+    return acc;
+  }
+  static FR_INLINE F wdw(const WU& w) { return w.dw; }
+  static FR_INLINE F wm(const WU& w) { return w.m; }
+
   struct WQ { I q, negc; F dw, m; };
   template <int FMT>
   static FR_INLINE WQ load_q(const uint8_t* b, int valid) {
@@ -399,6 +472,7 @@ struct V {
 #include __FILE__
 }  // namespace avx512
 #pragma GCC pop_options
+#endif  // FEWROW_X86
 
 // ---- dispatch --------------------------------------------------------------------------------------------
 
@@ -406,17 +480,21 @@ enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
 static const char* const kIsaNames[] = {"scalar", "avx2", "avx512"};
 
 static bool isa_supported(Isa i) {
+#if FEWROW_X86
   __builtin_cpu_init();
   switch (i) {
     case Isa::scalar: return true;
     case Isa::avx2:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");  // every AVX2 CPU has F16C
     case Isa::avx512:
       return isa_supported(Isa::avx2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
              __builtin_cpu_supports("avx512vnni");
   }
   return false;
+#else
+  return i == Isa::scalar;
+#endif
 }
 
 static Isa best_isa() {
@@ -436,8 +514,10 @@ struct Impl {
 
 static Impl impl() {
   switch (Isa(g_isa.load())) {
+#if FEWROW_X86
     case Isa::avx512: return {avx512::linear_f32_impl, avx512::linear_bf16_impl, avx512::linear_q_impl, avx512::attention_impl};
     case Isa::avx2: return {avx2::linear_f32_impl, avx2::linear_bf16_impl, avx2::linear_q_impl, avx2::attention_impl};
+#endif
     default: return {scalar::linear_f32_impl, scalar::linear_bf16_impl, scalar::linear_q_impl, scalar::attention_impl};
   }
 }
@@ -455,7 +535,7 @@ static at::Tensor check_x(const at::Tensor& x) {
   return x.contiguous();
 }
 
-static at::Tensor linear_f32(const at::Tensor& x_, const at::Tensor& w) {
+at::Tensor linear_f32(const at::Tensor& x_, const at::Tensor& w) {
   const at::Tensor x = check_x(x_);
   check_cpu(w, "w");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous(), "w must be contiguous float32 [N, K]");
@@ -465,7 +545,7 @@ static at::Tensor linear_f32(const at::Tensor& x_, const at::Tensor& w) {
   return y;
 }
 
-static at::Tensor linear_bf16(const at::Tensor& x_, const at::Tensor& w) {
+at::Tensor linear_bf16(const at::Tensor& x_, const at::Tensor& w) {
   const at::Tensor x = check_x(x_);
   check_cpu(w, "w");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous(), "w must be contiguous bfloat16 [N, K]");
@@ -476,7 +556,7 @@ static at::Tensor linear_bf16(const at::Tensor& x_, const at::Tensor& w) {
   return y;
 }
 
-static at::Tensor linear_q(int fmt, const at::Tensor& x_, const at::Tensor& w) {
+at::Tensor linear_q(int fmt, const at::Tensor& x_, const at::Tensor& w) {
   const at::Tensor x = check_x(x_);
   check_cpu(w, "w_blocks");
   const int bb = block_bytes(fmt);
@@ -490,7 +570,7 @@ static at::Tensor linear_q(int fmt, const at::Tensor& x_, const at::Tensor& w) {
   return y;
 }
 
-static at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, int64_t start_pos,
+at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, int64_t start_pos,
                             const c10::optional<at::Tensor>& attendable) {
   check_cpu(q_, "q"); check_cpu(k_, "k"); check_cpu(v_, "v");
   TORCH_CHECK(q_.dim() == 4 && k_.dim() == 4 && v_.dim() == 4, "q, k, v must be [B, H, T, D], [B, Hkv, S, D]");
@@ -566,6 +646,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa, "the instruction-set path in use: avx512, avx2 or scalar");
   m.def("available_isas", &available_isas, "the paths this CPU can run, best last");
   m.def("set_isa", &set_isa, "force a path (error if this CPU lacks it)", py::arg("name"));
+  bind_layers(m);  // layers.cpp: decoder layers in one call
 }
 
 #else  // ---- FEWROW_ISA_BODY: generic kernels over V, compiled once per ISA namespace ---------------------
@@ -589,17 +670,26 @@ static FR_INLINE void prefetch(const void* p, int bytes) {
   for (int o = 0; o < bytes; o += 64) __builtin_prefetch(static_cast<const char*>(p) + kPrefetchBytes + o, 0, 3);
 }
 
-// Parallel over output features; a thread walks its features in order and, for each, the rows in groups of 4,
-// then 2, then 1: the weight row streams from memory once and is re-read from L1 by the later groups.  The
-// grouping only decides which (row, feature) elements run side by side; each element's arithmetic is the same.
+// Run `tile<RB>(r0, n)` for a group of `rows` (< kRows) rows, with the group size as a template argument.
+template <int RB, class Run>
+static FR_INLINE void tail_rows(const Run& run, int64_t rows, int64_t r0, int64_t n) {
+  if constexpr (RB > 0) {
+    if (rows == RB) run.template tile<RB>(r0, n);
+    else tail_rows<RB - 1>(run, rows, r0, n);
+  }
+}
+
+// Parallel over output features; a thread walks its features in order and, for each, the rows in groups of
+// V::kRows, then one group of the rest: so up to kRows rows stream the weight row once, from memory, in a single
+// pass.  The grouping only decides which (row, feature) elements run side by side; each element's arithmetic is
+// the same whatever the group.
 template <class Run>
 static void drive(const Run& run, int64_t R, int64_t N, int64_t row_bytes) {
   at::parallel_for(0, N, tile_grain(row_bytes), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       int64_t r = 0;
-      for (; r + 4 <= R; r += 4) run.template tile<4>(r, n);
-      if (R - r >= 2) { run.template tile<2>(r, n); r += 2; }
-      if (R - r == 1) run.template tile<1>(r, n);
+      for (; r + V::kRows <= R; r += V::kRows) run.template tile<V::kRows>(r, n);
+      if (r < R) tail_rows<V::kRows - 1>(run, R - r, r, n);
     }
   });
 }
@@ -623,7 +713,7 @@ struct FloatRun {
   template <int RB>
   FR_INLINE void step(F (&acc)[RB][kAcc], const float* xr, const WT* wr, int64_t c, int slot) const {
     const F wv = wload(wr + c * V::W);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int i = 0; i < RB; ++i) acc[i][slot] = V::fma(V::load(xr + i * K + c * V::W), wv, acc[i][slot]);
   }
 
@@ -663,61 +753,146 @@ void linear_bf16_impl(const float* x, const uint16_t* w, int64_t R, int64_t N, i
 
 // ---- block-quantized weights ----
 
+// Write one record of a quantized row from its blocks' q, per-dword sums of q and scales.
+static void write_record(const RecLayout& L, const int8_t* q, const int32_t* dsum, const float* d, uint8_t* rec) {
+  int32_t sums[64] = {}, block[64] = {};
+  for (int j = 0; j < L.dwords; ++j) {
+    uint32_t v;
+    std::memcpy(&v, q + 4 * L.src[j], 4);
+    v ^= L.flip;
+    std::memcpy(rec + 4 * j, &v, 4);
+    sums[L.lane[j]] += dsum[L.src[j]];
+    block[L.lane[j]] = L.src[j] / 8;
+  }
+  for (int g = 0; g < L.lanes; ++g) {
+    const float dx = d[block[g]], sl = dx * float(sums[g]);
+    const int32_t corr = L.corr_factor * sums[g];
+    std::memcpy(rec + L.off_dx() + 4 * g, &dx, 4);
+    if (L.corr_factor) std::memcpy(rec + L.off_corr() + 4 * g, &corr, 4);
+    if (L.sums) std::memcpy(rec + L.off_sl() + 4 * g, &sl, 4);
+  }
+}
+
+// Quantize rows per block of 32, each row on its own: scale = max|x| / 127, q = x / scale rounded half to even.
+// Division and rounding are exact IEEE operations, so every path gets the same q and scales.
+static void quantize_rows(const float* x, int64_t R, int64_t K, const ActLayout& L, QAct& a) {
+  const int64_t nb = K / kBlock;
+  const int64_t nu = L.unit.blocks ? nb / L.unit.blocks : 0, rest = nb - nu * L.unit.blocks;
+  const int64_t ns = (rest + L.step.blocks - 1) / L.step.blocks;
+  a.step_base = nu * L.unit.bytes();
+  a.unit_rec = L.unit.bytes(), a.unit_dx = L.unit.off_dx(), a.unit_corr = L.unit.off_corr(), a.unit_sl = L.unit.off_sl();
+  a.step_rec = L.step.bytes(), a.step_dx = L.step.off_dx(), a.step_corr = L.step.off_corr(), a.step_sl = L.step.off_sl();
+  a.row_stride = round_up(a.step_base + ns * L.step.bytes(), 64);
+  a.buf.assign(R * a.row_stride + 64, 0);
+  a.data = a.buf.data() + (64 - reinterpret_cast<uintptr_t>(a.buf.data()) % 64) % 64;
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    const int64_t padded = nu * L.unit.blocks + ns * L.step.blocks;
+    std::vector<int8_t> q(padded * kBlock, 0);
+    std::vector<int32_t> dsum(padded * kBlock / 4, 0);
+    std::vector<float> d(padded, 0.f);
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* xb = x + r * K + b * kBlock;
+        int8_t* qb = q.data() + b * kBlock;
+        F m = V::zero();
+        for (int e = 0; e < kBlock; e += V::W) m = V::max(m, V::abs(V::load(xb + e)));
+        d[b] = V::hmax(m) / 127.f;
+        if (d[b] > 0.f) {
+          const F db = V::set1(d[b]), lo = V::set1(-127.f), hi = V::set1(127.f);
+          for (int e = 0; e < kBlock; e += V::W)  // the clamp also maps nan to a number
+            V::store_i8(qb + e, V::min(V::max(V::round(V::div(V::load(xb + e), db)), lo), hi));
+        } else {
+          std::memset(qb, 0, kBlock);
+        }
+        for (int j = 0; j < kBlock / 4; ++j) dsum[b * 8 + j] = qb[4 * j] + qb[4 * j + 1] + qb[4 * j + 2] + qb[4 * j + 3];
+      }
+      uint8_t* row = a.data + r * a.row_stride;
+      for (int64_t u = 0; u < nu; ++u) {
+        const int64_t b = u * L.unit.blocks;
+        write_record(L.unit, q.data() + b * kBlock, dsum.data() + b * 8, d.data() + b, row + u * L.unit.bytes());
+      }
+      for (int64_t v = 0; v < ns; ++v) {
+        const int64_t b = nu * L.unit.blocks + v * L.step.blocks;
+        write_record(L.step, q.data() + b * kBlock, dsum.data() + b * 8, d.data() + b,
+                     row + a.step_base + v * L.step.bytes());
+      }
+    }
+  });
+}
+
 template <int FMT>
 struct QuantRun {
   const QAct* a; const uint8_t* w; float* y; int64_t N, nb;
   static constexpr int BB = block_bytes(FMT);
   static_assert(kBlock * V::BPV / V::LE == V::W, "the int32 lanes of a block vector must match the float width");
 
-  // Vector v (BPV blocks, `valid` of them real) of the weight row for each of the RB rows, into accumulator
-  // `slot`: the integer block dot product, then acc += float(dot) * (weight scale * activation scale)
-  // [+ min * (dx * sum(q))].
+  // acc += float(dot) * (weight scale * activation scale) [+ min * (dx * sum(q))], lane by lane.
+  template <class WX>
+  static FR_INLINE void scale_add(F& acc, typename V::I dot, const WX& wq, const uint8_t* dx, const uint8_t* sl) {
+    acc = V::fma(V::cvt(dot), V::mul(V::wdw(wq), V::load(reinterpret_cast<const float*>(dx))), acc);
+    if constexpr (FMT == Q4_1) acc = V::fma(V::wm(wq), V::load(reinterpret_cast<const float*>(sl)), acc);
+  }
+
+  // Unit u (kUnit blocks) of the weight row, for each of the RB rows, into accumulator `slot` (VV: only paths
+  // with units instantiate this).
+  template <int RB, class VV = V>
+  FR_INLINE void unit(F (&acc)[RB][kAcc], const uint8_t* wr, const uint8_t* const (&rows)[RB], int64_t u,
+                      int slot) const {
+    const typename VV::WU wu = VV::template load_unit<FMT>(wr + u * VV::kUnit * BB);
+#pragma GCC unroll 8
+    for (int i = 0; i < RB; ++i) {
+      const uint8_t* rec = rows[i] + u * a->unit_rec;
+      scale_add(acc[i][slot], VV::template dot_unit<FMT>(wu, rec, rec + a->unit_corr), wu, rec + a->unit_dx,
+                rec + a->unit_sl);
+    }
+  }
+
+  // Step v (BPV blocks, `valid` of them real) of the blocks left after the units, for each of the RB rows.
   template <int RB>
   FR_INLINE void step(F (&acc)[RB][kAcc], const uint8_t* wr, const uint8_t* const (&rows)[RB], int64_t v, int valid,
                       int slot) const {
     const typename V::WQ wq = V::template load_q<FMT>(wr + v * V::BPV * BB, valid);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int i = 0; i < RB; ++i) {
-      const uint8_t* rec = rows[i] + v * a->rec;
-      F& s = acc[i][slot];
-#if FEWROW_EXP == 1
-      const auto d = V::template dot_q<FMT>(wq, rec, rec + a->off_corr);
-      s = V::add(s, V::castf(d));
-#elif FEWROW_EXP == 2
-      s = V::fma(V::load(reinterpret_cast<const float*>(rec)), V::mul(V::wdw(wq), V::load(reinterpret_cast<const float*>(rec + a->off_dx))), s);
-#elif FEWROW_EXP == 3
-      const auto d = V::template dot_q<FMT>(wq, rec, rec + a->off_corr);
-      s = V::fma(V::cvt(d), V::wdw(wq), s);
-#else
-      const auto d = V::template dot_q<FMT>(wq, rec, rec + a->off_corr);
-      s = V::fma(V::cvt(d), V::mul(V::wdw(wq), V::load(reinterpret_cast<const float*>(rec + a->off_dx))), s);
-#endif
-      if constexpr (FMT == Q4_1) s = V::fma(V::wm(wq), V::load(reinterpret_cast<const float*>(rec + a->off_sl)), s);
+      const uint8_t* rec = rows[i] + a->step_base + v * a->step_rec;
+      scale_add(acc[i][slot], V::template dot_q<FMT>(wq, rec, rec + a->step_corr), wq, rec + a->step_dx,
+                rec + a->step_sl);
     }
   }
 
+  // Rows r0 .. r0 + RB - 1 times weight row n: whole units, then steps over the remaining blocks.
   template <int RB>
   FR_INLINE void tile(int64_t r0, int64_t n) const {
     const uint8_t* wr = w + n * nb * BB;
     const uint8_t* rows[RB];
-#if FEWROW_EXP == 4
-    for (int i = 0; i < RB; ++i) rows[i] = a->row(r0);
-#else
     for (int i = 0; i < RB; ++i) rows[i] = a->row(r0 + i);
-#endif
     F acc[RB][kAcc];
 #pragma GCC unroll 16
     for (int i = 0; i < RB * kAcc; ++i) acc[i / kAcc][i % kAcc] = V::zero();
-    const int64_t full = nb / V::BPV, nv = (nb + V::BPV - 1) / V::BPV;
+    const int64_t nu = V::kUnit ? nb / V::kUnit : 0;
+    if constexpr (V::kUnit > 0) {
+      int64_t u = 0;
+      for (; u + kAcc <= nu; u += kAcc) {
+        prefetch(wr + u * V::kUnit * BB, kAcc * V::kUnit * BB);
+#pragma GCC unroll 4
+        for (int s = 0; s < kAcc; ++s) unit<RB>(acc, wr, rows, u + s, s);
+      }
+#pragma GCC unroll 4
+      for (int s = 0; s < kAcc; ++s)
+        if (u + s < nu) unit<RB>(acc, wr, rows, u + s, s);
+    }
+    const uint8_t* ws = wr + nu * V::kUnit * BB;  // the blocks left after the units
+    const int64_t rest = nb - nu * V::kUnit, full = rest / V::BPV, nv = (rest + V::BPV - 1) / V::BPV;
     int64_t v = 0;
     for (; v + kAcc <= full; v += kAcc) {
-      prefetch(wr + v * V::BPV * BB, kAcc * V::BPV * BB);
+      prefetch(ws + v * V::BPV * BB, kAcc * V::BPV * BB);
 #pragma GCC unroll 4
-      for (int s = 0; s < kAcc; ++s) step<RB>(acc, wr, rows, v + s, V::BPV, s);
+      for (int s = 0; s < kAcc; ++s) step<RB>(acc, ws, rows, v + s, V::BPV, s);
     }
 #pragma GCC unroll 4
     for (int s = 0; s < kAcc; ++s)
-      if (v + s < nv) step<RB>(acc, wr, rows, v + s, v + s < full ? V::BPV : int(nb % V::BPV), s);
+      if (v + s < nv) step<RB>(acc, ws, rows, v + s, v + s < full ? V::BPV : int(rest % V::BPV), s);
+#pragma GCC unroll 8
     for (int i = 0; i < RB; ++i) y[(r0 + i) * N + n] = finish(acc[i]);
   }
 };
@@ -725,7 +900,7 @@ struct QuantRun {
 template <int FMT>
 static void linear_q_fmt(const float* x, const uint8_t* w, int64_t R, int64_t N, int64_t K, float* y) {
   QAct a;
-  quantize_act(x, R, K, V::template layout<FMT>(), a);
+  quantize_rows(x, R, K, V::template layout<FMT>(), a);
   const int64_t nb = K / kBlock;
   drive(QuantRun<FMT>{&a, w, y, N, nb}, R, N, nb * block_bytes(FMT));
 }

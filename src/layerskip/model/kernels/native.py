@@ -34,6 +34,7 @@ from pathlib import Path
 from types import ModuleType
 
 SOURCE = Path(__file__).with_name("fewrow.cpp")
+SOURCES = [SOURCE, SOURCE.with_name("layers.cpp"), SOURCE.with_name("fewrow.h")]  # the last one is included
 # No -march=native: the build cache may be reused on another CPU; the vector paths carry their own target
 # attributes and are chosen at run time. -ffp-contract=off keeps every multiply-add where the source puts it.
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wno-psabi"]
@@ -53,7 +54,7 @@ def extension_name() -> str:
     """A name that changes with the source, the flags, torch and Python, so a stale build is never loaded."""
     import torch
 
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES))
     digest.update(" ".join(CFLAGS + LDFLAGS + [torch.__version__, sys.version]).encode())
     return f"layerskip_fewrow_{digest.hexdigest()[:16]}"
 
@@ -75,7 +76,7 @@ def _build() -> ModuleType:
         except ImportError:
             pass
     try:
-        return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+        return cpp_extension.load(name=name, sources=[str(path) for path in SOURCES if path.suffix == ".cpp"], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
                                   build_directory=str(directory), verbose=False)
     finally:
         os.environ["PATH"] = path
@@ -91,7 +92,8 @@ def load_native() -> ModuleType | None:
         try:
             _module = _build()
         except Exception as error:  # no compiler, no ninja, a build error: today's torch path still works
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            lines = str(error).strip().splitlines() or [type(error).__name__]
+            reason = next((line.strip() for line in lines if "error:" in line), lines[0])[:300]
             warnings.warn(f"layerskip: native CPU kernels unavailable, using the PyTorch path ({reason})",
                           RuntimeWarning, stacklevel=2)
             _module = None
@@ -103,8 +105,3 @@ def load_native() -> ModuleType | None:
                               stacklevel=2)
     return _module
 
-
-def reset() -> None:
-    """Forget the loaded module (tests use it to exercise the environment switches)."""
-    global _module, _tried
-    _module, _tried = None, False

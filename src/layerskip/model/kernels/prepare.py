@@ -15,7 +15,8 @@ from layerskip.model.kernels import native
 from layerskip.model.kernels import packed as onednn
 from layerskip.model.kernels.linear import (BITS_PER_WEIGHT, BLOCK_FORMATS, KernelError, NativeLinear, PackedLinear,
                                             PreparedLinear, fused_weight)
-from layerskip.model.transformer import Transformer
+from layerskip.model.cache import KVCache
+from layerskip.model.transformer import FusedLayers, Transformer
 
 CPU_KERNELS = ("auto", "native", "packed", "plain")
 # --quantize values and the weight format each one runs in ("int4" is Q4_1: a scale and a minimum per 32 weights).
@@ -28,8 +29,7 @@ def unprepare(model: Transformer) -> None:
     """Drop every prepared copy (for example before the weights change)."""
     for module in model.prepared_modules():
         module.prepared = {}
-    for layer in model.layers:
-        layer.self_attn.attend = None
+    model.fused_layers = None
     model._draft_heads.clear()
     model.kernel_path, model.weight_format = "plain", "float32"
 
@@ -63,10 +63,33 @@ def prepare_native(model: Transformer, weight_format: str, blocks: Blocks | None
             else:
                 prepared[group] = NativeLinear.from_float(extension, weight, bias, weight_format)
         module.prepared = prepared
-    if model.embed_tokens.weight.dtype == torch.float32:  # the attention kernel reads a float32 KV cache
-        for layer in model.layers:
-            layer.self_attn.attend = extension.attention
+    if model.embed_tokens.weight.dtype == torch.float32:  # the layer kernels keep a float32 KV cache
+        model.fused_layers = fused_layers(extension, model)
     model.kernel_path, model.weight_format = "native", weight_format
+
+
+def fused_layers(extension, model: Transformer) -> FusedLayers:
+    """forward_layers of the model in one call of the native kernels (layers.cpp), over its prepared weights."""
+
+    def weight(prepared: NativeLinear):
+        return extension.PreparedWeight(extension.FORMATS[prepared.weight_format], prepared.data, prepared.bias)
+
+    stack = extension.LayerStack([
+        extension.LayerWeights(*(weight(module.prepared[group]) for module, group in (
+            (layer.self_attn, "qkv"), (layer.self_attn, "o"), (layer.mlp, "gate_up"), (layer.mlp, "down"))),
+            layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach())
+        for layer in model.layers])
+    config = model.config
+    shape = (config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.rms_norm_eps)
+
+    def run(hidden: torch.Tensor, start_layer: int, end_layer: int, start_pos: int, cache: KVCache | None,
+            cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        keys, values, attendable = (cache.keys, cache.values, cache.attendable) if cache is not None \
+            else (None, None, None)
+        return extension.forward_layers(hidden, stack, start_layer, end_layer, start_pos, keys, values, attendable,
+                                        cos, sin, *shape)
+
+    return run
 
 
 def prepare_packed(model: Transformer) -> None:

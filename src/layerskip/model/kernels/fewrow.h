@@ -1,0 +1,48 @@
+// The few-row kernels' C++ interface, shared by fewrow.cpp (the kernels) and layers.cpp (decoder layers in one
+// call). All tensors on the CPU; x float32 [R, K]; results float32.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <vector>
+
+namespace fewrow {
+
+// Weight formats: the GGUF block formats, and the two float ones (negative: not block formats).
+enum Fmt : int { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, kFloat32 = -1, kBFloat16 = -2 };
+
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w);
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w);
+at::Tensor linear_q(int fmt, const at::Tensor& x, const at::Tensor& w);
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t start_pos,
+                     const c10::optional<at::Tensor>& attendable);
+
+// One weight matrix as the Python side prepared it (model/kernels/linear.py: NativeLinear).
+struct PreparedWeight {
+  int format;
+  at::Tensor data;
+  c10::optional<at::Tensor> bias;
+};
+
+struct LayerWeights {
+  PreparedWeight qkv, o, gate_up, down;
+  at::Tensor input_norm, post_norm;
+};
+
+// Every decoder layer of a model, built once when its weights are prepared.
+struct LayerStack {
+  std::vector<LayerWeights> layers;
+};
+
+// Layers [start_layer, end_layer) over hidden [B, T, H] at positions [start_pos, start_pos + T), writing their
+// keys and values into the cache ([L, B, Hkv, capacity, D], or none); model/transformer.py's graph.
+at::Tensor forward_layers(const at::Tensor& hidden, const LayerStack& stack, int64_t start_layer, int64_t end_layer,
+                          int64_t start_pos, const c10::optional<at::Tensor>& keys,
+                          const c10::optional<at::Tensor>& values, const c10::optional<at::Tensor>& attendable,
+                          const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads, int64_t num_kv_heads,
+                          int64_t head_dim, double eps);
+
+// The Python bindings of layers.cpp, called from fewrow.cpp's module definition.
+void bind_layers(pybind11::module& m);
+
+}  // namespace fewrow

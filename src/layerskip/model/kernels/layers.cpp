@@ -1,0 +1,151 @@
+// A range of decoder layers in one call: the decoding step without Python in between.
+//
+// Why: a decoding step of a small model costs more in Python and torch dispatch (several hundred small ops)
+// than in arithmetic, so the per-layer work (RMSNorm, the fused q/k/v product, RoPE, the KV-cache write,
+// attention, the output product, the residuals, the gated MLP) runs here, calling the few-row kernels of
+// fewrow.cpp. Every step is per row (norms, RoPE, SiLU), per query row (attention) or a row-invariant product,
+// so a position's result never depends on the other rows of the pass: the property self-speculation and
+// batching rely on. The graph is the one of model/transformer.py, which stays the reference (and runs training).
+
+#include "fewrow.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+namespace fewrow {
+namespace {
+
+// y = x W^T (+ bias) for one prepared weight matrix.
+at::Tensor apply(const PreparedWeight& w, const at::Tensor& x) {
+  at::Tensor y;
+  switch (w.format) {
+    case kFloat32: y = linear_f32(x, w.data); break;
+    case kBFloat16: y = linear_bf16(x, w.data); break;
+    default: y = linear_q(w.format, x, w.data); break;
+  }
+  if (w.bias.has_value()) y.add_(*w.bias);
+  return y;
+}
+
+// RMSNorm of every row, in float32: the sum of squares in index order, then weight * (x / rms).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const int64_t rows = x.size(0), width = x.size(1);
+  at::Tensor out = at::empty_like(x);
+  const float* in = x.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = in + r * width;
+    float sum = 0.f;
+    for (int64_t i = 0; i < width; ++i) sum += xr[i] * xr[i];
+    const float inv = 1.f / std::sqrt(sum / float(width) + float(eps));
+    for (int64_t i = 0; i < width; ++i) o[r * width + i] = w[i] * (xr[i] * inv);
+  }
+  return out;
+}
+
+// Rotate the first `heads` head slices of each row in place (rotate-half layout, as HF Llama): row r is
+// position t = r % T of its batch row; cos/sin are [T, D] with both halves equal.
+void rope(float* rows, int64_t stride, int64_t count, int64_t T, int64_t heads, int64_t D, const float* cos,
+          const float* sin) {
+  const int64_t half = D / 2;
+  for (int64_t r = 0; r < count; ++r) {
+    const float* c = cos + (r % T) * D;
+    const float* s = sin + (r % T) * D;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* x = rows + r * stride + h * D;
+      for (int64_t i = 0; i < half; ++i) {
+        const float x1 = x[i], x2 = x[i + half];
+        x[i] = x1 * c[i] - x2 * s[i];
+        x[i + half] = x2 * c[i + half] + x1 * s[i + half];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor forward_layers(const at::Tensor& hidden, const LayerStack& stack, int64_t start_layer, int64_t end_layer,
+                          int64_t start_pos, const c10::optional<at::Tensor>& keys,
+                          const c10::optional<at::Tensor>& values, const c10::optional<at::Tensor>& attendable,
+                          const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads, int64_t num_kv_heads,
+                          int64_t head_dim, double eps) {
+  const std::vector<LayerWeights>& layers = stack.layers;
+  TORCH_CHECK(hidden.dim() == 3 && hidden.scalar_type() == at::kFloat, "hidden must be float32 [B, T, H]");
+  TORCH_CHECK(0 <= start_layer && start_layer <= end_layer && end_layer <= int64_t(layers.size()), "bad layer range");
+  const int64_t B = hidden.size(0), T = hidden.size(1), width = hidden.size(2);
+  const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim, qkv_width = q_size + 2 * kv_size;
+  const bool cached = keys.has_value() && keys->defined();
+  if (cached) {
+    TORCH_CHECK(keys->dim() == 5 && keys->scalar_type() == at::kFloat && keys->is_contiguous() &&
+                    values->is_contiguous() && keys->size(1) == B && keys->size(3) >= start_pos + T,
+                "keys/values must be contiguous float32 [L, B, Hkv, capacity, D] with room for the pass");
+  }
+  const at::Tensor cos_c = cos.contiguous(), sin_c = sin.contiguous();
+  at::Tensor x = hidden.reshape({B * T, width}).contiguous().clone();
+  for (int64_t l = start_layer; l < end_layer; ++l) {
+    const LayerWeights& layer = layers[l];
+    at::Tensor qkv = apply(layer.qkv, rms_norm(x, layer.input_norm, eps));  // [B*T, q + 2 kv]
+    float* rows = qkv.data_ptr<float>();
+    rope(rows, qkv_width, B * T, T, num_heads, head_dim, cos_c.data_ptr<float>(), sin_c.data_ptr<float>());
+    rope(rows + q_size, qkv_width, B * T, T, num_kv_heads, head_dim, cos_c.data_ptr<float>(), sin_c.data_ptr<float>());
+    // q as [B, H, T, D], this pass's k/v as [B, Hkv, T, D]: strided views of the qkv rows.
+    const at::Tensor q = qkv.as_strided({B, num_heads, T, head_dim}, {T * qkv_width, head_dim, qkv_width, 1});
+    at::Tensor k = qkv.as_strided({B, num_kv_heads, T, head_dim}, {T * qkv_width, head_dim, qkv_width, 1}, q_size);
+    at::Tensor v = qkv.as_strided({B, num_kv_heads, T, head_dim}, {T * qkv_width, head_dim, qkv_width, 1},
+                                  q_size + kv_size);
+    int64_t first = 0;  // the position of key 0
+    if (cached) {
+      at::Tensor layer_keys = keys->select(0, l), layer_values = values->select(0, l);
+      layer_keys.narrow(2, start_pos, T).copy_(k);
+      layer_values.narrow(2, start_pos, T).copy_(v);
+      k = layer_keys.narrow(2, 0, start_pos + T);
+      v = layer_values.narrow(2, 0, start_pos + T);
+      first = start_pos;
+    }
+    const at::Tensor attended = attention(q, k, v, first, cached ? attendable : c10::nullopt);  // [B, H, T, D]
+    x.add_(apply(layer.o, attended.permute({0, 2, 1, 3}).reshape({B * T, q_size})));
+    at::Tensor gate_up = apply(layer.gate_up, rms_norm(x, layer.post_norm, eps));  // [B*T, 2 I]
+    const int64_t inner = gate_up.size(1) / 2;
+    at::Tensor gated = at::empty({B * T, inner}, x.options());
+    const float* gu = gate_up.data_ptr<float>();
+    float* g = gated.data_ptr<float>();
+    for (int64_t r = 0; r < B * T; ++r)
+      for (int64_t i = 0; i < inner; ++i) {
+        const float a = gu[r * 2 * inner + i];
+        g[r * inner + i] = a / (1.f + std::exp(-a)) * gu[r * 2 * inner + inner + i];
+      }
+    x.add_(apply(layer.down, gated));
+  }
+  return x.view({B, T, width});
+}
+
+void bind_layers(pybind11::module& m) {
+  namespace py = pybind11;
+  py::class_<PreparedWeight>(m, "PreparedWeight")
+      .def(py::init([](int format, at::Tensor data, c10::optional<at::Tensor> bias) {
+             return PreparedWeight{format, std::move(data), std::move(bias)};
+           }),
+           py::arg("format"), py::arg("data"), py::arg("bias") = py::none());
+  py::class_<LayerWeights>(m, "LayerWeights")
+      .def(py::init([](PreparedWeight qkv, PreparedWeight o, PreparedWeight gate_up, PreparedWeight down,
+                       at::Tensor input_norm, at::Tensor post_norm) {
+             return LayerWeights{qkv, o, gate_up, down, input_norm.contiguous(), post_norm.contiguous()};
+           }),
+           py::arg("qkv"), py::arg("o"), py::arg("gate_up"), py::arg("down"), py::arg("input_norm"),
+           py::arg("post_norm"));
+  py::class_<LayerStack>(m, "LayerStack").def(py::init([](std::vector<LayerWeights> layers) {
+    return LayerStack{std::move(layers)};
+  }));
+  m.def("forward_layers", &forward_layers, "decoder layers [start, end) in one call (model/transformer.py's graph)",
+        py::arg("hidden"), py::arg("stack"), py::arg("start_layer"), py::arg("end_layer"), py::arg("start_pos"),
+        py::arg("keys"), py::arg("values"), py::arg("attendable"), py::arg("cos"), py::arg("sin"),
+        py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"),
+        py::call_guard<py::gil_scoped_release>());
+  m.attr("FORMATS") = py::dict(py::arg("float32") = int(kFloat32), py::arg("bfloat16") = int(kBFloat16),
+                               py::arg("q8_0") = int(Q8_0), py::arg("q4_0") = int(Q4_0), py::arg("q4_1") = int(Q4_1));
+}
+
+}  // namespace fewrow

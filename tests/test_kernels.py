@@ -1,0 +1,260 @@
+"""The native few-row CPU kernels (kernels/fewrow.cpp): GGUF block decoding, accuracy against torch, and row
+invariance (a row's result bit-identical whatever else shares the call, and whatever the thread count), on every
+instruction-set path this CPU has. Nothing here depends on the host's CPU, thread count or speed."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from layerskip.model.kernels import native
+
+BLOCK_FORMATS = ("q8_0", "q4_0", "q4_1")
+FORMATS = ("f32", "bf16", *BLOCK_FORMATS)
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = native.load_native()
+    if module is None:
+        pytest.skip("the native kernels are not available here (see the warning)")
+    return module
+
+
+@contextlib.contextmanager
+def isa_path(ext, name: str) -> Iterator[None]:
+    previous = ext.isa()
+    ext.set_isa(name)
+    try:
+        yield
+    finally:
+        ext.set_isa(previous)
+
+
+@contextlib.contextmanager
+def threads(count: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def every_isa(ext) -> Iterator[str]:
+    for name in ext.available_isas():
+        with isa_path(ext, name):
+            yield name
+
+
+def quantize_blocks(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    import gguf
+
+    kind = gguf.GGMLQuantizationType[fmt.upper()]
+    return torch.from_numpy(np.ascontiguousarray(gguf.quants.quantize(w.numpy(), kind)))
+
+
+def dequantize_blocks(blocks: torch.Tensor, fmt: str) -> torch.Tensor:
+    import gguf
+
+    kind = gguf.GGMLQuantizationType[fmt.upper()]
+    return torch.from_numpy(np.array(gguf.quants.dequantize(blocks.numpy(), kind), dtype=np.float32))
+
+
+def weights(fmt: str, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(what the kernel takes, the float32 weights it multiplies by)."""
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    if fmt == "f32":
+        return w, w
+    if fmt == "bf16":
+        return w.bfloat16(), w.bfloat16().float()
+    blocks = quantize_blocks(w, fmt)
+    return blocks, dequantize_blocks(blocks, fmt).reshape(n, k)
+
+
+def kernel(ext, fmt: str):
+    return getattr(ext, f"linear_{fmt}")
+
+
+def quantized_activation(x: torch.Tensor) -> torch.Tensor:
+    """The activation the block kernels multiply by, computed here independently of them: per row and block of
+    32, scale = max|x| / 127 and q = round-half-even(x / scale), in float32; returned dequantized in float64."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(scale > 0, torch.round(blocks / scale), torch.zeros_like(blocks)).clamp(-127, 127)
+    return (q.double() * scale.double()).reshape(x.shape)
+
+
+def assert_close_to(y: torch.Tensor, reference: torch.Tensor, rel: float) -> None:
+    error = (y.double() - reference).abs().max().item()
+    assert error <= rel * reference.abs().max().item(), f"max error {error:.3g} vs scale {reference.abs().max():.3g}"
+
+
+def test_isa_paths(ext):
+    assert ext.isa() in ext.available_isas()
+    assert "scalar" in ext.available_isas()
+    with pytest.raises(RuntimeError, match="unknown"):
+        ext.set_isa("sse9")
+
+
+@pytest.mark.parametrize("fmt", ["f32", "bf16"])
+def test_float_weights_match_linear(ext, fmt):
+    for k in (64, 100, 37):  # K not a multiple of the vector width takes the scalar tail
+        packed, w = weights(fmt, 19, k)
+        for rows in (1, 3, 9):
+            x = torch.randn(rows, k)
+            reference = x.double() @ w.double().T
+            for _ in every_isa(ext):
+                y = kernel(ext, fmt)(x, packed)
+                assert y.shape == (rows, 19) and y.dtype == torch.float32
+                assert_close_to(y, reference, 1e-5)
+
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+def test_block_weights_match_linear(ext, fmt):
+    for k in (96, 320):  # an odd and an even number of blocks
+        blocks, w = weights(fmt, 23, k)
+        for rows in (1, 5, 11):
+            x = torch.randn(rows, k)
+            reference = quantized_activation(x) @ w.double().T
+            plain = x.double() @ w.double().T
+            for _ in every_isa(ext):
+                y = kernel(ext, fmt)(x, blocks)
+                assert_close_to(y, reference, 1e-5)
+                # What quantizing the activation to 8 bits costs against plain F.linear: well under 2% here.
+                assert_close_to(y, plain, 2e-2)
+
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+def test_block_mapping_is_exact(ext, fmt):
+    """One-hot rows read single weights back: x = c * e_k with c = 127 * 2^-4 quantizes exactly (scale 2^-4,
+    q = 127), so row k of the result is 127 * 2^-4 * column k of gguf's dequantization, rounded once to float32;
+    exactly that for Q8_0 and Q4_0, within one rounding for Q4_1 (its min is a second product)."""
+    k, n = 96, 40
+    blocks, w = weights(fmt, n, k, seed=1)
+    x = torch.eye(k) * (127 * 2.0**-4)
+    expected = (w.T * 127) * 2.0**-4  # float32: one rounding of 127 * w, then an exact power of two
+    for _ in every_isa(ext):
+        y = kernel(ext, fmt)(x, blocks)
+        if fmt == "q4_1":
+            torch.testing.assert_close(y, expected, rtol=3e-7, atol=1e-7)
+        else:
+            assert torch.equal(y, expected)
+
+
+def invariance_case(fmt: str) -> tuple[int, int]:
+    """(N, K) large enough that two threads split the features (each task takes >= 64 KiB of weights)."""
+    return {"f32": (300, 100), "bf16": (600, 100), "q8_0": (1024, 96), "q4_0": (2048, 96), "q4_1": (2048, 96)}[fmt]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_linear_rows_are_invariant(ext, fmt):
+    n, k = invariance_case(fmt)
+    packed, _ = weights(fmt, n, k)
+    generator = torch.Generator().manual_seed(2)
+    rows = torch.randn(16, k, generator=generator)
+    for _ in every_isa(ext):
+        run = kernel(ext, fmt)
+        alone = torch.cat([run(rows[i:i + 1], packed) for i in range(len(rows))])
+        for count in (2, 3, 5, 8, 9, 16):
+            order = torch.randperm(len(rows), generator=generator)[:count]
+            together = run(rows[order], packed)
+            assert torch.equal(together, alone[order]), (count, order)
+        with threads(1):
+            one = run(rows, packed)
+        with threads(2):
+            two = run(rows, packed)
+        assert torch.equal(one, alone) and torch.equal(two, alone)
+
+
+def sdpa_reference(q, k, v, start_pos, attendable):
+    """SDPA with the boolean mask the kernel means: causal, attendable keys, and always the query's own position."""
+    batch, heads, length, _ = q.shape
+    size = k.shape[2]
+    group = heads // k.shape[1]
+    query_pos = torch.arange(start_pos, start_pos + length)[:, None]
+    key_pos = torch.arange(size)[None, :]
+    mask = (key_pos <= query_pos)[None].expand(batch, length, size)
+    if attendable is not None:
+        mask = mask & attendable[:, None, :size]
+    mask = mask | (key_pos == query_pos)[None]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                          attn_mask=mask[:, None])
+
+
+def attention_case(length: int, dim: int, padded: bool, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    batch, heads, kv_heads, start_pos, capacity = 2, 4, 2, 5, 24
+    q = torch.randn(batch, heads, length, dim, generator=generator)
+    cache_k = torch.randn(batch, kv_heads, capacity, dim, generator=generator)
+    cache_v = torch.randn(batch, kv_heads, capacity, dim, generator=generator)
+    attendable = None
+    if padded:  # left padding in batch row 0, a hole in row 1
+        attendable = torch.ones(batch, capacity, dtype=torch.bool)
+        attendable[0, :3] = False
+        attendable[1, 6] = False
+    return q, cache_k, cache_v, start_pos, attendable
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_attention_matches_sdpa(ext, padded):
+    for dim in (64, 40):
+        for length in (1, 3, 8):
+            q, cache_k, cache_v, start_pos, attendable = attention_case(length, dim, padded)
+            end = start_pos + length
+            k, v = cache_k[:, :, :end], cache_v[:, :, :end]  # views of the cache, as the model passes them
+            reference = sdpa_reference(q, k, v, start_pos, attendable)
+            for _ in every_isa(ext):
+                out = ext.attention(q, k, v, start_pos, attendable)
+                assert out.shape == q.shape and out.is_contiguous()
+                torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_attention_queries_are_invariant(ext, padded):
+    length = 6
+    q, cache_k, cache_v, start_pos, attendable = attention_case(length, 64, padded, seed=3)
+    end = start_pos + length
+    for _ in every_isa(ext):
+        together = ext.attention(q, cache_k[:, :, :end], cache_v[:, :, :end], start_pos, attendable)
+        for t in range(length):
+            position = start_pos + t
+            alone = ext.attention(q[:, :, t:t + 1], cache_k[:, :, :position + 1], cache_v[:, :, :position + 1],
+                                  position, attendable)
+            assert torch.equal(alone, together[:, :, t:t + 1]), t
+        with threads(1):
+            one = ext.attention(q, cache_k[:, :, :end], cache_v[:, :, :end], start_pos, attendable)
+        assert torch.equal(one, together)
+
+
+def test_disabled_without_building(monkeypatch):
+    """LAYERSKIP_NATIVE=0: load_native() is None at once, without trying to build (today's torch path runs)."""
+    monkeypatch.setenv("LAYERSKIP_NATIVE", "0")
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_tried", False)
+
+    def no_build():
+        raise AssertionError("built although disabled")
+
+    monkeypatch.setattr(native, "_build", no_build)
+    assert native.load_native() is None
+
+
+def test_build_failure_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.delenv("LAYERSKIP_NATIVE", raising=False)
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_tried", False)
+
+    def broken_build():
+        raise RuntimeError("Error building extension: no compiler\nmore detail")
+
+    monkeypatch.setattr(native, "_build", broken_build)
+    with pytest.warns(RuntimeWarning, match="native CPU kernels unavailable.*no compiler") as caught:
+        assert native.load_native() is None
+        assert native.load_native() is None  # remembered: no second try, no second warning
+    assert len(caught) == 1
