@@ -117,7 +117,7 @@ def test_float_weights_match_linear(ext, fmt):
 
 @pytest.mark.parametrize("fmt", BLOCK_FORMATS)
 def test_block_weights_match_linear(ext, fmt):
-    for k in (96, 320):  # an odd and an even number of blocks
+    for k in (96, 320):  # 3 blocks (steps only), 10 blocks (a unit of 8 and steps on the vector paths)
         blocks, w = weights(fmt, 23, k)
         for rows in (1, 5, 11):
             x = torch.randn(rows, k)
@@ -135,7 +135,7 @@ def test_block_mapping_is_exact(ext, fmt):
     """One-hot rows read single weights back: x = c * e_k with c = 127 * 2^-4 quantizes exactly (scale 2^-4,
     q = 127), so row k of the result is 127 * 2^-4 * column k of gguf's dequantization, rounded once to float32;
     exactly that for Q8_0 and Q4_0, within one rounding for Q4_1 (its min is a second product)."""
-    k, n = 96, 40
+    k, n = 288, 40  # 9 blocks: the vector paths run a unit of 8 blocks, then a step over the last one
     blocks, w = weights(fmt, n, k, seed=1)
     x = torch.eye(k) * (127 * 2.0**-4)
     expected = (w.T * 127) * 2.0**-4  # float32: one rounding of 127 * w, then an exact power of two
@@ -149,7 +149,7 @@ def test_block_mapping_is_exact(ext, fmt):
 
 def invariance_case(fmt: str) -> tuple[int, int]:
     """(N, K) large enough that two threads split the features (each task takes >= 64 KiB of weights)."""
-    return {"f32": (300, 100), "bf16": (600, 100), "q8_0": (1024, 96), "q4_0": (2048, 96), "q4_1": (2048, 96)}[fmt]
+    return {"f32": (300, 100), "bf16": (600, 100), "q8_0": (400, 320), "q4_0": (800, 320), "q4_1": (800, 320)}[fmt]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -16,7 +16,12 @@
 // Formats: f32 and bf16 weights [N, K] are multiplied in fp32 with FMA.  Q8_0 / Q4_0 / Q4_1 weights are the
 // GGUF block bytes, uint8 [N, K/32 * block_bytes]; the activation is quantized per row to int8 in blocks of
 // 32 (scale = max|x| / 127, q = round-half-even(x / scale)), block dot products run in int32, then each block
-// is scaled in fp32 and the blocks are summed in a fixed order.
+// is scaled in fp32 and the blocks are summed in a fixed order.  The vector paths take most of a row in "units"
+// of 8 blocks (weights transposed in registers so one int32 lane holds one block's sum: the float work is one
+// vector per 8 blocks) and the rest in "steps" of 1 or 2 blocks; the split depends only on K.
+//
+// Work split: parallel over output features (at::parallel_for); for each feature the rows go in groups of up to
+// V::kRows in one pass over the weight row, each (row, feature) with its own kAcc vector accumulators.
 
 #ifndef FEWROW_ISA_BODY
 
@@ -42,9 +47,6 @@
 #include "fewrow.h"  // the C++ interface that layers.cpp calls
 
 #define FR_INLINE inline __attribute__((always_inline))
-#ifndef FEWROW_AVX2_ROWS
-#define FEWROW_AVX2_ROWS 4
-#endif
 
 namespace fewrow {
 
@@ -83,9 +85,11 @@ constexpr int kPrefetchBytes = 4096;
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-// Grain for at::parallel_for over tiles of output features: at least ~64 KiB of weights per task, so small
-// matrices stay on one thread and big ones split evenly.
-inline int64_t tile_grain(int64_t tile_bytes) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, tile_bytes)); }
+// Grain for at::parallel_for over output features: at least ~64 KiB of weights per task, so small matrices stay
+// on one thread and big ones split evenly.
+inline int64_t tile_grain(int64_t row_bytes) {
+  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, row_bytes));
+}
 
 // How one ISA path wants a quantized activation laid out: a row is a sequence of records, each the bytes one
 // step of the kernel multiplies with a run of weight blocks, followed by per-lane data for its int32 lanes.
@@ -163,7 +167,7 @@ struct V {
   static F zero_below(F x, F lo, F r) { return x < lo ? 0.f : r; }
 
   // Quant: one block per step; weights widened to their true integers, activations signed, no corrections.
-  static constexpr int kUnit = 0;
+  template <int FMT> static constexpr int unit_blocks() { return 0; }  // no units
   template <int FMT>
   static ActLayout layout() {
     ActLayout L;
@@ -206,7 +210,7 @@ struct V {
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 struct V {
-  static constexpr int W = 8, BPV = 1, LE = 4, kAcc = 2, kRows = FEWROW_AVX2_ROWS;
+  static constexpr int W = 8, BPV = 1, LE = 4, kAcc = 2, kRows = 6;
   using F = __m256;
   using I = __m256i;
   static FR_INLINE F zero() { return _mm256_setzero_ps(); }
@@ -250,10 +254,16 @@ struct V {
   }
   static FR_INLINE F zero_below(F x, F lo, F r) { return _mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_GE_OQ), r); }
 
-  // Quant: one block per step (8 int32 lanes of 4 elements), activations signed.  vpmaddubsw needs one unsigned
+  // Quant steps: one block (8 int32 lanes of 4 elements), activations signed.  vpmaddubsw needs one unsigned
   // operand: Q8_0 uses |w| and x * sign(w); Q4 uses the nibbles as they are, Q4_0's -8 coming back through a
   // per-lane correction -8 * sum(x) kept with the activation.
-  static constexpr int kUnit = 0;
+  //
+  // Units: eight blocks per step for the bulk of each row, the weight dwords transposed in registers so that
+  // int32 lane i sums all 32 products of block i; the float work is then one vector per eight blocks.  Q4 adds
+  // the eight vpmaddubsw results in int16 first (at most 8 * 2 * 15 * 127 = 30480, no saturation).  Q8_0 has no
+  // units here: its products need int32 at every step and its weights two registers per step (|w|, sign), so
+  // the transpose does not pay.
+  template <int FMT> static constexpr int unit_blocks() { return FMT == Q8_0 ? 0 : 8; }
   template <int FMT>
   static ActLayout layout() {
     ActLayout L;
@@ -262,8 +272,87 @@ struct V {
     for (int j = 0; j < 8; ++j) s.src[j] = j, s.lane[j] = j;
     s.corr_factor = FMT == Q4_0 ? -8 : 0;
     s.sums = FMT == Q4_1;
+    RecLayout& u = L.unit;
+    u.blocks = unit_blocks<FMT>(), u.dwords = 64, u.lanes = 8;
+    for (int j = 0; j < 64; ++j) {  // dword j = step t * 8 + lane (= block)
+      const int t = j / 8, lane = j % 8;
+      const int dword = FMT == Q8_0 ? t : 4 * (t & 1) + (t >> 1);  // Q4 step 2k + h: nibbles h of qs dword k
+      u.src[j] = lane * 8 + dword, u.lane[j] = lane;
+    }
+    u.corr_factor = FMT == Q4_0 ? -8 : 0;
+    u.sums = FMT == Q4_1;
     return L;
   }
+  // 4x4 transpose of dwords within each 128-bit lane of r[0..3].
+  static FR_INLINE void transpose4(__m256i (&r)[4]) {
+    const __m256i a0 = _mm256_unpacklo_epi32(r[0], r[1]), a1 = _mm256_unpackhi_epi32(r[0], r[1]);
+    const __m256i a2 = _mm256_unpacklo_epi32(r[2], r[3]), a3 = _mm256_unpackhi_epi32(r[2], r[3]);
+    r[0] = _mm256_unpacklo_epi64(a0, a2), r[1] = _mm256_unpackhi_epi64(a0, a2);
+    r[2] = _mm256_unpacklo_epi64(a1, a3), r[3] = _mm256_unpackhi_epi64(a1, a3);
+  }
+  struct WU { I s[8], sg[8]; F dw, m; };  // s: unsigned operands; sg: Q8_0 signs
+  template <int FMT>
+  static FR_INLINE WU load_unit(const uint8_t* b) {
+    constexpr int BB = block_bytes(FMT);
+    WU w;
+    // The first dword of each block holds its fp16 scale (and Q4_1's min): gather, pack the halves, convert.
+    const __m256i g = _mm256_i32gather_epi32(reinterpret_cast<const int*>(b),
+                                             _mm256_setr_epi32(0, BB, 2 * BB, 3 * BB, 4 * BB, 5 * BB, 6 * BB, 7 * BB), 1);
+    const __m256i lo16 = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1,
+                                          0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
+    const auto halves = [&](__m256i v) {
+      return _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, lo16), 0x08)));
+    };
+    w.dw = halves(g);
+    if constexpr (FMT == Q4_1) w.m = halves(_mm256_srli_epi32(g, 16));
+    const uint8_t* d = b + data_offset(FMT);
+    if constexpr (FMT == Q8_0) {
+      __m256i lo[4], hi[4];  // block j's 32 bytes: dwords 0-3 | 4-7
+      for (int j = 0; j < 4; ++j) {
+        lo[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + j * BB));
+        hi[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + (j + 4) * BB));
+      }
+      transpose4(lo);  // lo[k]: [dword k of blocks 0-3 | dword 4 + k of blocks 0-3]
+      transpose4(hi);  // the same for blocks 4-7
+      for (int k = 0; k < 4; ++k) {
+        w.sg[k] = _mm256_permute2x128_si256(lo[k], hi[k], 0x20);      // dword k of blocks 0-7
+        w.sg[k + 4] = _mm256_permute2x128_si256(lo[k], hi[k], 0x31);  // dword 4 + k of blocks 0-7
+      }
+      for (int t = 0; t < 8; ++t) w.s[t] = _mm256_abs_epi8(w.sg[t]);
+    } else {
+      __m256i r[4];  // [qs of block j | qs of block j + 4]
+      for (int j = 0; j < 4; ++j)
+        r[j] = _mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + j * BB))),
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(d + (j + 4) * BB)), 1);
+      transpose4(r);  // r[k]: qs dword k of blocks 0-3 | of blocks 4-7, lane i = block i
+      const __m256i low = _mm256_set1_epi8(0x0f);
+      for (int k = 0; k < 4; ++k) {
+        w.s[2 * k] = _mm256_and_si256(r[k], low);
+        w.s[2 * k + 1] = _mm256_and_si256(_mm256_srli_epi16(r[k], 4), low);
+      }
+    }
+    return w;
+  }
+  template <int FMT>
+  static FR_INLINE I dot_unit(const WU& w, const uint8_t* x, const uint8_t* corr) {
+    const auto xt = [&](int t) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * t)); };
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc;
+    if constexpr (FMT == Q8_0) {
+      acc = _mm256_madd_epi16(_mm256_maddubs_epi16(w.s[0], _mm256_sign_epi8(xt(0), w.sg[0])), ones);
+      for (int t = 1; t < 8; ++t)
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w.s[t], _mm256_sign_epi8(xt(t), w.sg[t])), ones));
+    } else {
+      __m256i p = _mm256_maddubs_epi16(w.s[0], xt(0));
+      for (int t = 1; t < 8; ++t) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w.s[t], xt(t)));
+      acc = _mm256_madd_epi16(p, ones);
+      if constexpr (FMT == Q4_0) acc = _mm256_add_epi32(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr)));
+    }
+    return acc;
+  }
+  static FR_INLINE F wdw(const WU& w) { return w.dw; }
+  static FR_INLINE F wm(const WU& w) { return w.m; }
   struct WQ { I q, s; F dw, m; };
   template <int FMT>
   static FR_INLINE WQ load_q(const uint8_t* b, int /*valid*/) {
@@ -349,7 +438,7 @@ struct V {
   // the float work (convert, scale, accumulate) is one vector per eight blocks instead of one per two.  Here
   // the weights are the unsigned operand (Q8_0 xor 0x80, Q4 nibbles) and the activation the signed one, corrected
   // per lane by -128 * sum(x) (Q8_0) or -8 * sum(x) (Q4_0) kept with the activation.
-  static constexpr int kUnit = 8;
+  template <int FMT> static constexpr int unit_blocks() { return 8; }
   template <int FMT>
   static constexpr int unit_block(int lane) {  // the block an int32 lane of a unit sums
     return FMT == Q8_0 ? (lane & 3) + 4 * (lane >= 8) : (lane >> 2) + 4 * ((lane & 3) >= 2);
@@ -375,21 +464,36 @@ struct V {
     return L;
   }
   struct WU { I s[4]; F dw, m; };
+  // Word indexes of the scale (lanes 0-15, in unit lane order) and Q4_1 min (lanes 16-31) of each lane's block, in
+  // two 128-byte windows of the unit's bytes: [b, b + 128) and, for the words beyond, [b + kSecond, + 128).
+  template <int FMT>
+  struct ScaleWords {
+    static constexpr int kSecond = FMT == Q8_0 ? 136 : FMT == Q4_1 ? 32 : 0;
+    alignas(64) uint16_t first[32] = {}, second[32] = {};
+    uint32_t from_second = 0;
+    constexpr ScaleWords() {
+      for (int i = 0; i < 32; ++i) {
+        const int word = block_bytes(FMT) / 2 * unit_block<FMT>(i % 16) + (i >= 16 && FMT == Q4_1);
+        if (word < 64) first[i] = uint16_t(word);
+        else second[i] = uint16_t(word - kSecond / 2), from_second |= 1u << i;
+      }
+    }
+  };
   template <int FMT>
   static FR_INLINE WU load_unit(const uint8_t* b) {
     constexpr int BB = block_bytes(FMT);
     WU w;
-    // The first dword of each block holds its fp16 scale (and Q4_1's min): gather, convert, spread to lanes.
-    const __m256i g = _mm256_i32gather_epi32(reinterpret_cast<const int*>(b),
-                                             _mm256_setr_epi32(0, BB, 2 * BB, 3 * BB, 4 * BB, 5 * BB, 6 * BB, 7 * BB), 1);
-    const __m512i to_lane = _mm512_setr_epi32(unit_block<FMT>(0), unit_block<FMT>(1), unit_block<FMT>(2), unit_block<FMT>(3),
-                                              unit_block<FMT>(4), unit_block<FMT>(5), unit_block<FMT>(6), unit_block<FMT>(7),
-                                              unit_block<FMT>(8), unit_block<FMT>(9), unit_block<FMT>(10), unit_block<FMT>(11),
-                                              unit_block<FMT>(12), unit_block<FMT>(13), unit_block<FMT>(14), unit_block<FMT>(15));
-    w.dw = _mm512_permutexvar_ps(to_lane, _mm512_castps256_ps512(_mm256_cvtph_ps(_mm256_cvtepi32_epi16(g))));
-    if constexpr (FMT == Q4_1)
-      w.m = _mm512_permutexvar_ps(
-          to_lane, _mm512_castps256_ps512(_mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(g, 16)))));
+    // The fp16 scales (and Q4_1's mins) straight into lane order by word permutes of the unit's bytes.
+    static constexpr ScaleWords<FMT> sw{};
+    __m512i words = _mm512_permutex2var_epi16(_mm512_loadu_si512(b), _mm512_loadu_si512(sw.first),
+                                              _mm512_loadu_si512(b + 64));
+    if constexpr (ScaleWords<FMT>::kSecond > 0)
+      words = _mm512_mask_blend_epi16(sw.from_second, words,
+                                      _mm512_permutex2var_epi16(_mm512_loadu_si512(b + sw.kSecond),
+                                                                _mm512_loadu_si512(sw.second),
+                                                                _mm512_loadu_si512(b + sw.kSecond + 64)));
+    w.dw = _mm512_cvtph_ps(_mm512_castsi512_si256(words));
+    if constexpr (FMT == Q4_1) w.m = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(words, 1));
     const uint8_t* d = b + data_offset(FMT);
     if constexpr (FMT == Q8_0) {
       __m512i z[4];
@@ -824,6 +928,7 @@ template <int FMT>
 struct QuantRun {
   const QAct* a; const uint8_t* w; float* y; int64_t N, nb;
   static constexpr int BB = block_bytes(FMT);
+  static constexpr int kUnit = V::template unit_blocks<FMT>();  // blocks per unit step, 0: steps only
   static_assert(kBlock * V::BPV / V::LE == V::W, "the int32 lanes of a block vector must match the float width");
 
   // acc += float(dot) * (weight scale * activation scale) [+ min * (dx * sum(q))], lane by lane.
@@ -838,7 +943,7 @@ struct QuantRun {
   template <int RB, class VV = V>
   FR_INLINE void unit(F (&acc)[RB][kAcc], const uint8_t* wr, const uint8_t* const (&rows)[RB], int64_t u,
                       int slot) const {
-    const typename VV::WU wu = VV::template load_unit<FMT>(wr + u * VV::kUnit * BB);
+    const typename VV::WU wu = VV::template load_unit<FMT>(wr + u * kUnit * BB);
 #pragma GCC unroll 8
     for (int i = 0; i < RB; ++i) {
       const uint8_t* rec = rows[i] + u * a->unit_rec;
@@ -869,11 +974,11 @@ struct QuantRun {
     F acc[RB][kAcc];
 #pragma GCC unroll 16
     for (int i = 0; i < RB * kAcc; ++i) acc[i / kAcc][i % kAcc] = V::zero();
-    const int64_t nu = V::kUnit ? nb / V::kUnit : 0;
-    if constexpr (V::kUnit > 0) {
+    const int64_t nu = kUnit ? nb / kUnit : 0;
+    if constexpr (kUnit > 0) {
       int64_t u = 0;
       for (; u + kAcc <= nu; u += kAcc) {
-        prefetch(wr + u * V::kUnit * BB, kAcc * V::kUnit * BB);
+        prefetch(wr + u * kUnit * BB, kAcc * kUnit * BB);
 #pragma GCC unroll 4
         for (int s = 0; s < kAcc; ++s) unit<RB>(acc, wr, rows, u + s, s);
       }
@@ -881,8 +986,8 @@ struct QuantRun {
       for (int s = 0; s < kAcc; ++s)
         if (u + s < nu) unit<RB>(acc, wr, rows, u + s, s);
     }
-    const uint8_t* ws = wr + nu * V::kUnit * BB;  // the blocks left after the units
-    const int64_t rest = nb - nu * V::kUnit, full = rest / V::BPV, nv = (rest + V::BPV - 1) / V::BPV;
+    const uint8_t* ws = wr + nu * kUnit * BB;  // the blocks left after the units
+    const int64_t rest = nb - nu * kUnit, full = rest / V::BPV, nv = (rest + V::BPV - 1) / V::BPV;
     int64_t v = 0;
     for (; v + kAcc <= full; v += kAcc) {
       prefetch(ws + v * V::BPV * BB, kAcc * V::BPV * BB);

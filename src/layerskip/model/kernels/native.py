@@ -2,8 +2,8 @@
 
 Decoding multiplies a few rows by every weight matrix, so it is bound by reading the weights; fewrow.cpp reads
 each weight once per call whatever the row count and is row-invariant by construction (a row's result never
-depends on the other rows, the row count or the thread count). It is compiled on first use (~1 minute, then
-cached on disk) because a wheel of prebuilt binaries would tie the package to one torch ABI.
+depends on the other rows, the row count or the thread count). It is compiled on first use (about half a
+minute, then cached on disk) because a wheel of prebuilt binaries would tie the package to one torch ABI.
 
 The extension module's functions (all tensors on the CPU; x float32 [R, K], R >= 1; results float32 [R, N]):
 
@@ -66,7 +66,8 @@ def _build() -> ModuleType:
     directory = build_root() / name
     directory.mkdir(parents=True, exist_ok=True)
     if not any(directory.glob(f"{name}*.so")):
-        print(f"layerskip: compiling the native CPU kernels into {directory} (once, about a minute)", file=sys.stderr)
+        print(f"layerskip: compiling the native CPU kernels into {directory} (once, about half a minute)",
+              file=sys.stderr)
     path = os.environ.get("PATH", "")
     if shutil.which("ninja") is None:  # the ninja wheel's binary, when the venv's bin is not on PATH
         try:
@@ -76,7 +77,8 @@ def _build() -> ModuleType:
         except ImportError:
             pass
     try:
-        return cpp_extension.load(name=name, sources=[str(path) for path in SOURCES if path.suffix == ".cpp"], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+        sources = [str(source) for source in SOURCES if source.suffix == ".cpp"]
+        return cpp_extension.load(name=name, sources=sources, extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
                                   build_directory=str(directory), verbose=False)
     finally:
         os.environ["PATH"] = path
