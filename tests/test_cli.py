@@ -105,3 +105,35 @@ def test_console_script_error_has_no_traceback(tmp_path):
     assert process.stderr.strip().splitlines() == [
         f"layerskip: error: {tmp_path / 'notes.txt'} is not a model checkpoint: give a checkpoint folder, "
         "a .gguf file or a hub id"]
+
+
+@pytest.mark.parametrize("flag, value", [("--stop_token_ids", "99999999"), ("--stop_token_ids", "-1"),
+                                         ("--stop_token_ids", "5,97"), ("--prompt_ids", "1,-1")])
+def test_token_ids_outside_the_vocabulary(tiny_checkpoint, capsys, flag, value):
+    folder, _ = tiny_checkpoint()
+    capsys.readouterr()  # the checkpoint writer's progress bar
+    args = ["--model", str(folder), "--max_steps", "1", *(["--prompt_ids", "1,2"] if flag != "--prompt_ids" else []),
+            flag, value]
+    code, _, err = run_cli(capsys, *args)
+    bad = value.split(",")[-1]
+    assert code == 2 and err.count("\n") == 1 and err.startswith("layerskip: error: ")
+    assert f"{bad} is outside the vocabulary [0, 97)" in err
+
+
+def test_library_api_checks_stop_token_ids(tiny_checkpoint):
+    from layerskip.errors import LayerSkipError
+
+    folder, _ = tiny_checkpoint()
+    loaded = layerskip.load(str(folder))
+    with pytest.raises(LayerSkipError, match=r"--stop_token_ids 99999999 is outside the vocabulary \[0, 97\)"):
+        layerskip.generate(loaded, prompt_ids=[1, 2], max_steps=1, stop_token_ids=[99999999])
+    assert layerskip.generate(loaded, prompt_ids=[1, 2], max_steps=1, stop_token_ids=[96]).token_ids
+
+
+@pytest.mark.parametrize("flag, value, message", [("--temperature", "nan", "--temperature must be a finite number"),
+                                                  ("--seed", str(2 ** 64), "--seed 18446744073709551616 is out of range")])
+def test_sampling_settings_out_of_range(tiny_checkpoint, capsys, flag, value, message):
+    folder, _ = tiny_checkpoint()
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "--model", str(folder), "--prompt_ids", "1,2", "--max_steps", "1", flag, value)
+    assert code == 2 and err.startswith("layerskip: error: ") and message in err

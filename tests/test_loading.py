@@ -264,3 +264,48 @@ def test_a_shipped_layerskip_adapter_becomes_the_default(tiny_checkpoint, tmp_pa
     base = layerskip.load(str(folder)).model.layers[0].self_attn.q_proj.weight
     merged = loaded.model.layers[0].self_attn.q_proj.weight
     assert torch.allclose(merged - base, torch.full((64, 64), 2 * 2 * 0.1 * 0.2), atol=1e-6)  # alpha/r * B @ A
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda c: {"model_type": "llama", "hidden_size": 64},
+     "required keys 'vocab_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads' are missing"),
+    (lambda c: {**c, "num_attention_heads": "4"}, "key 'num_attention_heads' must be an integer, got \"4\""),
+    (lambda c: {**c, "intermediate_size": 0}, "key 'intermediate_size' must be positive, got 0"),
+    (lambda c: {**{k: v for k, v in c.items() if k != "head_dim"}, "num_attention_heads": 3},
+     "num_attention_heads 3 does not divide hidden_size 64 (and there is no head_dim)"),
+    (lambda c: {**c, "num_key_value_heads": 3}, "num_key_value_heads 3 does not divide num_attention_heads 4"),
+    (lambda c: {**c, "tie_word_embeddings": "no"}, "key 'tie_word_embeddings' must be true or false"),
+    (lambda c: {**{k: v for k, v in c.items() if k != "rope_parameters"}, "rope_scaling": {"rope_type": "linear"}},
+     "required key 'rope_scaling.factor' is missing"),
+    (lambda c: [c], "is not a JSON object"),
+])
+def test_bad_config_json_names_the_file_and_the_key(tiny_checkpoint, edit, fragment):
+    folder, _ = tiny_checkpoint()
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(edit(config)))
+    with pytest.raises(LayerSkipError) as error:
+        layerskip.load(str(folder))
+    assert str(error.value).startswith(str(folder / "config.json")) and fragment in str(error.value)
+
+
+def test_explicit_head_dim_need_not_divide_the_hidden_size(tiny_checkpoint):
+    """Llama allows head_dim * heads != hidden_size when head_dim is given; a wrong one names the tensor."""
+    folder, hf = tiny_checkpoint(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    assert (logits_of(layerskip.load(str(folder)), IDS) - hf_logits(hf, IDS)).abs().max() < 1e-4
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "head_dim": 8}))
+    with pytest.raises(LayerSkipError, match=r"the weights in .* do not match its config.json: tensor "
+                                             r"'layers.0.self_attn.q_proj.weight' has shape \[64, 48\], config.json "
+                                             r"implies \[32, 48\] \(num_attention_heads 4 x head_dim 8"):
+        layerskip.load(str(folder))
+
+
+def test_missing_tensor_is_named(tiny_checkpoint):
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = tiny_checkpoint()
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LayerSkipError, match=r"do not match its config.json: missing \['layers.1.mlp.up_proj.weight'\]"):
+        layerskip.load(str(folder))

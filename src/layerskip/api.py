@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 from layerskip.errors import LayerSkipError
 from layerskip.generation import GenerationConfig, GenerationResult, Streamer, generate_ids
+from layerskip.generation.config import check_token_ids
 from layerskip.loading import LoadedModel, load
 
 Messages = list[dict[str, str]]
@@ -15,14 +16,13 @@ def encode_prompt(loaded: LoadedModel, prompt: str | Messages | None, *, prompt_
                   chat: bool | None = None) -> list[int]:
     """Token ids for a prompt: given ids, a plain string, or a conversation (chat template by default for chat models)."""
     if prompt_ids is not None:
-        ids = list(prompt_ids)
-        bad = [i for i in ids if not 0 <= i < loaded.config.vocab_size]
-        if bad:
-            raise LayerSkipError(f"prompt token id {bad[0]} is outside the vocabulary [0, {loaded.config.vocab_size})")
+        ids = check_token_ids(prompt_ids, loaded.config.vocab_size, "prompt token id")
     else:
         if prompt is None or (isinstance(prompt, str) and not prompt.strip()) or (not isinstance(prompt, str) and not prompt):
             raise LayerSkipError("the prompt is empty")
         if loaded.tokenizer is None:
+            if loaded.tokenizer_error:
+                raise LayerSkipError(f"{loaded.tokenizer_error}; give token ids with --prompt_ids instead")
             raise LayerSkipError(f"model '{loaded.name}' ships no tokenizer: give token ids with --prompt_ids")
         use_chat = loaded.tokenizer.has_chat_template if chat is None else chat
         if use_chat and not loaded.tokenizer.has_chat_template:
@@ -31,6 +31,10 @@ def encode_prompt(loaded: LoadedModel, prompt: str | Messages | None, *, prompt_
             ids = loaded.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if use_chat else loaded.tokenizer.encode(prompt)
         else:
             ids = loaded.tokenizer.encode_chat(prompt)
+        too_large = [token for token in ids if not 0 <= token < loaded.config.vocab_size]
+        if too_large:  # a tokenizer that does not belong to these weights
+            raise LayerSkipError(f"the tokenizer of model '{loaded.name}' produced token id {too_large[0]}, outside "
+                                 f"the model's vocabulary [0, {loaded.config.vocab_size}): they do not belong together")
     if not ids:
         raise LayerSkipError("the prompt is empty")
     context = loaded.config.max_position_embeddings
@@ -42,7 +46,8 @@ def encode_prompt(loaded: LoadedModel, prompt: str | Messages | None, *, prompt_
 def generate(loaded: LoadedModel, prompt: str | Messages | None = None, *, prompt_ids: Sequence[int] | None = None,
              chat: bool | None = None, streamer: Streamer | None = None, **options: Any) -> GenerationResult:
     """Generate a continuation. `options` are GenerationConfig fields (generation_strategy, exit_layer, ...)."""
-    config = GenerationConfig.from_options(options).resolved(loaded.config.num_hidden_layers, loaded.defaults)
+    config = GenerationConfig.from_options(options).resolved(loaded.config.num_hidden_layers, loaded.defaults,
+                                                             loaded.config.vocab_size)
     return generate_with_config(loaded, encode_prompt(loaded, prompt, prompt_ids=prompt_ids, chat=chat), config,
                                 streamer=streamer)
 
@@ -50,6 +55,7 @@ def generate(loaded: LoadedModel, prompt: str | Messages | None = None, *, promp
 def generate_with_config(loaded: LoadedModel, prompt_ids: list[int], config: GenerationConfig, *,
                          streamer: Streamer | None = None) -> GenerationResult:
     """Generate from token ids with a resolved config (the CLI and benchmarks call this directly)."""
+    check_token_ids(config.stop_token_ids, loaded.config.vocab_size, "--stop_token_ids")
     if config.stop_words and loaded.tokenizer is None:
         raise LayerSkipError("--stop_words needs a tokenizer, and this model ships none: use --stop_token_ids")
     return generate_ids(loaded.model, prompt_ids, config.strategy(), config.sampler(loaded.device),

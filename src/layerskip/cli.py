@@ -261,7 +261,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     loaded = layerskip.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     config = GenerationConfig.from_options(generation_options(args)).resolved(loaded.config.num_hidden_layers,
-                                                                             loaded.defaults)
+                                                                             loaded.defaults, loaded.config.vocab_size)
 
     def streamer_for() -> Any:
         if args.output == "json" or args.streamer == "none" or loaded.tokenizer is None:
@@ -300,7 +300,8 @@ def run_correctness(args: argparse.Namespace) -> int:
     options = {**generation_options(args), "generation_strategy": "self_speculative"}
     samples = load_dataset_samples(args)
     loaded = layerskip.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
-    config = GenerationConfig.from_options(options).resolved(loaded.config.num_hidden_layers, loaded.defaults)
+    config = GenerationConfig.from_options(options).resolved(loaded.config.num_hidden_layers, loaded.defaults,
+                                                             loaded.config.vocab_size)
     output = Path(args.output_dir)
     report = {"model": loaded.name, "dataset": args.dataset,
               **compare(loaded, samples, config, chat=args.chat, records_path=output / "correctness.jsonl",
@@ -325,7 +326,7 @@ def prepare_benchmark(args: argparse.Namespace) -> tuple[Any, list[Any], Any]:
     samples = load_dataset_samples(args)
     loaded = layerskip.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     config = GenerationConfig.from_options(generation_options(args)).resolved(loaded.config.num_hidden_layers,
-                                                                             loaded.defaults)
+                                                                             loaded.defaults, loaded.config.vocab_size)
     return loaded, samples, config
 
 
@@ -465,12 +466,21 @@ def interactive(loaded: Any, run_once: Any, chat: bool | None) -> None:
             run_once(line, None)
 
 
+def close_progress_bars() -> None:
+    """End the progress bars an error left open, so that the error gets a line of its own after them."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.run(args)
     except LayerSkipError as error:
-        print(f"layerskip: error: {error}", file=sys.stderr)
+        close_progress_bars()
+        message = " ".join(line.strip() for line in str(error).splitlines())  # one line, whatever the cause says
+        print(f"layerskip: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)

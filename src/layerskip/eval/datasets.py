@@ -95,6 +95,21 @@ def _rows(name: str, spec: DatasetSpec, split: str, data_path: str | None) -> li
     return _read_hub(spec, name, split)
 
 
+def _formatted(name: str, spec: DatasetSpec, row: dict[str, Any], index: Any) -> tuple[str, str]:
+    """A row's (prompt, reference), or a LayerSkipError when a field is absent or not a text."""
+    try:
+        prompt, reference = spec.format(row)
+    except KeyError as missing:
+        raise LayerSkipError(f"dataset '{name}' row {index} has no field {missing}") from None
+    except (TypeError, AttributeError):  # a field that the format slices or splits is not a text
+        raise LayerSkipError(f"dataset '{name}' row {index}: a field is not a text") from None
+    for what, value in (("prompt", prompt), ("reference", reference)):
+        if not isinstance(value, str):
+            raise LayerSkipError(f"dataset '{name}' row {index}: the {what} field holds {type(value).__name__}, "
+                                 "not a text")
+    return prompt, reference
+
+
 def load_samples(name: str, *, data_path: str | None = None, num_samples: int | None = None, seed: int = 42,
                  n_shot: int = 0, template: str | None = None, prompt_field: str = "prompt",
                  response_field: str = "response") -> list[Sample]:
@@ -108,12 +123,8 @@ def load_samples(name: str, *, data_path: str | None = None, num_samples: int | 
     if template is not None and "{prompt}" not in template:
         raise LayerSkipError("--template must contain the placeholder {prompt}")
     rows = _rows(name, spec, spec.test_split, data_path)
-    formatted = []
-    for index, row in enumerate(rows):
-        try:
-            formatted.append((str(row.get("task_id", row.get("id", index))), *spec.format(row)))
-        except KeyError as missing:
-            raise LayerSkipError(f"dataset '{name}' row {index} has no field {missing}") from None
+    formatted = [(str(row.get("task_id", row.get("id", index))), *_formatted(name, spec, row, index))
+                 for index, row in enumerate(rows)]
     chosen = sorted(random.Random(seed).sample(range(len(formatted)), num_samples)) \
         if num_samples is not None and num_samples < len(formatted) else range(len(formatted))
     prefix = ""
@@ -122,7 +133,8 @@ def load_samples(name: str, *, data_path: str | None = None, num_samples: int | 
             raise LayerSkipError(f"dataset '{name}' has no train split for --n_shot exemplars")
         train = _rows(name, spec, spec.train_split, data_path)
         shots = random.Random(seed + 1).sample(train, min(n_shot, len(train)))
-        prefix = "".join(prompt + reference + "\n\n" for prompt, reference in map(spec.format, shots))
+        prefix = "".join(prompt + reference + "\n\n" for prompt, reference in
+                         (_formatted(name, spec, row, f"{index} of the train split") for index, row in enumerate(shots)))
     samples = []
     for index in chosen:
         sample_id, prompt, reference = formatted[index]

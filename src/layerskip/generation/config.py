@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import math
+from typing import Any, Sequence
 
 import torch
 
@@ -12,6 +13,22 @@ from layerskip.generation.sampling import Sampler
 from layerskip.generation.strategies import Autoregressive, SelfSpeculative, Strategy
 
 STRATEGIES = ("autoregressive", "self_speculative")
+SEED_LIMIT = 2 ** 63  # torch generators take 64-bit seeds
+
+
+def check_token_ids(ids: Sequence[Any], vocab_size: int, what: str) -> list[int]:
+    """`ids` as a list of ints, each in [0, vocab_size), or a LayerSkipError naming the first that is not.
+
+    The one check of user-given token ids (--prompt_ids, --stop_token_ids) that the CLI's commands and the
+    library API share; `what` names them in the message ("prompt token id", "--stop_token_ids")."""
+    checked = []
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, int):
+            raise LayerSkipError(f"{what} {token!r} is not an integer token id")
+        if not 0 <= token < vocab_size:
+            raise LayerSkipError(f"{what} {token} is outside the vocabulary [0, {vocab_size})")
+        checked.append(token)
+    return checked
 
 
 @dataclasses.dataclass
@@ -39,17 +56,21 @@ class GenerationConfig:
             raise LayerSkipError(f"unknown generation option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         return cls(**options)
 
-    def resolved(self, num_layers: int, defaults: dict[str, Any]) -> "GenerationConfig":
-        """A copy with the model's defaults filled in, or a LayerSkipError naming what is wrong.
+    def resolved(self, num_layers: int, defaults: dict[str, Any], vocab_size: int | None = None) -> "GenerationConfig":
+        """A copy with the model's defaults filled in, or a LayerSkipError naming what is wrong; with
+        `vocab_size`, --stop_token_ids are checked against the vocabulary too.
 
         A model trained for LayerSkip stores `generation_strategy: self_speculative` with its exit layer and
         drafts per round (chosen by a sweep), so plain `generate` calls get the fast setting.
         """
+        typed = self.typed()
+        if typed is not self:
+            return typed.resolved(num_layers, defaults, vocab_size)
         strategy = self.generation_strategy or str(defaults.get("generation_strategy", "autoregressive"))
         if strategy not in STRATEGIES:
             raise LayerSkipError(f"unknown --generation_strategy '{strategy}': choose one of {', '.join(STRATEGIES)}")
         exit_layer, speculations = self.exit_layer, self.num_speculations
-        vocab_size, confidence = 0, 0.0  # draft settings: self-speculative only
+        draft_vocab, confidence = 0, 0.0  # draft settings: self-speculative only
         if strategy == "self_speculative":
             # Stored defaults come from a sweep on that model; otherwise a quarter of the depth, 4 drafts.
             exit_layer = exit_layer if exit_layer != -1 else int(defaults.get("exit_layer", max(1, num_layers // 4)))
@@ -59,11 +80,11 @@ class GenerationConfig:
                                      f"for self-speculative decoding of this {num_layers}-layer model")
             if speculations < 1:
                 raise LayerSkipError(f"--num_speculations must be at least 1, got {speculations}")
-            vocab_size = self.draft_vocab_size if self.draft_vocab_size != -1 else int(defaults.get("draft_vocab_size", 0))
+            draft_vocab = self.draft_vocab_size if self.draft_vocab_size != -1 else int(defaults.get("draft_vocab_size", 0))
             confidence = self.draft_confidence if self.draft_confidence != -1 else float(defaults.get("draft_confidence", 0))
             stored = len(defaults.get("draft_vocab", []))
-            if not 0 <= vocab_size <= stored:
-                raise LayerSkipError(f"--draft_vocab_size {vocab_size} is outside [0, {stored}]: this model stores "
+            if not 0 <= draft_vocab <= stored:
+                raise LayerSkipError(f"--draft_vocab_size {draft_vocab} is outside [0, {stored}]: this model stores "
                                      f"{'no draft vocabulary' if not stored else f'{stored} ranked draft tokens'}")
             if not 0 <= confidence < 1:
                 raise LayerSkipError(f"--draft_confidence must be in [0, 1), got {confidence}")
@@ -71,15 +92,36 @@ class GenerationConfig:
             raise LayerSkipError(f"--exit_layer {exit_layer} is outside [1, {num_layers}] for this {num_layers}-layer model")
         if self.max_steps < 1:
             raise LayerSkipError(f"--max_steps must be at least 1, got {self.max_steps}")
-        if self.sample and self.temperature < 0:
-            raise LayerSkipError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.sample and not 0 <= self.temperature < math.inf:  # also refuses nan
+            raise LayerSkipError(f"--temperature must be a finite number >= 0, got {self.temperature}")
+        if not -SEED_LIMIT <= self.seed < SEED_LIMIT:
+            raise LayerSkipError(f"--seed {self.seed} is out of range: use an integer in [-2**63, 2**63)")
         if self.top_k < 0:
             raise LayerSkipError(f"--top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise LayerSkipError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if vocab_size is not None:
+            check_token_ids(self.stop_token_ids, vocab_size, "--stop_token_ids")
         return dataclasses.replace(self, generation_strategy=strategy, exit_layer=exit_layer,
-                                   num_speculations=speculations, draft_vocab_size=vocab_size,
+                                   num_speculations=speculations, draft_vocab_size=draft_vocab,
                                    draft_confidence=confidence)
+
+    def typed(self) -> "GenerationConfig":
+        """A copy with numbers as floats where floats are meant, or a LayerSkipError naming an option whose
+        value is of the wrong type (library callers pass whatever they have, JSON included)."""
+        updates: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value, kind = getattr(self, field.name), FIELD_TYPES[field.name]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = updates[field.name] = float(value)
+            ok = {str: lambda v: v is None or isinstance(v, str), list: lambda v: isinstance(v, (list, tuple)),
+                  int: lambda v: isinstance(v, int) and not isinstance(v, bool), float: lambda v: isinstance(v, float),
+                  bool: lambda v: isinstance(v, bool)}[kind](value)
+            if not ok:
+                raise LayerSkipError(f"generation option {field.name} must be {TYPE_NAMES[kind]}, got {value!r:.40}")
+        if any(not isinstance(word, str) for word in self.stop_words):
+            raise LayerSkipError("generation option stop_words must be a list of strings")
+        return dataclasses.replace(self, **updates) if updates else self
 
     def strategy(self) -> Strategy:
         """The decoding strategy for a resolved config."""
@@ -92,3 +134,9 @@ class GenerationConfig:
     def sampler(self, device: torch.device) -> Sampler:
         return Sampler(sample=self.sample, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                        seed=self.seed, device=device)
+
+
+FIELD_TYPES = {"generation_strategy": str, "exit_layer": int, "num_speculations": int, "draft_vocab_size": int,
+               "draft_confidence": float, "max_steps": int, "sample": bool, "temperature": float, "top_k": int,
+               "top_p": float, "seed": int, "stop_words": list, "stop_token_ids": list, "ignore_eos": bool}
+TYPE_NAMES = {str: "a string", list: "a list", int: "an integer", float: "a number", bool: "true or false"}

@@ -39,6 +39,7 @@ class LoadedModel:
     name: str
     folder: Path                      # the HF checkpoint folder the weights came from
     adapter: Path | None = None       # a LoRA adapter merged into them on load
+    tokenizer_error: str | None = None  # why the folder's tokenizer files could not be read (tokenizer is None)
 
     @property
     def config(self) -> ModelConfig:
@@ -132,13 +133,16 @@ def load(model: str | None = None, *, dtype: str | None = None, device: str = "a
     state = load_state_dict(folder)
     if adapter is not None:
         state = merge_lora(state, adapter)
-    network = build_model(config, state, dtype=torch_dtype, device=torch_device)
+    network = build_model(config, state, dtype=torch_dtype, device=torch_device, folder=folder)
     try:
         prepare(network, cpu_kernels, QUANTIZE[quantize], None if adapter is not None else stored_blocks(folder))
     except KernelError as error:
         raise LayerSkipError(f"cannot load {model or default_model_name()} with quantize={quantize}, "
                              f"cpu_kernels={cpu_kernels}: {error}") from None
-    tokenizer = Tokenizer.from_folder(folder)
+    try:  # a broken tokenizer matters only to text prompts: token-id prompts still decode
+        tokenizer, tokenizer_error = Tokenizer.from_folder(folder), None
+    except LayerSkipError as error:
+        tokenizer, tokenizer_error = None, str(error)
     eos_ids = eos_token_ids(folder)
     if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
         eos_ids.append(tokenizer.eos_token_id)
@@ -148,7 +152,8 @@ def load(model: str | None = None, *, dtype: str | None = None, device: str = "a
     except ValueError as error:
         raise LayerSkipError(f"the stored decoding defaults of {adapter or folder} are broken: {error}") from None
     return LoadedModel(model=network, tokenizer=tokenizer, eos_token_ids=eos_ids, defaults=defaults,
-                       name=model or default_model_name(), folder=folder, adapter=adapter)
+                       name=model or default_model_name(), folder=folder, adapter=adapter,
+                       tokenizer_error=tokenizer_error)
 
 
 __all__ = ["DTYPES", "LoadedModel", "load", "resolve_model_folder"]

@@ -46,32 +46,53 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
     return default if field is None else field.contents()
 
 
-def gguf_config(reader: Any) -> ModelConfig:
+def _required(reader: Any, key: str, source: str, kind: type = int) -> Any:
+    """A metadata value the config needs, of the given kind, or a LayerSkipError naming the file and the key."""
+    value = _field(reader, key)
+    if value is None:
+        raise LayerSkipError(f"{source}: required GGUF metadata key '{key}' is missing")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        kind_name = "an integer" if kind is int else "a number"
+        raise LayerSkipError(f"{source}: GGUF metadata key '{key}' must be {kind_name}, got {str(value)[:40]!r}")
+    return kind(value)
+
+
+def _optional(reader: Any, key: str, source: str, kind: type = int) -> Any:
+    """A metadata value of the given kind, or None when the file lacks the key."""
+    return None if _field(reader, key) is None else _required(reader, key, source, kind)
+
+
+def _default(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def gguf_config(reader: Any, source: str = "the GGUF file") -> ModelConfig:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise LayerSkipError(f"unsupported GGUF architecture '{arch}': only 'llama' (Llama, Mistral, SmolLM) is supported")
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise LayerSkipError("this GGUF stores Llama 3.1 rope factors as a tensor, which layerskip does not read: "
                              "load the Hugging Face checkpoint instead")
-    embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    heads = int(_field(reader, "llama.attention.head_count"))
-    hidden = int(_field(reader, "llama.embedding_length"))
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embed is None or len(embed.shape) != 2:
+        raise LayerSkipError(f"{source} has no two-dimensional token_embd.weight tensor")
     raw = {
-        "vocab_size": int(_field(reader, "llama.vocab_size", int(embed.shape[1]))),
-        "hidden_size": hidden,
-        "intermediate_size": int(_field(reader, "llama.feed_forward_length")),
-        "num_hidden_layers": int(_field(reader, "llama.block_count")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(_field(reader, "llama.attention.head_count_kv", heads)),
-        "head_dim": int(_field(reader, "llama.attention.key_length", hidden // heads)),
-        "rms_norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(_field(reader, "llama.context_length", 2048)),
+        "vocab_size": _default(_optional(reader, "llama.vocab_size", source), int(embed.shape[1])),
+        "hidden_size": _required(reader, "llama.embedding_length", source),
+        "intermediate_size": _required(reader, "llama.feed_forward_length", source),
+        "num_hidden_layers": _required(reader, "llama.block_count", source),
+        "num_attention_heads": _required(reader, "llama.attention.head_count", source),
+        "num_key_value_heads": _optional(reader, "llama.attention.head_count_kv", source),
+        "head_dim": _optional(reader, "llama.attention.key_length", source),
+        "rms_norm_eps": _default(_optional(reader, "llama.attention.layer_norm_rms_epsilon", source, float), 1e-5),
+        "rope_theta": _default(_optional(reader, "llama.rope.freq_base", source, float), 10000.0),
+        "max_position_embeddings": _default(_optional(reader, "llama.context_length", source), 2048),
         "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
     }
     if _field(reader, "llama.rope.scaling.type") == "linear":
-        raw["rope_scaling"] = {"rope_type": "linear", "factor": float(_field(reader, "llama.rope.scaling.factor"))}
-    return ModelConfig.from_hf_dict(raw)
+        raw["rope_scaling"] = {"rope_type": "linear",
+                               "factor": _required(reader, "llama.rope.scaling.factor", source, float)}
+    return ModelConfig.from_hf_dict(raw, source=f"{source} (its metadata as a config)")
 
 
 def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -93,18 +114,30 @@ def gguf_state_dict(reader: Any, config: ModelConfig) -> tuple[dict[str, torch.T
     for tensor in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", leave=False):
         stem, _, suffix = tensor.name.rpartition(".")
         if stem.startswith("blk."):
-            _, index, kind = stem.split(".", 2)
-            if kind not in LAYER_TENSORS:
+            _, index, kind = (stem.split(".", 2) + ["", ""])[:3]
+            if kind not in LAYER_TENSORS or not index.isdigit():
                 raise LayerSkipError(f"unsupported GGUF tensor '{tensor.name}'")
+            if int(index) >= config.num_hidden_layers:
+                raise LayerSkipError(f"GGUF tensor '{tensor.name}' lies past the {config.num_hidden_layers} layers "
+                                     "of the file's llama.block_count")
             name = f"layers.{index}.{LAYER_TENSORS[kind]}.{suffix}"
         elif stem in GLOBAL_TENSORS:
             name = f"{GLOBAL_TENSORS[stem]}.{suffix}"
         else:
             raise LayerSkipError(f"unsupported GGUF tensor '{tensor.name}'")
-        values = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)  # a writable copy
-        values = values.reshape([int(d) for d in reversed(tensor.shape)])
+        shape = [int(d) for d in reversed(tensor.shape)]
+        try:
+            values = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)  # a writable copy
+            values = values.reshape(shape)
+        except (ValueError, NotImplementedError) as error:
+            raise LayerSkipError(f"GGUF tensor '{tensor.name}' ({tensor.tensor_type.name}, shape {shape}) "
+                                 f"cannot be read: {error}") from None
         raw = np.array(tensor.data) if tensor.tensor_type.name in BLOCK_TYPES else None  # [rows, bytes]
         heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(stem.split(".")[-1])
+        if heads and (values.ndim != 2 or values.shape[0] != heads * config.head_dim):
+            raise LayerSkipError(f"GGUF tensor '{tensor.name}' has shape {list(values.shape)}, the metadata implies "
+                                 f"[{heads * config.head_dim}, {config.hidden_size}] ({heads} heads x head_dim "
+                                 f"{config.head_dim})")
         if heads:  # whole rows move, so the blocks follow the same permutation
             values = unpermute_rotary_rows(values, heads)
             raw = None if raw is None else unpermute_rotary_rows(raw, heads)
@@ -125,7 +158,11 @@ def gguf_tokenizer(path: Path, reader: Any) -> Any:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as error:  # transformers' GGUF conversion raises many types on bad metadata
+        detail = " ".join(str(error).split())[:200] or type(error).__name__
+        raise LayerSkipError(f"cannot read the tokenizer stored in {path}: {detail}") from None
 
 
 def converted_folder_for(path: Path) -> Path:
@@ -142,7 +179,7 @@ def convert_gguf(path: Path, folder: Path | None = None) -> Path:
     if marker.is_file() and marker.read_text().strip() == str(CONVERSION_VERSION):
         return folder
     reader = _open(path)
-    config = gguf_config(reader)
+    config = gguf_config(reader, str(path))
     print(f"layerskip: converting {path.name} once into {folder} (later loads take under a second)", file=sys.stderr)
     state, blocks = gguf_state_dict(reader, config)
     save_hf_folder(folder, config, state, eos_ids=gguf_eos_ids(reader), tokenizer=gguf_tokenizer(path, reader),

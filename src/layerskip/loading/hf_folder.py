@@ -39,14 +39,21 @@ def read_config(folder: Path) -> ModelConfig:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise LayerSkipError(f"{folder} is not a model checkpoint: it has no config.json")
-    return ModelConfig.from_hf_dict(read_json(config_path))
+    return ModelConfig.from_hf_dict(read_json(config_path), source=str(config_path))
 
 
 def safetensors_files(folder: Path) -> list[Path]:
     """The weight files of a folder: the shards named by the index, or the single model.safetensors."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        return [folder / name for name in sorted(set(read_json(index)["weight_map"].values()))]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+            raise LayerSkipError(f"{index}: 'weight_map' must be an object of tensor name -> file name")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        absent = [file.name for file in files if not file.is_file()]
+        if absent:
+            raise LayerSkipError(f"{index} names weight file {absent[0]}, which {folder} lacks")
+        return files
     files = sorted(folder.glob("*.safetensors"))
     if files:
         return files
@@ -70,8 +77,10 @@ def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def build_model(config: ModelConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype,
-                device: torch.device | str) -> Transformer:
-    """A model whose parameters are the given tensors, built without a wasted random initialisation."""
+                device: torch.device | str, folder: Path | None = None) -> Transformer:
+    """A model whose parameters are the given tensors, built without a wasted random initialisation; a
+    LayerSkipError names a missing, unexpected or misshapen tensor (and the checkpoint `folder`, when given)."""
+    mismatch = f"the weights in {folder} do not match its config.json" if folder else "weights do not match config.json"
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     with torch.device("meta"):
@@ -80,13 +89,33 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], *, dtype: t
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         detail = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(unexpected)[:3]}"
-        raise LayerSkipError(f"weights do not match config.json: {detail}")
+        raise LayerSkipError(f"{mismatch}: {detail}")
+    shapes = model.state_dict()
+    for name in (name for name in shapes if name in expected):  # in module order: layer 0's q_proj first
+        want, have = tuple(shapes[name].shape), tuple(state[name].shape)
+        if have != want:
+            raise LayerSkipError(f"{mismatch}: tensor '{name}' has shape {list(have)}, "
+                                 f"config.json implies {list(want)}{shape_hint(config, name)}")
+        if not (state[name].is_floating_point() and state[name].dtype.itemsize >= 2):
+            raise LayerSkipError(f"{mismatch}: tensor '{name}' holds {str(state[name].dtype).removeprefix('torch.')}, "
+                                 "not floating-point weights")
     state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_inverse_frequencies(config).to(device)  # the meta-device buffer holds no data
     return model.eval()
+
+
+def shape_hint(config: ModelConfig, name: str) -> str:
+    """What in config.json sets a tensor's shape, for the projections whose rows count heads."""
+    if name.endswith("q_proj.weight") or name.endswith("o_proj.weight"):
+        return (f" (num_attention_heads {config.num_attention_heads} x head_dim {config.head_dim}, "
+                f"hidden_size {config.hidden_size})")
+    if name.endswith(("k_proj.weight", "v_proj.weight")):
+        return (f" (num_key_value_heads {config.num_key_value_heads} x head_dim {config.head_dim}, "
+                f"hidden_size {config.hidden_size})")
+    return ""
 
 
 def eos_token_ids(folder: Path) -> list[int]:

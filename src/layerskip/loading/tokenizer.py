@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from layerskip.errors import LayerSkipError
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
@@ -14,12 +16,17 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, folder: Path) -> "Tokenizer | None":
-        """The folder's tokenizer, or None when it ships none (then decoding takes token ids only)."""
+        """The folder's tokenizer, or None when it ships none (then decoding takes token ids only); a
+        LayerSkipError when its files are there but unreadable."""
         if not any((folder / name).is_file() for name in TOKENIZER_FILES):
             return None
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(str(folder)))
+        try:
+            return cls(AutoTokenizer.from_pretrained(str(folder)))
+        except Exception as error:  # transformers and tokenizers raise many types for broken files
+            detail = " ".join(str(error).split())[:200] or type(error).__name__
+            raise LayerSkipError(f"cannot read the tokenizer in {folder}: {detail}") from None
 
     @property
     def has_chat_template(self) -> bool:
