@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,3 +79,63 @@ def assert_same_greedy_tokens(loaded: Any, prompt_ids: list[int], expected: list
     best, second = logits.topk(2).values.tolist()
     assert {actual[same], expected[same]} <= set(logits.topk(2).indices.tolist()) and best - second < NEAR_TIE, \
         f"tokens part at {same} without a near-tie (top-2 margin {best - second:.2e}): {actual} != {expected}"
+
+
+def llama_cpp_row_order(weight: np.ndarray, heads: int) -> np.ndarray:
+    """The q/k row permutation that llama.cpp's converter applies (the forward direction)."""
+    rows, cols = weight.shape
+    return weight.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def gguf_metadata(hf: Any) -> dict[str, Any]:
+    """The llama GGUF metadata of a tiny HF model."""
+    config = hf.config
+    return {"llama.block_count": config.num_hidden_layers, "llama.context_length": config.max_position_embeddings,
+            "llama.embedding_length": config.hidden_size, "llama.feed_forward_length": config.intermediate_size,
+            "llama.attention.head_count": config.num_attention_heads,
+            "llama.attention.head_count_kv": config.num_key_value_heads,
+            "llama.attention.layer_norm_rms_epsilon": float(config.rms_norm_eps), "llama.rope.freq_base": 10000.0,
+            "llama.vocab_size": config.vocab_size}
+
+
+def write_tiny_gguf(path: Path, hf: Any, metadata: dict[str, Any] | None = None) -> None:
+    """A llama GGUF holding a tiny HF model's weights (norms F32, matrices F16 in llama.cpp's q/k row order,
+    token embeddings Q8_0), with the given metadata (default: the model's own, `gguf_metadata`)."""
+    import gguf
+    from gguf.quants import quantize
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (gguf_metadata(hf) if metadata is None else metadata).items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_int32(key, value)
+    writer.add_eos_token_id(3)
+    names = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    heads = {"q_proj": hf.config.num_attention_heads, "k_proj": hf.config.num_key_value_heads}
+    for name, tensor in hf.state_dict().items():
+        stem = name.removeprefix("model.").removesuffix(".weight")
+        if stem.startswith("layers."):
+            _, index, module = stem.split(".", 2)
+            gguf_name = f"blk.{index}.{names[module]}.weight"
+        else:
+            gguf_name = f"{names[stem]}.weight"
+        array = tensor.detach().float().numpy()
+        if stem.rpartition(".")[2] in heads:
+            array = llama_cpp_row_order(array, heads[stem.rpartition(".")[2]])
+        if stem == "embed_tokens":
+            writer.add_tensor(gguf_name, quantize(array, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        elif array.ndim == 2:
+            writer.add_tensor(gguf_name, array.astype(np.float16))
+        else:
+            writer.add_tensor(gguf_name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import pytest
 
 import layerskip
-from conftest import make_hf_model
+from conftest import gguf_metadata, make_hf_model, write_tiny_gguf
 from layerskip.cli import main
 from layerskip.errors import LayerSkipError
 
@@ -222,17 +222,6 @@ def write_word_tokenizer(folder: Path, vocab_size: int) -> None:
                             unk_token="<unk>").save_pretrained(folder)
 
 
-def gguf_metadata(hf: Any) -> dict[str, Any]:
-    """The llama GGUF metadata of a tiny HF model."""
-    config = hf.config
-    return {"llama.block_count": config.num_hidden_layers, "llama.context_length": config.max_position_embeddings,
-            "llama.embedding_length": config.hidden_size, "llama.feed_forward_length": config.intermediate_size,
-            "llama.attention.head_count": config.num_attention_heads,
-            "llama.attention.head_count_kv": config.num_key_value_heads,
-            "llama.attention.layer_norm_rms_epsilon": float(config.rms_norm_eps), "llama.rope.freq_base": 10000.0,
-            "llama.vocab_size": config.vocab_size}
-
-
 def mutate_gguf_metadata(rng: random.Random, metadata: dict[str, Any]) -> dict[str, Any]:
     """GGUF metadata with a key dropped, a value zeroed, negated or of the wrong type, or heads inconsistent."""
     mutated = dict(metadata)
@@ -247,37 +236,6 @@ def mutate_gguf_metadata(rng: random.Random, metadata: dict[str, Any]) -> dict[s
     else:
         mutated[rng.choice(("llama.attention.head_count", "llama.attention.head_count_kv"))] = rng.choice((3, 5, 64))
     return mutated
-
-
-def write_tiny_gguf(path: Path, hf: Any, metadata: dict[str, Any] | None = None) -> None:
-    """A llama GGUF of a tiny HF model (float32 tensors; the rotary row order does not matter to fuzzing),
-    with the given metadata (default: the model's own, `gguf_metadata`)."""
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), "llama")
-    for key, value in (gguf_metadata(hf) if metadata is None else metadata).items():
-        if isinstance(value, str):
-            writer.add_string(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        else:
-            writer.add_int32(key, value)
-    names = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    for name, tensor in hf.state_dict().items():
-        stem = name.removeprefix("model.").removesuffix(".weight")
-        if stem.startswith("layers."):
-            _, index, module = stem.split(".", 2)
-            gguf_name = f"blk.{index}.{names[module]}.weight"
-        else:
-            gguf_name = f"{names[stem]}.weight"
-        writer.add_tensor(gguf_name, tensor.detach().float().numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 @dataclasses.dataclass

@@ -11,7 +11,7 @@ import torch
 
 import layerskip
 from layerskip.errors import LayerSkipError
-from conftest import assert_same_greedy_tokens
+from conftest import assert_same_greedy_tokens, write_tiny_gguf
 from layerskip.loading import resolve_model_folder
 
 
@@ -90,62 +90,6 @@ def test_generation_config_supplies_several_eos_ids(tiny_checkpoint):
     folder, _ = tiny_checkpoint()
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 7]}))
     assert layerskip.load(str(folder)).eos_token_ids[:2] == [5, 7]
-
-
-def llama_cpp_row_order(weight: np.ndarray, heads: int) -> np.ndarray:
-    """The q/k row permutation that llama.cpp's converter applies (the forward direction)."""
-    rows, cols = weight.shape
-    return weight.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
-
-
-def write_tiny_gguf(path, hf) -> None:
-    """A llama GGUF holding the HF model's weights: norms F32, matrices F16, token embeddings Q8_0."""
-    import gguf
-    from gguf.quants import quantize
-
-    config = hf.config
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_eos_token_id(3)
-    names = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output",
-             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    for name, tensor in hf.state_dict().items():
-        stem = name.removeprefix("model.").removesuffix(".weight")
-        if stem.startswith("layers."):
-            _, index, module = stem.split(".", 2)
-            gguf_name = f"blk.{index}.{names[module]}.weight"
-        else:
-            gguf_name = f"{names[stem]}.weight"
-        array = tensor.detach().float().numpy()
-        if module_is("q_proj", stem):
-            array = llama_cpp_row_order(array, config.num_attention_heads)
-        elif module_is("k_proj", stem):
-            array = llama_cpp_row_order(array, config.num_key_value_heads)
-        if stem == "embed_tokens":
-            writer.add_tensor(gguf_name, quantize(array, gguf.GGMLQuantizationType.Q8_0),
-                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        elif array.ndim == 2:
-            writer.add_tensor(gguf_name, array.astype(np.float16))
-        else:
-            writer.add_tensor(gguf_name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
-def module_is(kind: str, stem: str) -> bool:
-    return stem.endswith(kind)
 
 
 def round_like_the_gguf(hf) -> None:
