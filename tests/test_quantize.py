@@ -48,14 +48,6 @@ def round_activations_to_8_bits(x: torch.Tensor) -> torch.Tensor:
     return (quantized * scale).reshape(x.shape)
 
 
-def round_activations_to_8_bits(x: torch.Tensor) -> torch.Tensor:
-    """What the Q8_0/Q4_x kernels multiply by: each row in blocks of 32, scale max|x| / 127, round half to even."""
-    blocks = x.reshape(*x.shape[:-1], -1, 32)
-    scale = blocks.abs().amax(-1, keepdim=True) / 127
-    quantized = torch.where(scale > 0, torch.round(blocks / scale), 0.0)
-    return (quantized * scale).reshape(x.shape)
-
-
 @pytest.mark.parametrize("quantize", FORMATS)
 def test_every_quantized_product_follows_the_dequantized_weights(tiny_folder, quantize):
     """Each prepared matrix of the model, on the activations it really sees, against F.linear of its dequantized

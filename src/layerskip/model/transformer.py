@@ -48,7 +48,7 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
 # A module without prepared weights, and every pass under autograd (training), uses the nn.Linear weights.
 LinearGroups = dict[str, tuple[nn.Linear, ...]]
 # (hidden, start_layer, end_layer, start_pos, cache, cos, sin) -> hidden, as forward_layers.
-FusedLayers = Callable[[torch.Tensor, int, int, int, "KVCache | None", torch.Tensor, torch.Tensor], torch.Tensor]
+FusedLayers = Callable[[torch.Tensor, int, int, int, KVCache | None, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def run_prepared(prepared: PreparedLinear | None, x: torch.Tensor) -> torch.Tensor | None:
