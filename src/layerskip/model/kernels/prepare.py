@@ -149,9 +149,7 @@ def prepare(model: Transformer, cpu_kernels: str = "auto", weight_format: str = 
             weight_format = "bfloat16"  # a bfloat16 model keeps its weights' bytes
         prepare_native(model, weight_format, blocks)
         return model.kernel_path
-    if weight.dtype != torch.float32 or not onednn.available():
-        if cpu_kernels == "packed":
-            raise KernelError("the packed CPU kernels need float32 weights and torch's oneDNN")
+    if weight.dtype != torch.float32 or not onednn.available():  # oneDNN packing is for float32 only: plain
         return model.kernel_path
     prepare_packed(model)
     if cpu_kernels == "auto" and not packing_pays(model):
