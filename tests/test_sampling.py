@@ -115,3 +115,36 @@ def test_speculative_sampling_matches_plain_sampling_distribution(tiny_model):
     # Plain sampling passes the same test, and sampling from the draft would fail it.
     assert chi_square_p_value(empirical_counts(tiny_model, Autoregressive(), RUNS), exact) > SIGNIFICANCE
     assert chi_square_p_value(empirical_counts(tiny_model, Autoregressive(exit_layer=1), RUNS), exact) < SIGNIFICANCE
+
+
+@pytest.mark.parametrize("kind", ["layer", "mlp"])
+def test_speculative_sampling_with_a_draft_adapter_matches_plain_sampling(tiny_model, kind):
+    """Drafts through an adapter (random: a distribution of its own) still give exactly plain sampling's. With an
+    adapter the prompt's round drafts nothing, so the test counts tokens 2 and 3 of 3, which a round drafts."""
+    from layerskip.model.draft_adapter import DraftAdapter, DraftAdapterConfig
+
+    torch.manual_seed(5)
+    adapter = DraftAdapter(DraftAdapterConfig(exit_layer=1, hidden_size=32, kind=kind, intermediate_size=16),
+                           tiny_model.config).eval()
+    with torch.no_grad():
+        for parameter in adapter.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    warp = Sampler(**SETTINGS).warp
+    exact = dict.fromkeys(itertools.product(range(VOCAB), repeat=2), 0.0)
+    with torch.inference_mode():
+        first = warp(tiny_model(torch.tensor([PROMPT]))[0, -1])
+        for t1 in range(VOCAB):
+            second = warp(tiny_model(torch.tensor([PROMPT + [t1]]))[0, -1])
+            for t2 in range(VOCAB):
+                third = warp(tiny_model(torch.tensor([PROMPT + [t1, t2]]))[0, -1])
+                for t3 in range(VOCAB):
+                    exact[(t2, t3)] += float(first[t1] * second[t2] * third[t3])
+    strategy = SelfSpeculative(exit_layer=1, num_speculations=2, draft_adapter=adapter)
+    counts = dict.fromkeys(exact, 0)
+    drafted = 0
+    for seed in range(RUNS):
+        result = generate_ids(tiny_model, PROMPT, strategy, Sampler(**SETTINGS, seed=seed), max_new_tokens=3)
+        counts[tuple(result.token_ids[1:])] += 1
+        drafted += result.stats.drafted_tokens
+    assert drafted >= RUNS
+    assert chi_square_p_value(counts, exact) > SIGNIFICANCE

@@ -13,7 +13,8 @@ from layerskip.eval.records import read_records
 from layerskip.generation import Sampler
 from layerskip.training.config import DataSource
 from conftest import assert_same_greedy_tokens
-from layerskip.training.self_generated import cache_path, length_sorted_batches, sample_replies, self_generated_documents
+from layerskip.training.self_generated import (cache_path, length_sorted_batches, load_reply_model, sample_replies,
+                                               self_generated_documents)
 
 
 def test_left_padded_batch_replies_equal_single_prompt_decoding(tiny_checkpoint):
@@ -41,13 +42,13 @@ def test_batches_group_prompts_of_similar_length():
 
 
 def test_self_generated_source_is_chat_prompt_plus_reply_and_resumes(tmp_path):
-    """Like with like: replies are generated in bfloat16, so the reference decodes in bfloat16 too, and one
-    prompt per batch keeps the same row shapes as one-at-a-time decoding (batching is tested above)."""
+    """Like with like: the reference decodes with the reply model (its format and kernels), and one prompt per
+    batch keeps the same row shapes as one-at-a-time decoding (batching is tested above)."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Say hi.", "Name a colour.", "Count to 3."]))
     source = DataSource(self_generated=str(prompts), field="prompt", max_new_tokens=6, temperature=0.0)
     documents = list(self_generated_documents(source, "smollm2-135m", tmp_path / "cache", batch_size=1))
-    base = layerskip.load("smollm2-135m", dtype="bfloat16")
+    base, _ = load_reply_model("smollm2-135m")
     for prompt, document in zip(["Say hi.", "Name a colour.", "Count to 3."], documents):
         chat = base.tokenizer.encode_chat([{"role": "user", "content": prompt}])
         reply = layerskip.generate(base, prompt_ids=chat, sample=False, max_steps=6,

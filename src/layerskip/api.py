@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from layerskip.errors import LayerSkipError
-from layerskip.generation import GenerationConfig, GenerationResult, Streamer, generate_ids
+from layerskip.generation import GenerationConfig, GenerationResult, Strategy, Streamer, generate_ids
 from layerskip.generation.config import check_token_ids
 from layerskip.loading import LoadedModel, load
 
@@ -52,17 +52,23 @@ def generate(loaded: LoadedModel, prompt: str | Messages | None = None, *, promp
                                 streamer=streamer)
 
 
+def strategy_for(loaded: LoadedModel, config: GenerationConfig) -> Strategy:
+    """A resolved config's strategy on this model, its draft adapter included."""
+    name = loaded.draft_adapter_path.name if loaded.draft_adapter_path is not None else ""
+    return config.strategy(loaded.draft_adapter, name)
+
+
 def generate_with_config(loaded: LoadedModel, prompt_ids: list[int], config: GenerationConfig, *,
                          streamer: Streamer | None = None) -> GenerationResult:
     """Generate from token ids with a resolved config (the CLI and benchmarks call this directly)."""
     check_token_ids(config.stop_token_ids, loaded.config.vocab_size, "--stop_token_ids")
     if config.stop_words and loaded.tokenizer is None:
         raise LayerSkipError("--stop_words needs a tokenizer, and this model ships none: use --stop_token_ids")
-    return generate_ids(loaded.model, prompt_ids, config.strategy(), config.sampler(loaded.device),
+    return generate_ids(loaded.model, prompt_ids, strategy_for(loaded, config), config.sampler(loaded.device),
                         max_new_tokens=config.max_steps,
                         eos_token_ids=() if config.ignore_eos else loaded.eos_token_ids,
                         stop_token_ids=config.stop_token_ids, stop_words=config.stop_words,
                         tokenizer=loaded.tokenizer, streamer=streamer)
 
 
-__all__ = ["encode_prompt", "generate", "generate_with_config", "load"]
+__all__ = ["encode_prompt", "generate", "generate_with_config", "load", "strategy_for"]

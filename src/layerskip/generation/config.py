@@ -11,6 +11,7 @@ import torch
 from layerskip.errors import LayerSkipError
 from layerskip.generation.sampling import Sampler
 from layerskip.generation.strategies import Autoregressive, SelfSpeculative, Strategy
+from layerskip.model.draft_adapter import DraftAdapter
 
 STRATEGIES = ("autoregressive", "self_speculative")
 SEED_LIMIT = 2 ** 63  # torch generators take 64-bit seeds
@@ -123,12 +124,16 @@ class GenerationConfig:
             raise LayerSkipError("generation option stop_words must be a list of strings")
         return dataclasses.replace(self, **updates) if updates else self
 
-    def strategy(self) -> Strategy:
-        """The decoding strategy for a resolved config."""
+    def strategy(self, draft_adapter: DraftAdapter | None = None, draft_adapter_name: str = "") -> Strategy:
+        """The decoding strategy for a resolved config; self-speculative drafts read their exit through
+        `draft_adapter` when it was trained for that exit layer (at another exit they are plain)."""
         if self.generation_strategy == "self_speculative":
+            if draft_adapter is not None and draft_adapter.config.exit_layer != self.exit_layer:
+                draft_adapter = None
             # Unresolved draft settings (-1, "the model's stored value") fall back to the full head, always k drafts.
             return SelfSpeculative(self.exit_layer, self.num_speculations, draft_vocab_size=max(0, self.draft_vocab_size),
-                                   draft_confidence=max(0.0, self.draft_confidence))
+                                   draft_confidence=max(0.0, self.draft_confidence), draft_adapter=draft_adapter,
+                                   draft_adapter_name=draft_adapter_name if draft_adapter is not None else "")
         return Autoregressive(None if self.exit_layer == -1 else self.exit_layer)
 
     def sampler(self, device: torch.device) -> Sampler:

@@ -15,6 +15,7 @@ import torch
 
 from layerskip.generation.sampling import Sampler
 from layerskip.model import ExitHiddenBuffer, KVCache, Transformer
+from layerskip.model.draft_adapter import DraftAdapter
 
 
 @dataclasses.dataclass
@@ -81,27 +82,76 @@ class Autoregressive(Strategy):
             yield Round(tokens=[token])
 
 
+class AdapterDrafts:
+    """A draft adapter's state for one sequence: its KV cache (kind layer), the final-layer states verification
+    produced (its context input; row p holds position p-1's, row 0 stays zero), and how far its cache was built
+    from verified context.
+
+    Drafted positions run with the adapter's own output as context; once verification accepts them, the next
+    round's first call rebuilds them from the true final states, in one pass of accepted + 1 rows.
+    """
+
+    def __init__(self, ctx: DecodeContext, adapter: DraftAdapter):
+        model, weight = ctx.model, ctx.model.embed_tokens.weight
+        self.model, self.adapter = model, adapter
+        self.cache = adapter.kv_cache(ctx.max_length)
+        self.contexts = ExitHiddenBuffer(model.config, ctx.max_length + 1, dtype=weight.dtype, device=weight.device) \
+            if adapter.config.context else None
+        self.built = 0                             # positions [0, built) of its cache saw verified context
+        self.last: torch.Tensor | None = None      # its output at the last position it ran
+
+    def first(self, exits: ExitHiddenBuffer, end: int) -> torch.Tensor:
+        """Its state for the head at position end - 1, the round's first draft, from verified context."""
+        start = self.built if self.adapter.has_cache else end - 1
+        self.built = end
+        return self.run(exits.read(start, end), start)
+
+    def next(self, exit_hidden: torch.Tensor, position: int) -> torch.Tensor:
+        """At a drafted position: the context is its own output at the position before."""
+        return self.run(exit_hidden, position, self.last)
+
+    def run(self, exit_hidden: torch.Tensor, start: int, context: torch.Tensor | None = None) -> torch.Tensor:
+        length = exit_hidden.shape[1]
+        if self.contexts is not None and context is None:
+            context = self.contexts.read(start, start + length)
+        cos, sin = self.model.rope(start, length, exit_hidden.dtype)
+        self.last = self.adapter(exit_hidden, context, cos, sin, start, self.cache)[:, -1:]
+        return self.last
+
+    def verified(self, start: int, final_hidden: torch.Tensor) -> None:
+        """The final layer's states of positions [start, start + T) (the accepted ones among them are exact)."""
+        if self.contexts is not None:
+            self.contexts.write(start + 1, final_hidden)
+
+
 class SelfSpeculative(Strategy):
     """Draft with layers [0, E) and the shared head, verify with layers [E, L), one KV cache for both.
 
     Per round: the pending tokens and each new draft go through [0, E) once, leaving their exit hidden
     states in a position-indexed buffer; verification runs [E, L) over the buffered states of every
     position not yet seen by the upper layers (on the first round: the whole prompt). Rejected positions
-    are simply overwritten by the next round.
+    are simply overwritten by the next round. With a draft adapter, drafts read the exit states through it
+    (AdapterDrafts); verification reads them as they are.
     """
 
     name = "self_speculative"
 
     def __init__(self, exit_layer: int, num_speculations: int, *, draft_vocab_size: int = 0,
-                 draft_confidence: float = 0.0):
+                 draft_confidence: float = 0.0, draft_adapter: DraftAdapter | None = None,
+                 draft_adapter_name: str = ""):
+        if draft_adapter is not None and draft_adapter.config.exit_layer != exit_layer:
+            raise ValueError(f"the draft adapter reads exit layer {draft_adapter.config.exit_layer}, not {exit_layer}")
         self.exit_layer = exit_layer
         self.num_speculations = num_speculations
         self.draft_vocab_size = draft_vocab_size    # > 0: drafts score only this many frequent tokens
         self.draft_confidence = draft_confidence    # > 0: a round stops drafting after a less confident draft
+        self.draft_adapter = draft_adapter          # drafts read the exit states through it
+        self.draft_adapter_name = draft_adapter_name
 
     def describe(self) -> dict[str, int | str | float]:
         extra = {"draft_vocab_size": self.draft_vocab_size} if self.draft_vocab_size else {}
         extra.update({"draft_confidence": self.draft_confidence} if self.draft_confidence else {})
+        extra.update({"draft_adapter": self.draft_adapter_name or "yes"} if self.draft_adapter is not None else {})
         return {**super().describe(), "exit_layer": self.exit_layer, "num_speculations": self.num_speculations,
                 **extra}
 
@@ -120,10 +170,13 @@ class SelfSpeculative(Strategy):
         cache = ctx.kv_cache()
         weight = model.embed_tokens.weight
         exits = ExitHiddenBuffer(model.config, ctx.max_length, dtype=weight.dtype, device=weight.device)
+        adapted = AdapterDrafts(ctx, self.draft_adapter) if self.draft_adapter is not None else None
         done = 0  # positions [0, done) have been through every layer and are final
         while True:
             committed = len(ctx.tokens)
             budget = min(self.num_speculations, ctx.max_length - committed - 1)
+            if adapted is not None and done == 0:
+                budget = 0  # the prompt goes through every layer first: the adapter's context needs its final states
             drafts: list[int] = []
             draft_probs: list[torch.Tensor | None] = []
             confident = True
@@ -134,13 +187,18 @@ class SelfSpeculative(Strategy):
                 position += len(pending)
                 if len(drafts) == budget or (drafts and (drafts[-1] in ctx.eos_token_ids or not confident)):
                     break  # this pass only fed the last draft through [0, E) for verification
-                token, probs, confident = self.draft(ctx, hidden[:, -1])
+                state = hidden[:, -1:]
+                if adapted is not None:
+                    state = adapted.next(hidden, position - 1) if drafts else adapted.first(exits, position)
+                token, probs, confident = self.draft(ctx, state[:, -1])
                 drafts.append(token)
                 draft_probs.append(probs)
                 pending = [token]
             if ctx.on_draft is not None and drafts:
                 ctx.on_draft(drafts)
             hidden = model.forward_layers(exits.read(done, position), exit_layer, model.num_layers, done, cache)
+            if adapted is not None:
+                adapted.verified(done, hidden)
             accepted, next_token = ctx.sampler.verify(drafts, draft_probs, model.head(hidden[0, -(len(drafts) + 1):]))
             done = committed + accepted
             yield Round(tokens=drafts[:accepted] + [next_token], drafted=drafts, accepted_drafts=accepted,

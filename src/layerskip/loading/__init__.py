@@ -15,13 +15,16 @@ import torch
 from layerskip.errors import LayerSkipError
 from layerskip.loading.adapter import adapter_base_model, is_adapter_folder, merge_lora
 from layerskip.loading.default_model import (BASE_MODEL_ALIASES, LAYERSKIP_MODEL, base_model_folder,
-                                             default_model_folder, default_model_name, layerskip_model_folder)
+                                             default_model_folder, default_model_name, layerskip_model_folder,
+                                             shipped_draft_adapter)
+from layerskip.loading.draft_adapter import NO_ADAPTER, is_draft_adapter_folder, named_draft_adapter, read_draft_adapter
 from layerskip.loading.hf_folder import (build_model, eos_token_ids, generation_defaults, load_state_dict,
                                          read_config, stored_blocks)
 from layerskip.loading.hub import looks_like_hub_id, resolve_hub_id
 from layerskip.loading.tokenizer import Tokenizer
 from layerskip.model import ModelConfig, Transformer
-from layerskip.model.kernels.prepare import CPU_KERNELS, QUANTIZE, KernelError, prepare
+from layerskip.model.draft_adapter import DraftAdapter
+from layerskip.model.kernels.prepare import CPU_KERNELS, QUANTIZE, KernelError, prepare, prepare_like
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KERNELS_ENV = "LAYERSKIP_CPU_KERNELS"  # forces the CPU kernel path for a whole run (tests, CI, benchmarks)
@@ -40,6 +43,8 @@ class LoadedModel:
     folder: Path                      # the HF checkpoint folder the weights came from
     adapter: Path | None = None       # a LoRA adapter merged into them on load
     tokenizer_error: str | None = None  # why the folder's tokenizer files could not be read (tokenizer is None)
+    draft_adapter: DraftAdapter | None = None  # drafts at its exit layer read the exit states through it
+    draft_adapter_path: Path | None = None
 
     @property
     def config(self) -> ModelConfig:
@@ -110,8 +115,27 @@ def resolve_cpu_kernels(cpu_kernels: str | None) -> str:
     return cpu_kernels
 
 
+def resolve_draft_adapter(spec: str | None, model: str | None, defaults: dict[str, Any],
+                          folders: list[Path]) -> Path | None:
+    """The draft adapter to attach: `spec` ("none": no adapter), else the one the model's layerskip.json names
+    (`folders`: the model's, then a merged LoRA adapter's), else the package's for the embedded original."""
+    if spec == NO_ADAPTER:
+        return None
+    if spec is not None:
+        path = Path(spec).expanduser()
+        if not is_draft_adapter_folder(path):
+            raise LayerSkipError(f"--draft_adapter {spec} is not a draft adapter folder (it needs draft_adapter.json); "
+                                 f"`{NO_ADAPTER}` drafts from the plain exit")
+        return path
+    for folder in reversed(folders):
+        named = named_draft_adapter(folder, generation_defaults(folder))
+        if named is not None:
+            return named
+    return shipped_draft_adapter(model)
+
+
 def load(model: str | None = None, *, dtype: str | None = None, device: str = "auto",
-         cpu_kernels: str | None = None, quantize: str = "none") -> LoadedModel:
+         cpu_kernels: str | None = None, quantize: str = "none", draft_adapter: str | None = None) -> LoadedModel:
     """Load a model for decoding. `model`: None for the embedded default, a folder (a checkpoint, or a LoRA
     adapter whose base model is then loaded and merged), a .gguf file, or a hub id.
 
@@ -119,7 +143,8 @@ def load(model: str | None = None, *, dtype: str | None = None, device: str = "a
     (torch's), or "auto": native where it builds, else the faster of the other two timed here; None reads
     $LAYERSKIP_CPU_KERNELS (default "auto"). `quantize`: the weights' format for decoding, weight-only and
     applied at load (the LM head included): "none", "bf16", "int8" (Q8_0 blocks) or "int4" (Q4_1 blocks); a
-    GGUF file's blocks of that format are used as they are."""
+    GGUF file's blocks of that format are used as they are. `draft_adapter`: a draft adapter folder
+    (model/draft_adapter.py), "none", or None for the one the model names (the embedded original's ships)."""
     cpu_kernels = resolve_cpu_kernels(cpu_kernels)
     if quantize not in QUANTIZE:
         raise LayerSkipError(f"unknown quantize '{quantize}': choose one of {', '.join(QUANTIZE)}")
@@ -147,13 +172,19 @@ def load(model: str | None = None, *, dtype: str | None = None, device: str = "a
     if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
         eos_ids.append(tokenizer.eos_token_id)
     defaults = {**generation_defaults(folder), **(generation_defaults(adapter) if adapter is not None else {})}
+    drafts_path = resolve_draft_adapter(draft_adapter, model, defaults, [folder] + ([adapter] if adapter else []))
+    drafts = None
+    if drafts_path is not None:
+        drafts = read_draft_adapter(drafts_path, config, dtype=torch_dtype, device=torch_device)
+        prepare_like(drafts.prepared_modules(), network)
+        defaults = {**defaults, **generation_defaults(drafts_path)}
     try:
         network.set_draft_vocab(defaults.get("draft_vocab"))
     except ValueError as error:
         raise LayerSkipError(f"the stored decoding defaults of {adapter or folder} are broken: {error}") from None
     return LoadedModel(model=network, tokenizer=tokenizer, eos_token_ids=eos_ids, defaults=defaults,
                        name=model or default_model_name(), folder=folder, adapter=adapter,
-                       tokenizer_error=tokenizer_error)
+                       tokenizer_error=tokenizer_error, draft_adapter=drafts, draft_adapter_path=drafts_path)
 
 
 __all__ = ["DTYPES", "LoadedModel", "load", "resolve_model_folder"]

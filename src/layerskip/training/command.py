@@ -42,7 +42,13 @@ def add_training_commands(commands: Any) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from layerskip.training import load_config, train
 
-    print(train(load_config(args.config, args.overrides)))
+    config = load_config(args.config, args.overrides)
+    if config.draft_adapter.enabled:
+        from layerskip.training.draft_adapter import train_draft_adapter
+
+        print(train_draft_adapter(config))
+    else:
+        print(train(config))
     return 0
 
 

@@ -23,6 +23,7 @@ EXIT_SCALES = ("sum_l", "l", "inv_l", "uniform")
 CURRICULA = ("rotational", "gradual", "all", "last", "fixed")
 PRECISIONS = ("bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
+ADAPTER_KINDS = ("layer", "mlp")  # model/draft_adapter.py (not imported: reading a recipe loads no torch)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -100,6 +101,21 @@ class LoRAConfig:
 
 
 @dataclasses.dataclass
+class DraftAdapterTrainConfig:
+    """Train only a draft adapter (model/draft_adapter.py), the model frozen: training/draft_adapter.py."""
+
+    enabled: bool = False
+    exit_layer: int = 4  # E: the adapter reads the states leaving layer E-1
+    kind: str = "layer"  # layer (one decoder layer, its own KV cache) or mlp (one SwiGLU block)
+    intermediate_size: int = 1536
+    context: bool = True  # also read the previous position's final-layer state
+    kl_weight: float = 1.0  # loss = CE(the model's greedy token) + kl_weight KL(final layer || draft)
+    heldout_sequences: int = 16  # the data's last sequences, for held-out agreement
+    num_speculations: int = 4  # stored with the adapter as its decoding defaults
+    draft_confidence: float = 0.0
+
+
+@dataclasses.dataclass
 class TrainConfig:
     model: str | None = None  # a model folder, .gguf file or hub id; None: the embedded base model smollm2-135m
     output_dir: str = "runs/layerskip"
@@ -120,6 +136,7 @@ class TrainConfig:
     layer_dropout: LayerDropoutConfig = dataclasses.field(default_factory=LayerDropoutConfig)
     early_exit: EarlyExitConfig = dataclasses.field(default_factory=EarlyExitConfig)
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    draft_adapter: DraftAdapterTrainConfig = dataclasses.field(default_factory=DraftAdapterTrainConfig)
 
     def validate(self) -> "TrainConfig":
         """Range and choice checks that types alone cannot express; returns self."""
@@ -159,6 +176,15 @@ class TrainConfig:
             ("lora.alpha", self.lora.alpha > 0, "positive"),
             ("lora.dropout", 0 <= self.lora.dropout < 1, "in [0, 1)"),
             ("lora.targets", bool(self.lora.targets), "at least one module name"),
+            ("draft_adapter.exit_layer", self.draft_adapter.exit_layer >= 1, "at least 1"),
+            ("draft_adapter.kind", self.draft_adapter.kind in ADAPTER_KINDS, f"one of {', '.join(ADAPTER_KINDS)}"),
+            ("draft_adapter.intermediate_size", self.draft_adapter.intermediate_size >= 1, "at least 1"),
+            ("draft_adapter.kl_weight", self.draft_adapter.kl_weight >= 0, "at least 0"),
+            ("draft_adapter.heldout_sequences", self.draft_adapter.heldout_sequences >= 1, "at least 1"),
+            ("draft_adapter.num_speculations", self.draft_adapter.num_speculations >= 1, "at least 1"),
+            ("draft_adapter.draft_confidence", 0 <= self.draft_adapter.draft_confidence < 1, "in [0, 1)"),
+            ("draft_adapter.enabled", not (self.draft_adapter.enabled and self.lora.enabled),
+             "false with lora.enabled: a draft adapter trains with the model frozen"),
         ]
         for key, ok, expected in checks:
             if not ok:

@@ -192,7 +192,8 @@ class Run:
         batch, accum, world = config.data.batch_size, config.optim.grad_accum, context.world_size
         global_batch = batch * accum * world
         tokens_per_step = global_batch * config.data.seq_len
-        log = MetricsLog(self.output / METRICS, self.num_layers, resume_step=self.step) if context.is_main else None
+        log = MetricsLog(self.output / METRICS, metrics_columns(self.num_layers), resume_step=self.step) \
+            if context.is_main else None
         if context.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
             (self.output / ckpt.RECIPE).write_text(dump_config(config))
@@ -339,15 +340,18 @@ def format_row(row: dict[str, Any], num_layers: int) -> str:
             + (f" | agreement {agreements}" if agreements else ""))
 
 
+def metrics_columns(num_layers: int) -> list[str]:
+    return ["step", "samples", "lr", "loss", "grad_norm", "tokens_per_second", "distill_kl",
+            *(exit_column(layer) for layer in range(num_layers)), *(agreement_column(layer) for layer in range(num_layers))]
+
+
 class MetricsLog:
     """metrics.csv, one row per log step; on resume, rows past the resumed step (a run that went further
     than its last checkpoint) are dropped so the file tells one continuous story."""
 
-    def __init__(self, path: Path, num_layers: int, *, resume_step: int):
+    def __init__(self, path: Path, columns: list[str], *, resume_step: int):
         self.path = path
-        self.columns = ["step", "samples", "lr", "loss", "grad_norm", "tokens_per_second", "distill_kl",
-                        *(exit_column(layer) for layer in range(num_layers)),
-                        *(agreement_column(layer) for layer in range(num_layers))]
+        self.columns = columns
         kept: list[dict[str, str]] = []
         if path.is_file() and resume_step > 0:
             with path.open(newline="") as handle:

@@ -99,6 +99,18 @@ def prepare_packed(model: Transformer) -> None:
     model.kernel_path = "packed"
 
 
+def prepare_like(modules: list[torch.nn.Module], model: Transformer) -> None:
+    """Prepare more modules (a draft adapter's) for the kernel path and weight format `model` was prepared for."""
+    for module in modules:
+        if model.kernel_path == "native":
+            extension = native.load_native()
+            module.prepared = {group: NativeLinear.from_float(extension, *fused_weight(linears), model.weight_format)
+                               for group, linears in module.linear_groups().items()}
+        elif model.kernel_path == "packed":
+            module.prepared = {group: PackedLinear(*fused_weight(linears))
+                               for group, linears in module.linear_groups().items()}
+
+
 def packing_pays(model: Transformer, rows: tuple[int, ...] = (1, 5), repeats: int = 2) -> bool:
     """Whether the packed weights (already made) run a decoding step and a verification pass faster than the
     plain ones here: every layer's products timed both ways, interleaved, medians. About 0.5 s for a 135M
