@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 import layerskip
+from layerskip.bench.costs import measure_step_costs
 from layerskip.eval.records import open_records, read_records, write_record
 from layerskip.jsonl import read_objects
 
@@ -39,6 +40,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--draft_vocab_size", type=int, default=-1)
     parser.add_argument("--draft_confidence", type=float, default=-1)
     parser.add_argument("--dtype", default=None, help="float32 (the CPU default), bfloat16, float16")
+    parser.add_argument("--quantize", default="none", help="none, bf16, int8 or int4, as `generate --quantize`")
+    parser.add_argument("--draft_adapter", default=None, help="a draft adapter folder, or none (default: the model's)")
     parser.add_argument("--output_dir", default="logs/bench_default")
     return parser.parse_args()
 
@@ -46,14 +49,14 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     out = Path(args.output_dir)
-    loaded = layerskip.load(args.model, dtype=args.dtype)
+    loaded = layerskip.load(args.model, dtype=args.dtype, quantize=args.quantize, draft_adapter=args.draft_adapter)
     prompts = [record for _, record in read_objects(Path(args.prompts))]
     tested = dict(generation_strategy=args.generation_strategy, exit_layer=args.exit_layer,
                   num_speculations=args.num_speculations, draft_vocab_size=args.draft_vocab_size,
                   draft_confidence=args.draft_confidence)
     engines = {"autoregressive": dict(generation_strategy="autoregressive"), "stored settings": tested}
-    settings = layerskip.GenerationConfig.from_options(tested).resolved(loaded.config.num_hidden_layers,
-                                                                         loaded.defaults).strategy().describe()
+    settings = layerskip.strategy_for(loaded, layerskip.GenerationConfig.from_options(tested).resolved(
+        loaded.config.num_hidden_layers, loaded.defaults)).describe()
     ids = [layerskip.encode_prompt(loaded, record["prompt"], chat=True) for record in prompts]
 
     def run(engine: str, mode: str, index: int) -> dict:
@@ -78,21 +81,31 @@ def main() -> None:
             write_record(sink, record)
             records.append(record)
 
-    lines = render(records, loaded.name, settings, args, len(prompts), loaded.model.embed_tokens.weight.dtype)
+    costs = None
+    if settings["generation_strategy"] == "self_speculative":
+        costs = measure_step_costs(loaded.model, settings["exit_layer"], settings["num_speculations"],
+                                   settings.get("draft_vocab_size", 0),
+                                   draft_adapter=loaded.draft_adapter if "draft_adapter" in settings else None)
+    lines = render(records, loaded.name, settings, args, len(prompts), loaded.model.embed_tokens.weight.dtype, costs)
     print("\n".join(lines))
     (out / "table.md").write_text("\n".join(lines) + "\n")
 
 
 def render(records: list[dict], model: str, settings: dict, args: argparse.Namespace, prompts: int,
-           model_dtype: torch.dtype) -> list[str]:
+           model_dtype: torch.dtype, costs: tuple[float, float] | None) -> list[str]:
+    """The table; with `costs` (c_d, c_v timed on the engine), the cost model's speedup from each row's measured
+    tokens and drafts per round: tokens per round / (drafts per round x c_d + c_v)."""
     lines = [f"Model {model}; stored settings: {json.dumps(settings)}. Machine: "
              f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
              f"{prompts} held-out chat prompts, up to {args.max_steps} new tokens, "
              f"{str(model_dtype).removeprefix('torch.')}.",
              "",
-             "| mode | prompts | AR tokens/s | stored settings tokens/s | speedup | acceptance | tokens/round | "
-             "greedy output = AR |",
-             "|---|---|---|---|---|---|---|---|"]
+             *([f"Cost model, timed on the engine: c_d = {costs[0]:.3f}, c_v = {costs[1]:.3f} (k = "
+                f"{settings['num_speculations']})."] if costs else []),
+             "",
+             "| mode | prompts | AR tokens/s | stored settings tokens/s | speedup | cost model | acceptance | "
+             "tokens/round | greedy output = AR |",
+             "|---|---|---|---|---|---|---|---|---|"]
     reference = {r["prompt"]: r["token_ids"] for r in records if r["engine"] == "autoregressive" and r["mode"] == "greedy"}
     for mode in MODES:
         for kind in ("code", "prose", "all"):
@@ -105,11 +118,13 @@ def render(records: list[dict], model: str, settings: dict, args: argparse.Names
             speed = sum(r["new_tokens"] for r in tested) / sum(r["seconds"] for r in tested)
             drafted = sum(r["drafted"] for r in tested)
             acceptance = f"{sum(r['accepted'] for r in tested) / drafted:.1%}" if drafted else "-"
-            per_round = sum(r["new_tokens"] for r in tested) / sum(r["rounds"] for r in tested)
+            rounds = sum(r["rounds"] for r in tested)
+            per_round = sum(r["new_tokens"] for r in tested) / rounds
+            predicted = f"{per_round / (drafted / rounds * costs[0] + costs[1]):.2f}x" if costs else "-"
             same = "-" if mode != "greedy" else (
                 "yes" if all(r["token_ids"] == reference.get(r["prompt"]) for r in tested) else "NO")
             lines.append(f"| {mode} | {kind} ({len(tested)}) | {ar_speed:.1f} | {speed:.1f} | **{speed / ar_speed:.2f}x** | "
-                         f"{acceptance} | {per_round:.2f} | {same} |")
+                         f"{predicted} | {acceptance} | {per_round:.2f} | {same} |")
     return lines
 
 

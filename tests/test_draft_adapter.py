@@ -232,3 +232,25 @@ def test_bad_draft_recipes_are_one_line_errors(tiny, tmp_path, token_data):
                            (["draft_adapter.heldout_sequences=30"], "not more than draft_adapter.heldout_sequences")]:
         with pytest.raises(LayerSkipError, match=message):
             train_draft_adapter(draft_recipe(tiny.folder, token_data, tmp_path / "bad", *extra))
+
+
+def test_generate_command_takes_an_adapter_and_compares_with_plain_decoding(tiny, tmp_path, capsys):
+    from layerskip.cli import main
+
+    save_draft_adapter(random_adapter(tiny.config, 2, "layer", True), tmp_path / "drafts",
+                       defaults={"generation_strategy": "self_speculative", "exit_layer": 2, "num_speculations": 3})
+    code = main(["generate", "--model", str(tiny.folder), "--draft_adapter", str(tmp_path / "drafts"),
+                 "--prompt_ids", "3,14,15", "--max_steps", "12", "--sample", "false", "--ignore_eos",
+                 "--output", "json", "--compare_autoregressive"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["settings"]["draft_adapter"] == "drafts"
+    comparison = report["comparison"]
+    assert comparison["speedup"] == pytest.approx(comparison["tokens_per_second"]
+                                                  / comparison["autoregressive_tokens_per_second"])
+    plain = layerskip.generate(tiny, prompt_ids=[3, 14, 15], max_steps=12, sample=False, ignore_eos=True)
+    assert comparison["identical"] == (report["token_ids"] == plain.token_ids)
+    assert_same_greedy_tokens(tiny, [3, 14, 15], plain.token_ids, report["token_ids"])
+    code = main(["generate", "--model", str(tiny.folder), "--draft_adapter", str(tmp_path / "nothing"),
+                 "--prompt_ids", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "is not a draft adapter folder" in err

@@ -8,9 +8,9 @@
     print(result.text, result.stats.acceptance_rate)
 """
 
-from layerskip.api import encode_prompt, generate, load
+from layerskip.api import encode_prompt, generate, load, strategy_for
 from layerskip.errors import LayerSkipError
 from layerskip.generation import GenerationConfig, GenerationResult
 
 __version__ = "0.1.0"
-__all__ = ["GenerationConfig", "GenerationResult", "LayerSkipError", "encode_prompt", "generate", "load"]
+__all__ = ["GenerationConfig", "GenerationResult", "LayerSkipError", "encode_prompt", "generate", "load", "strategy_for"]

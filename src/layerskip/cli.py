@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -50,6 +51,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", default="none",
                         help="weight format for decoding, applied at load, LM head included: none, bf16, int8 "
                              "(Q8_0) or int4 (Q4_1); a GGUF file's own blocks of that format are used as they are")
+    parser.add_argument("--draft_adapter", default=None,
+                        help="a draft adapter folder (drafts read the exit through it; output is the model's own), "
+                             "or none (default: the one the model names; the embedded smollm2-135m ships one)")
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    """The model of the model flags (add_model_arguments)."""
+    import layerskip
+
+    return layerskip.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                          draft_adapter=args.draft_adapter)
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, *, grid: bool = False) -> None:
@@ -141,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print text as it is accepted; 'speculative' also shows drafts and which were accepted")
     prompt.add_argument("--output", choices=("text", "json"), default="text",
                         help="'json' prints one object with text, token_ids and stats (no streaming)")
+    prompt.add_argument("--compare_autoregressive", action="store_true",
+                        help="also decode the prompt autoregressively (same model and sampling) and print the speedup "
+                             "and, greedy, whether the outputs are identical")
     generate.set_defaults(run=run_generate)
 
     correctness = dataset_command(
@@ -255,11 +270,26 @@ def format_stats(stats: dict[str, Any]) -> str:
     return line
 
 
+def compare_with(plain: Any, result: Any, sampled: bool) -> dict[str, Any]:
+    """The speedup of `result` over autoregressive decoding of the same prompt, and (greedy) whether they match."""
+    speed, plain_speed = result.stats.tokens_per_second, plain.stats.tokens_per_second
+    return {"autoregressive_tokens_per_second": plain_speed, "tokens_per_second": speed,
+            "speedup": speed / plain_speed if plain_speed else None,
+            "identical": None if sampled else result.token_ids == plain.token_ids}
+
+
+def format_comparison(comparison: dict[str, Any]) -> str:
+    identical = {None: "sampled: same distribution, other draws", True: "identical output",
+                 False: "output DIFFERS"}[comparison["identical"]]
+    return (f"autoregressive {comparison['autoregressive_tokens_per_second']:.1f} tokens/s -> "
+            f"{comparison['tokens_per_second']:.1f} tokens/s: {comparison['speedup']:.2f}x, {identical}")
+
+
 def run_generate(args: argparse.Namespace) -> int:
     import layerskip
     from layerskip.generation import GenerationConfig, SpeculativeStreamer, TextStreamer
 
-    loaded = layerskip.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    loaded = load_model(args)
     config = GenerationConfig.from_options(generation_options(args)).resolved(loaded.config.num_hidden_layers,
                                                                              loaded.defaults, loaded.config.vocab_size)
 
@@ -269,18 +299,29 @@ def run_generate(args: argparse.Namespace) -> int:
         kind = SpeculativeStreamer if args.streamer == "speculative" else TextStreamer
         return kind(loaded.tokenizer, config.stop_words)
 
+    plain = dataclasses.replace(config, generation_strategy="autoregressive", exit_layer=-1)
+    compare = args.compare_autoregressive and config.generation_strategy != "autoregressive"
+
     def run_once(prompt: Any, prompt_ids: Sequence[int] | None) -> Any:
         ids = layerskip.encode_prompt(loaded, prompt, prompt_ids=prompt_ids, chat=args.chat)
+        if compare:  # both strategies warm (first-call allocations) before either is timed
+            for warm in (config, plain):
+                layerskip.api.generate_with_config(loaded, ids, dataclasses.replace(warm, max_steps=4))
         streamer = streamer_for()
         result = layerskip.api.generate_with_config(loaded, ids, config, streamer=streamer)
+        comparison = compare_with(layerskip.api.generate_with_config(loaded, ids, plain), result, config.sample) \
+            if compare else None
         if args.output == "json":
             output = result.as_dict()
             output["settings"].update(weight_format=loaded.model.weight_format, cpu_kernels=loaded.model.kernel_path)
-            print(json.dumps({"model": loaded.name, **output}, ensure_ascii=False))
+            print(json.dumps({"model": loaded.name, **output, **({"comparison": comparison} if compare else {})},
+                             ensure_ascii=False))
         else:
             if streamer is None:
                 print(result.text if result.text is not None else ",".join(map(str, result.token_ids)))
             print(format_stats(result.stats.as_dict()), file=sys.stderr)
+            if comparison is not None:
+                print(format_comparison(comparison), file=sys.stderr)
         return result
 
     if args.prompt_ids is not None or args.prompt is not None:
@@ -299,7 +340,7 @@ def run_correctness(args: argparse.Namespace) -> int:
 
     options = {**generation_options(args), "generation_strategy": "self_speculative"}
     samples = load_dataset_samples(args)
-    loaded = layerskip.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    loaded = load_model(args)
     config = GenerationConfig.from_options(options).resolved(loaded.config.num_hidden_layers, loaded.defaults,
                                                              loaded.config.vocab_size)
     output = Path(args.output_dir)
@@ -324,7 +365,7 @@ def prepare_benchmark(args: argparse.Namespace) -> tuple[Any, list[Any], Any]:
     if args.execute_code and args.dataset != "human_eval":
         raise LayerSkipError("--execute_code applies to --dataset human_eval only")
     samples = load_dataset_samples(args)
-    loaded = layerskip.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    loaded = load_model(args)
     config = GenerationConfig.from_options(generation_options(args)).resolved(loaded.config.num_hidden_layers,
                                                                              loaded.defaults, loaded.config.vocab_size)
     return loaded, samples, config
@@ -403,6 +444,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise LayerSkipError(f"--num_fewshot must be at least 0, got {args.num_fewshot}")
     selection = load_tasks([name for entry in args.tasks for name in entry.split(",") if name], args.include_path)
     lm = LayerSkipLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                     draft_adapter=args.draft_adapter,
                      batch_size=args.batch_size, generation_strategy=args.generation_strategy, exit_layer=args.exit_layer,
                      num_speculations=args.num_speculations, seed=args.seed, stop_words=args.stop_words,
                      stop_token_ids=args.stop_token_ids, ignore_eos=args.ignore_eos)
@@ -428,7 +470,8 @@ def run_exits(args: argparse.Namespace) -> int:
     reports = run_exit_analysis([args.model] + ([args.compare] if args.compare else []), args.data_path, output,
                                 text_field=args.text_field, seq_len=args.seq_len, num_samples=args.num_samples,
                                 gen_tokens=args.gen_tokens, num_speculations=args.num_speculations, seed=args.seed,
-                                dtype=args.dtype, device=args.device, quantize=args.quantize)
+                                dtype=args.dtype, device=args.device, quantize=args.quantize,
+                                draft_adapter=args.draft_adapter)
     for report in reports:
         print(format_report(report) + "\n")
     print(f"table: {output / 'exits.csv'}, plot: {output / 'exits.png'}", file=sys.stderr)

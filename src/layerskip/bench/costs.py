@@ -7,12 +7,14 @@ import time
 import torch
 
 from layerskip.model import KVCache
+from layerskip.model.draft_adapter import DraftAdapter
 
 
 @torch.inference_mode()
 def measure_step_costs(model, exit_layer: int, speculations: int, vocab_size: int = 0, context: int = 64,
-                       repeats: int = 15) -> tuple[float, float]:
-    """(c_d, c_v): a draft step and a k-draft verification, in units of one full decoding step.
+                       repeats: int = 15, draft_adapter: DraftAdapter | None = None) -> tuple[float, float]:
+    """(c_d, c_v): a draft step (through `draft_adapter`, when given) and a k-draft verification, in units of
+    one full decoding step.
 
     The three passes are timed in turn, repeatedly, and compared by their medians.
     """
@@ -21,10 +23,20 @@ def measure_step_costs(model, exit_layer: int, speculations: int, vocab_size: in
     one = model.embed(torch.tensor([[7]]))
     many = model.embed(torch.full((1, speculations + 1), 7))
     layers = model.num_layers
+    adapter_cache = draft_adapter.kv_cache(context + 1) if draft_adapter is not None else None
+    final = torch.zeros_like(one)
+
+    def draft() -> torch.Tensor:
+        hidden = model.forward_layers(one, 0, exit_layer, context, cache)
+        if draft_adapter is not None:
+            cos, sin = model.rope(context, 1, hidden.dtype)
+            hidden = draft_adapter(hidden, final if draft_adapter.config.context else None, cos, sin, context,
+                                   adapter_cache)
+        return model.draft_head(hidden, vocab_size) if vocab_size else model.head(hidden)
+
     passes = {
         "full": lambda: model.head(model.forward_layers(one, 0, layers, context, cache)),
-        "draft": lambda: (model.draft_head(model.forward_layers(one, 0, exit_layer, context, cache), vocab_size)
-                          if vocab_size else model.head(model.forward_layers(one, 0, exit_layer, context, cache))),
+        "draft": draft,
         "verify": lambda: (model.forward_layers(one, 0, exit_layer, context, cache),
                            model.head(model.forward_layers(many, exit_layer, layers, context, cache))),
     }

@@ -24,7 +24,7 @@ from layerskip.loading.hub import looks_like_hub_id, resolve_hub_id
 from layerskip.loading.tokenizer import Tokenizer
 from layerskip.model import ModelConfig, Transformer
 from layerskip.model.draft_adapter import DraftAdapter
-from layerskip.model.kernels.prepare import CPU_KERNELS, QUANTIZE, KernelError, prepare, prepare_like
+from layerskip.model.kernels.prepare import CPU_KERNELS, QUANTIZE, KernelError, prepare, prepare_adapter
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KERNELS_ENV = "LAYERSKIP_CPU_KERNELS"  # forces the CPU kernel path for a whole run (tests, CI, benchmarks)
@@ -176,7 +176,7 @@ def load(model: str | None = None, *, dtype: str | None = None, device: str = "a
     drafts = None
     if drafts_path is not None:
         drafts = read_draft_adapter(drafts_path, config, dtype=torch_dtype, device=torch_device)
-        prepare_like(drafts.prepared_modules(), network)
+        prepare_adapter(drafts, network)
         defaults = {**defaults, **generation_defaults(drafts_path)}
     try:
         network.set_draft_vocab(defaults.get("draft_vocab"))

@@ -28,7 +28,7 @@ from layerskip.errors import LayerSkipError
 from layerskip.model.cache import KVCache
 from layerskip.model.config import ModelConfig
 from layerskip.model.kernels.linear import PreparedLinear
-from layerskip.model.transformer import DecoderLayer, FeedForward, LinearGroups, RMSNorm, run_prepared
+from layerskip.model.transformer import DecoderLayer, FeedForward, FusedLayers, LinearGroups, RMSNorm, run_prepared
 
 ADAPTER_KINDS = ("layer", "mlp")
 
@@ -82,6 +82,8 @@ class DraftAdapter(nn.Module):
         self.mlp_norm = RMSNorm(size, eps) if config.kind == "mlp" else None
         self.mlp = FeedForward(self.layer_config) if config.kind == "mlp" else None
         self.prepared: dict[str, PreparedLinear] = {}
+        # Its decoder layer in one call of the native kernels (passes without autograd), as Transformer.fused_layers.
+        self.fused_layer: FusedLayers | None = None
         self.reset_to_identity()
 
     @torch.no_grad()
@@ -126,6 +128,8 @@ class DraftAdapter(nn.Module):
             joined = torch.cat((exit_hidden, self.context_norm(context)), dim=-1)
             fused = run_prepared(self.prepared.get("fuse"), joined)
             x = fused if fused is not None else self.fuse(joined)
+        if self.fused_layer is not None and not torch.is_grad_enabled():
+            return self.fused_layer(x, 0, 1, start_pos, cache, cos, sin)
         if self.layer is not None:
             return self.layer(x, cos, sin, start_pos, cache)
         return x + self.mlp(self.mlp_norm(x))

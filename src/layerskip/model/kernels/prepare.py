@@ -16,7 +16,9 @@ from layerskip.model.kernels import packed as onednn
 from layerskip.model.kernels.linear import (BITS_PER_WEIGHT, BLOCK_FORMATS, KernelError, NativeLinear, PackedLinear,
                                             PreparedLinear, fused_weight)
 from layerskip.model.cache import KVCache
-from layerskip.model.transformer import FusedLayers, Transformer
+from layerskip.model.config import ModelConfig
+from layerskip.model.draft_adapter import DraftAdapter
+from layerskip.model.transformer import DecoderLayer, FusedLayers, Transformer
 
 CPU_KERNELS = ("auto", "native", "packed", "plain")
 # --quantize values and the weight format each one runs in ("int4" is Q4_1: a scale and a minimum per 32 weights).
@@ -64,12 +66,13 @@ def prepare_native(model: Transformer, weight_format: str, blocks: Blocks | None
                 prepared[group] = NativeLinear.from_float(extension, weight, bias, weight_format)
         module.prepared = prepared
     if model.embed_tokens.weight.dtype == torch.float32:  # the layer kernels keep a float32 KV cache
-        model.fused_layers = fused_layers(extension, model)
+        model.fused_layers = fused_layers(extension, list(model.layers), model.config)
     model.kernel_path, model.weight_format = "native", weight_format
 
 
-def fused_layers(extension, model: Transformer) -> FusedLayers:
-    """forward_layers of the model in one call of the native kernels (layers.cpp), over its prepared weights."""
+def fused_layers(extension, layers: list[DecoderLayer], config: ModelConfig) -> FusedLayers:
+    """forward_layers over these decoder layers in one call of the native kernels (layers.cpp), over their
+    prepared weights (a model's layers, or a draft adapter's one layer)."""
 
     def weight(prepared: NativeLinear):
         return extension.PreparedWeight(extension.FORMATS[prepared.weight_format], prepared.data, prepared.bias)
@@ -78,8 +81,7 @@ def fused_layers(extension, model: Transformer) -> FusedLayers:
         extension.LayerWeights(*(weight(module.prepared[group]) for module, group in (
             (layer.self_attn, "qkv"), (layer.self_attn, "o"), (layer.mlp, "gate_up"), (layer.mlp, "down"))),
             layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach())
-        for layer in model.layers])
-    config = model.config
+        for layer in layers])
     shape = (config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.rms_norm_eps)
 
     def run(hidden: torch.Tensor, start_layer: int, end_layer: int, start_pos: int, cache: KVCache | None,
@@ -99,9 +101,10 @@ def prepare_packed(model: Transformer) -> None:
     model.kernel_path = "packed"
 
 
-def prepare_like(modules: list[torch.nn.Module], model: Transformer) -> None:
-    """Prepare more modules (a draft adapter's) for the kernel path and weight format `model` was prepared for."""
-    for module in modules:
+def prepare_adapter(adapter: DraftAdapter, model: Transformer) -> None:
+    """Prepare a draft adapter for the kernel path and weight format `model` was prepared for (its decoder layer
+    in one native call too, where the model's layers run that way)."""
+    for module in adapter.prepared_modules():
         if model.kernel_path == "native":
             extension = native.load_native()
             module.prepared = {group: NativeLinear.from_float(extension, *fused_weight(linears), model.weight_format)
@@ -109,6 +112,8 @@ def prepare_like(modules: list[torch.nn.Module], model: Transformer) -> None:
         elif model.kernel_path == "packed":
             module.prepared = {group: PackedLinear(*fused_weight(linears))
                                for group, linears in module.linear_groups().items()}
+    if model.fused_layers is not None and adapter.layer is not None:
+        adapter.fused_layer = fused_layers(native.load_native(), [adapter.layer], adapter.layer_config)
 
 
 def packing_pays(model: Transformer, rows: tuple[int, ...] = (1, 5), repeats: int = 2) -> bool:
