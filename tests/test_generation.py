@@ -276,15 +276,20 @@ def test_stored_settings_with_a_draft_slice_and_confidence_keep_greedy_output(de
     ranked = list(range(8192))  # any ranking serves exactness: the slice only changes what drafts can propose
     stored = {"generation_strategy": "self_speculative", "exit_layer": 24, "num_speculations": 4,
               "draft_vocab_size": 8192, "draft_confidence": 0.3, "draft_vocab": ranked}
+    shipped = default_model.model.draft_vocab
     default_model.model.set_draft_vocab(ranked)
     loaded = dataclasses.replace(default_model, defaults=stored)
     drafted = rounds = 0
-    for case in cases_for(0) + cases_for(3):
-        result = run_case(loaded, case, generation_strategy=None)
-        assert_same_case_output(loaded, case, references[case], result)
-        assert result.settings == {key: stored[key] for key in ("generation_strategy", "exit_layer", "num_speculations",
-                                                                "draft_vocab_size", "draft_confidence")}
-        drafted, rounds = drafted + result.stats.drafted_tokens, rounds + result.stats.rounds
+    try:
+        for case in cases_for(0) + cases_for(3):
+            result = run_case(loaded, case, generation_strategy=None)
+            assert_same_case_output(loaded, case, references[case], result)
+            assert result.settings == {key: stored[key] for key in ("generation_strategy", "exit_layer",
+                                                                    "num_speculations", "draft_vocab_size",
+                                                                    "draft_confidence")}
+            drafted, rounds = drafted + result.stats.drafted_tokens, rounds + result.stats.rounds
+    finally:  # the session's default model keeps its own ranking for the tests after this one
+        default_model.model.set_draft_vocab(None if shipped is None else shipped.tolist())
     assert 0 < drafted < 4 * rounds  # the confidence stop ended some rounds before k drafts
 
 
@@ -303,3 +308,16 @@ def test_stop_word_spanning_two_tokens_cuts_text_before_it(default_model):
                                   full.token_ids[:len(result.token_ids)], result.token_ids)
         assert stop_word in default_model.tokenizer.decode(result.token_ids)
         assert stop_word not in default_model.tokenizer.decode(result.token_ids[:-1])
+
+
+def test_the_shipped_draft_adapter_drafts_and_keeps_greedy_output(default_model, references):
+    """Plain `generate` on the embedded default: its stored settings draft through the packaged adapter, and the
+    output is the model's own."""
+    assert default_model.draft_adapter is not None and default_model.draft_adapter_path.name == "smollm2-135m-draft"
+    accepted = drafted = 0
+    for case in cases_for(0) + cases_for(2):
+        result = run_case(default_model, case, generation_strategy=None)
+        assert result.settings["draft_adapter"] == "smollm2-135m-draft"
+        assert_same_case_output(default_model, case, references[case], result)
+        accepted, drafted = accepted + result.stats.accepted_drafts, drafted + result.stats.drafted_tokens
+    assert accepted > 0.3 * drafted  # drafts through it are accepted far more often than the plain exit's

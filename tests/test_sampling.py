@@ -25,6 +25,21 @@ def test_temperature_top_k_top_p_warping_exact_values():
     assert torch.allclose(hot, squares / squares.sum())
 
 
+def test_nucleus_from_the_most_likely_candidates_equals_a_full_sort():
+    """Peaked rows keep their nucleus among the candidates ranked; flat ones (a nucleus of thousands) rank all."""
+    generator = torch.Generator().manual_seed(0)
+    sampler = Sampler(sample=True, temperature=0.7, top_p=0.9)
+    for scale in (6.0, 0.01):
+        logits = torch.randn(3, 5000, generator=generator) * scale
+        probs = torch.softmax(logits / 0.7, dim=-1)
+        ordered, order = torch.sort(probs, dim=-1, descending=True)
+        kept = ordered.masked_fill(ordered.cumsum(-1) - ordered >= 0.9, 0.0)
+        expected = torch.zeros_like(probs).scatter_(-1, order, kept)
+        nucleus = (expected > 0).sum(-1)
+        assert (nucleus < 512).all() if scale > 1 else (nucleus > 512).all()
+        assert torch.allclose(sampler.warp(logits), expected / expected.sum(-1, keepdim=True), atol=1e-7)
+
+
 def test_greedy_verify_accepts_the_matching_prefix():
     sampler = Sampler(sample=False)
     targets = torch.full((4, 6), -1.0)

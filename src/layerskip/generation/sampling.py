@@ -9,6 +9,9 @@ from __future__ import annotations
 import torch
 
 
+NUCLEUS_CANDIDATES = 512
+
+
 class Sampler:
     def __init__(self, *, sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int = 0, device: torch.device | str = "cpu"):
@@ -27,7 +30,11 @@ class Sampler:
             logits = logits.masked_fill(logits < kth_best, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         if self.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+            # The nucleus is a prefix of the tokens by probability: the most likely few hundred hold it almost
+            # always, and ranking them costs 0.1 ms where sorting a 49k vocabulary costs 3 ms a token.
+            sorted_probs, order = torch.topk(probs, min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
+            if bool((sorted_probs.sum(dim=-1) < self.top_p).any()):  # a flat distribution: rank them all
+                sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
             mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
             sorted_probs = sorted_probs.masked_fill(mass_before >= self.top_p, 0.0)
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)

@@ -48,7 +48,7 @@ from layerskip.training.trainer import CHECKPOINTS, METRICS, MetricsLog, autocas
 STATES = "states"
 ADAPTER = "draft_adapter"     # the result: <output_dir>/draft_adapter
 CACHE_BATCH = 4               # sequences per pass of the frozen model while caching states
-COLUMNS = ["step", "epoch", "lr", "loss", "ce", "kl", "agreement", "heldout_agreement", "heldout_plain_exit",
+COLUMNS = ["step", "epochs", "lr", "loss", "ce", "kl", "agreement", "heldout_agreement", "heldout_plain_exit",
            "tokens_per_second"]
 
 
@@ -89,18 +89,22 @@ class StateCache:
         staging.replace(self.folder / "done.json")
 
     @torch.inference_mode()
-    def fill(self, model: Transformer, sequences: np.ndarray, exit_layer: int) -> None:
-        """Run the frozen model over the sequences not yet cached, a few at a time, with a progress bar."""
+    def fill(self, model: Transformer, sequences: np.ndarray, exit_layer: int, precision: Any) -> None:
+        """Run the frozen model over the sequences not yet cached, a few at a time, under `precision` (an
+        autocast context: bfloat16 is 2.4x faster on a 2-core Zen 5, and the states are stored in bfloat16
+        anyway), with a progress bar."""
         start = self.done
         bar = tqdm(total=self.count, initial=start, desc="caching exit states", unit="seq", file=sys.stderr)
         for first in range(start, self.count, CACHE_BATCH):
             rows = slice(first, min(first + CACHE_BATCH, self.count))
             ids = torch.from_numpy(sequences[rows].astype(np.int64)).to(model.inv_freq.device)
-            exits = model.forward_layers(model.embed(ids), 0, exit_layer)
-            finals = model.forward_layers(exits, exit_layer, model.num_layers)
+            with precision:
+                exits = model.forward_layers(model.embed(ids), 0, exit_layer)
+                finals = model.forward_layers(exits, exit_layer, model.num_layers)
+                greedy = model.head(finals).argmax(-1)
             self.arrays["exits"][rows] = bf16_bits(exits)
             self.arrays["finals"][rows] = bf16_bits(finals)
-            self.arrays["targets"][rows] = model.head(finals).argmax(-1).int().cpu().numpy()
+            self.arrays["targets"][rows] = greedy.int().cpu().numpy()
             for array in self.arrays.values():
                 array.flush()
             self._write_done(rows.stop)
@@ -193,7 +197,7 @@ class DraftRun:
         key = {"model": model_spec, "tokens": len(tokens), "head": int(tokens[:4096].sum()), "seq_len": seq_len,
                "exit_layer": settings.exit_layer, "data": config.data.sources and [vars(s) for s in config.data.sources]}
         self.states = StateCache(self.output / "data", key, count, seq_len, model_config.hidden_size)
-        self.states.fill(self.model, sequences, settings.exit_layer)
+        self.states.fill(self.model, sequences, settings.exit_layer, autocast(config, self.device))
         self.train_count = count - settings.heldout_sequences
         greedy = np.asarray(self.states.arrays["targets"][:self.train_count]).reshape(-1)
         self.draft_vocab = frequent_tokens(greedy, config.draft_vocab) if config.draft_vocab else None
@@ -232,12 +236,13 @@ class DraftRun:
         cos, sin = (table.clone() for table in self.model.rope(0, exits.shape[1], exits.dtype))  # not inference tensors
         return self.adapter(exits, context, cos, sin)
 
-    def batch_rows(self, step: int) -> tuple[list[int], int]:
+    def batch_rows(self, step: int) -> list[int]:
+        """The training sequences of a step: consecutive slots of each epoch's seeded order."""
         size = self.config.data.batch_size
-        epoch, offset = divmod(step * size, self.train_count)
-        order = epoch_order(self.train_count, self.config.seed, epoch)
-        rows = [int(order[(offset + i) % self.train_count]) for i in range(size)]
-        return rows, epoch
+        positions = range(step * size, (step + 1) * size)
+        orders = {epoch: epoch_order(self.train_count, self.config.seed, epoch)
+                  for epoch in {position // self.train_count for position in positions}}
+        return [int(orders[position // self.train_count][position % self.train_count]) for position in positions]
 
     @torch.no_grad()
     def heldout(self) -> tuple[float, float]:
@@ -260,13 +265,13 @@ class DraftRun:
         self.output.mkdir(parents=True, exist_ok=True)
         (self.output / ckpt.RECIPE).write_text(dump_config(config))
         log = MetricsLog(self.output / METRICS, COLUMNS, resume_step=self.step)
-        steps_per_epoch = math.ceil(self.train_count / config.data.batch_size)
+        size = config.data.batch_size
         bar = tqdm(total=config.steps, initial=self.step, desc="training the draft adapter", unit="step",
                    file=sys.stderr, dynamic_ncols=True)
         sums: dict[str, float] = {}
         started, tokens = time.perf_counter(), 0
         while self.step < config.steps:
-            rows, epoch = self.batch_rows(self.step)
+            rows = self.batch_rows(self.step)
             exits, finals, targets = self.states.batch(rows, self.device)
             with autocast(config, self.device):
                 loss, metrics = self.loss(self.forward(exits, finals), finals, targets)
@@ -280,17 +285,19 @@ class DraftRun:
             for name, value in {"loss": loss.detach(), **metrics}.items():
                 sums[name] = sums.get(name, 0.0) + float(value)
             bar.update(1)
-            epoch_end = self.step % steps_per_epoch == 0 or self.step == config.steps
+            epoch_end = self.step * size // self.train_count > (self.step - 1) * size // self.train_count \
+                or self.step == config.steps  # this step finished an epoch (or the run)
             if self.step % config.log_every == 0 or epoch_end:
                 count = self.step % config.log_every or config.log_every
-                row = {"step": self.step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0],
+                row = {"step": self.step, "epochs": self.step * size / self.train_count,
+                       "lr": self.scheduler.get_last_lr()[0],
                        **{name: sums.get(name, math.nan) / count for name in ("loss", "ce", "kl", "agreement")},
                        "heldout_agreement": math.nan, "heldout_plain_exit": math.nan,
                        "tokens_per_second": tokens / (time.perf_counter() - started)}
                 if epoch_end:
                     row["heldout_agreement"], row["heldout_plain_exit"] = self.heldout()
                 log.write(row)
-                bar.write(f"step {self.step} (epoch {epoch}): loss {row['loss']:.4f} agreement {row['agreement']:.1%}"
+                bar.write(f"step {self.step} ({row['epochs']:.2f} epochs): loss {row['loss']:.4f} agreement {row['agreement']:.1%}"
                           + (f" | held out {row['heldout_agreement']:.1%} (plain exit {row['heldout_plain_exit']:.1%})"
                              if epoch_end else ""))
                 sums, started, tokens = {}, time.perf_counter(), 0
