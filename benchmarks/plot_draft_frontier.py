@@ -33,8 +33,8 @@ def run_curve(folder: Path) -> tuple[str, list[float], list[float]]:
             if not math.isnan(value):
                 tokens.append(int(row["step"]) * per_step)
                 agreement.append(value)
-    label = (f"draft adapter: {settings['kind']}{' + context' if settings['context'] else ''}, "
-             f"E={settings['exit_layer']} (this run; tokens seen, epochs repeat)")
+    label = (f"draft adapter {folder.name}: {settings['kind']}{' + context' if settings['context'] else ''}, "
+             f"E={settings['exit_layer']} (tokens seen; epochs repeat)")
     return label, tokens, agreement
 
 

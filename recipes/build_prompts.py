@@ -12,6 +12,7 @@ prompts come from material every machine with Python has, so the run is reproduc
 None of them are the held-out prompts of benchmarks/data/heldout_prompts.jsonl or HumanEval.
 
     python recipes/build_prompts.py --output recipes/data/smollm2_prompts.jsonl
+    python recipes/build_prompts.py --prose --output recipes/data/smollm2_prose_prompts.jsonl
 """
 
 from __future__ import annotations
@@ -71,6 +72,50 @@ TOPIC_TEMPLATES = [
     "Write a short poem about {topic}.", "What should a beginner know about {topic}?",
     "Write a short story that involves {topic}.", "What are common misconceptions about {topic}?",
 ]
+
+# General prose for a second file (--prose): everyday explanations, history, advice and short writing tasks, in
+# the phrasings chat users type. None of the held-out benchmark prompts' topics (benchmarks/data) is among them.
+PROSE_TOPICS = [
+    "a microwave oven", "a dishwasher", "an air conditioner", "a washing machine", "a smoke detector", "a thermostat",
+    "a solar panel", "a wind turbine", "a hydroelectric dam", "a nuclear power plant", "a car engine", "a jet engine",
+    "a camera", "a telescope", "a microscope", "a compass", "a lock and key", "an elevator", "an escalator",
+    "the Renaissance", "the Cold War", "the American Revolution", "the fall of the Berlin Wall", "ancient Egypt",
+    "the Silk Road", "the Great Wall of China", "the Vikings", "the Aztec Empire", "the Black Death",
+    "the invention of the telephone", "the first airplane flight", "the discovery of penicillin", "the Magna Carta",
+    "the abolition of slavery", "women's suffrage", "the space race", "the history of the calendar",
+    "credit cards", "taxes", "a household budget", "insurance", "the stock market", "interest rates", "a pension",
+    "renting an apartment", "buying a used car", "starting a small business", "negotiating a salary",
+    "a balanced diet", "vitamins", "the common cold", "seasonal allergies", "stretching", "posture at a desk",
+    "reducing stress", "getting better sleep", "staying hydrated in summer", "first aid for a burn",
+    "tides", "the seasons", "clouds", "snowflakes", "the northern lights", "fossils", "dinosaurs", "tornadoes",
+    "why the sky is blue", "how birds migrate", "how plants grow from seeds", "how bees make honey", "ant colonies",
+    "elephants", "penguins", "wolves", "dolphins", "butterflies", "the Amazon river", "mountains", "caves",
+    "democracy", "the United Nations", "a constitution", "elections", "human rights", "the justice system",
+    "moving to a new city", "making new friends", "a first day at a new job", "learning to swim", "learning guitar",
+    "organising a birthday party", "cleaning a kitchen", "decluttering a room", "packing for a holiday",
+    "a rainy day", "an old lighthouse", "a busy train station", "a small village bakery", "a night market",
+    "a lost umbrella", "a talking cat", "a time traveller", "a dragon who is afraid of fire", "a robot gardener",
+]
+PROSE_TEMPLATES = [
+    "Explain in a short paragraph how {topic} works.", "Describe {topic} to a ten-year-old.",
+    "Write a short paragraph about {topic}.", "What are the pros and cons of {topic}?",
+    "Give me five tips about {topic}.", "Tell me a short story about {topic}.",
+    "Summarize what most people should know about {topic}.", "Why is {topic} important?",
+]
+WRITING_TASKS = [
+    "Write a polite email asking my manager for a day off.", "Write a birthday message for my grandmother.",
+    "Write an apology note to a friend for missing their party.", "Write a short speech for a retirement party.",
+    "Write a product description for a reusable water bottle.", "Write a cover letter opening for a librarian job.",
+    "Write a message inviting my colleagues to a team lunch.", "Write a review of a cosy neighbourhood cafe.",
+    "Write a note to my landlord about a leaking tap.", "Write a welcome message for new members of a book club.",
+    "Write a short toast for my best friend's wedding.", "Write a complaint letter about a late delivery.",
+    "Write a motivational message for a friend running their first race.", "Write a short bio for a photographer.",
+    "Write a letter to my future self.", "Write a congratulations card for a new graduate.",
+]
+
+
+def prose_prompts() -> list[str]:
+    return [template.format(topic=topic) for topic in PROSE_TOPICS for template in PROSE_TEMPLATES] + WRITING_TASKS
 
 
 def stdlib_functions(root: Path) -> list[tuple[str, ast.FunctionDef, str]]:
@@ -142,10 +187,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="recipes/data/smollm2_prompts.jsonl")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prose", action="store_true", help="only the general prose prompts (the draft adapter's "
+                        "second file, recipes/data/smollm2_prose_prompts.jsonl)")
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    kinds = {"code": code_prompts(rng, stdlib), "docs": docs_prompts(rng, DOCS), "topic": topic_prompts()}
+    if args.prose:
+        kinds = {"prose": prose_prompts()}
+    else:
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        kinds = {"code": code_prompts(rng, stdlib), "docs": docs_prompts(rng, DOCS), "topic": topic_prompts()}
     records = [{"kind": kind, "prompt": prompt} for kind, prompts in kinds.items() for prompt in dict.fromkeys(prompts)]
     rng.shuffle(records)
     output = Path(args.output)

@@ -40,6 +40,14 @@ def test_nucleus_from_the_most_likely_candidates_equals_a_full_sort():
         assert torch.allclose(sampler.warp(logits), expected / expected.sum(-1, keepdim=True), atol=1e-7)
 
 
+def test_draw_follows_the_distribution_and_never_picks_an_impossible_token():
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    sampler = Sampler(sample=True, seed=1)
+    counts = torch.bincount(torch.tensor([sampler.draw(probs) for _ in range(20000)]), minlength=6)
+    assert counts[[0, 2, 5]].sum() == 0
+    assert chisquare(counts[[1, 3, 4]].tolist(), [10000, 6000, 4000]).pvalue > 0.001
+
+
 def test_greedy_verify_accepts_the_matching_prefix():
     sampler = Sampler(sample=False)
     targets = torch.full((4, 6), -1.0)

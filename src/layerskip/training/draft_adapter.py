@@ -42,7 +42,7 @@ from layerskip.model import Transformer
 from layerskip.model.draft_adapter import DraftAdapter, DraftAdapterConfig
 from layerskip.training import checkpoint as ckpt
 from layerskip.training.config import TrainConfig, dump_config
-from layerskip.training.data import Preparation, load_token_stream
+from layerskip.training.data import Preparation, cache_key, load_token_stream
 from layerskip.training.trainer import CHECKPOINTS, METRICS, MetricsLog, autocast, frequent_tokens, lr_factor
 
 STATES = "states"
@@ -186,7 +186,8 @@ class DraftRun:
                                                  context=settings.context)
         self.adapter_config.check_fits(model_config, "draft_adapter.exit_layer in the recipe")
         preparation = Preparation(model=model_spec, cache_dir=self.output / "data", device=self.device.type)
-        tokens = load_token_stream(config.data, loaded.tokenizer and loaded.tokenizer.hf, model_config.vocab_size,
+        hf_tokenizer = loaded.tokenizer and loaded.tokenizer.hf
+        tokens = load_token_stream(config.data, hf_tokenizer, model_config.vocab_size,
                                    self.output / "data", is_main=True, barrier=lambda: None, preparation=preparation)
         seq_len = config.data.seq_len
         count = len(tokens) // seq_len
@@ -194,8 +195,8 @@ class DraftRun:
             raise LayerSkipError(f"the training data holds {count} sequences of data.seq_len {seq_len}, not more than "
                                  f"draft_adapter.heldout_sequences = {settings.heldout_sequences}: add data")
         sequences = np.asarray(tokens[:count * seq_len]).reshape(count, seq_len)
-        key = {"model": model_spec, "tokens": len(tokens), "head": int(tokens[:4096].sum()), "seq_len": seq_len,
-               "exit_layer": settings.exit_layer, "data": config.data.sources and [vars(s) for s in config.data.sources]}
+        key = {"model": model_spec, "data": cache_key(config.data, hf_tokenizer, model_spec), "seq_len": seq_len,
+               "exit_layer": settings.exit_layer}
         self.states = StateCache(self.output / "data", key, count, seq_len, model_config.hidden_size)
         self.states.fill(self.model, sequences, settings.exit_layer, autocast(config, self.device))
         self.train_count = count - settings.heldout_sequences
