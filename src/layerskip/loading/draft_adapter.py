@@ -7,6 +7,7 @@ default's ships in the package (loading/default_model.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ def save_draft_adapter(adapter: DraftAdapter, folder: Path, *, defaults: dict[st
     with atomic_folder(folder) as staging:
         state = {name: tensor.detach().to("cpu", dtype).contiguous() for name, tensor in adapter.state_dict().items()}
         save_file(state, staging / WEIGHTS_FILE, metadata={"format": "pt"})
-        description = {**adapter.config.__dict__, **({"base_model": base_model} if base_model else {})}
+        description = {**dataclasses.asdict(adapter.config), **({"base_model": base_model} if base_model else {})}
         (staging / CONFIG_FILE).write_text(json.dumps(description, indent=2) + "\n")
         if defaults:
             (staging / GENERATION_DEFAULTS_FILE).write_text(json.dumps(defaults) + "\n")

@@ -47,7 +47,7 @@ class DraftAdapterConfig:
         if not isinstance(raw, dict):
             raise LayerSkipError(f"{source} is not a JSON object")
         names = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - names - {"base_model", "format"})
+        unknown = sorted(set(raw) - names - {"base_model"})  # base_model: which model it was trained on, for people
         if unknown:
             raise LayerSkipError(f"{source}: unknown key '{unknown[0]}'")
         for key in ("exit_layer", "hidden_size", "intermediate_size"):
