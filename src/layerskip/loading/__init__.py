@@ -115,8 +115,7 @@ def resolve_cpu_kernels(cpu_kernels: str | None) -> str:
     return cpu_kernels
 
 
-def resolve_draft_adapter(spec: str | None, model: str | None, defaults: dict[str, Any],
-                          folders: list[Path]) -> Path | None:
+def resolve_draft_adapter(spec: str | None, model: str | None, folders: list[Path]) -> Path | None:
     """The draft adapter to attach: `spec` ("none": no adapter), else the one the model's layerskip.json names
     (`folders`: the model's, then a merged LoRA adapter's), else the package's for the embedded original."""
     if spec == NO_ADAPTER:
@@ -172,7 +171,7 @@ def load(model: str | None = None, *, dtype: str | None = None, device: str = "a
     if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
         eos_ids.append(tokenizer.eos_token_id)
     defaults = {**generation_defaults(folder), **(generation_defaults(adapter) if adapter is not None else {})}
-    drafts_path = resolve_draft_adapter(draft_adapter, model, defaults, [folder] + ([adapter] if adapter else []))
+    drafts_path = resolve_draft_adapter(draft_adapter, model, [folder] + ([adapter] if adapter else []))
     drafts = None
     if drafts_path is not None:
         drafts = read_draft_adapter(drafts_path, config, dtype=torch_dtype, device=torch_device)

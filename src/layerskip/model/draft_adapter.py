@@ -51,7 +51,9 @@ class DraftAdapterConfig:
         if unknown:
             raise LayerSkipError(f"{source}: unknown key '{unknown[0]}'")
         for key in ("exit_layer", "hidden_size", "intermediate_size"):
-            value = raw.get(key, 1 if key == "intermediate_size" else None)
+            if key == "intermediate_size" and key not in raw:
+                continue  # the dataclass default
+            value = raw.get(key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise LayerSkipError(f"{source}: '{key}' must be a positive integer, got {value!r:.40}")
         if raw.get("kind", "layer") not in ADAPTER_KINDS:

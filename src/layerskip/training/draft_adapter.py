@@ -144,10 +144,14 @@ class DraftLoss:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(self.norm(hidden), self.weight).float()
 
+    def labels(self, targets: torch.Tensor) -> torch.Tensor:
+        """The greedy tokens as indices into the slice (-100, ignored, where the slice lacks them), flattened."""
+        return targets.flatten() if self.ids is None else self.slot[targets.flatten()]
+
     def __call__(self, drafted: torch.Tensor, finals: torch.Tensor,
                  targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = self.logits(drafted).flatten(0, 1)
-        labels = targets.flatten() if self.ids is None else self.slot[targets.flatten()]
+        labels = self.labels(targets)
         ce = F.cross_entropy(logits, labels, ignore_index=-100)
         loss, metrics = ce, {"ce": ce.detach()}
         if self.kl_weight:
@@ -215,6 +219,7 @@ class DraftRun:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(
             step, warmup=optim.warmup_steps, total=config.steps, min_ratio=optim.min_lr_ratio))
         self.step = 0
+        self.plain_exit_agreement: float | None = None
         self.checkpoint_root = self.output / CHECKPOINTS
         latest = ckpt.latest_checkpoint(self.checkpoint_root)
         if latest is not None:
@@ -247,19 +252,23 @@ class DraftRun:
 
     @torch.no_grad()
     def heldout(self) -> tuple[float, float]:
-        """Held-out agreement of the adapter's first drafts, and of the plain exit's (the adapter's starting point)."""
+        """Held-out agreement of the adapter's first drafts, and of the plain exit's (the adapter's starting point,
+        measured once: it does not train)."""
         self.adapter.eval()
         agree, plain, rows = 0.0, 0.0, list(range(self.train_count, self.states.count))
         for first in range(0, len(rows), self.config.data.batch_size):
             exits, finals, targets = self.states.batch(rows[first:first + self.config.data.batch_size], self.device)
-            labels = targets.flatten() if self.loss.ids is None else self.loss.slot[targets.flatten()]
+            labels = self.loss.labels(targets)
             with autocast(self.config, self.device):
                 drafted = self.forward(exits, finals)
             share = len(labels) / (len(rows) * targets.shape[1])
             agree += share * float(self.loss.agreement(self.loss.logits(drafted).flatten(0, 1), labels))
-            plain += share * float(self.loss.agreement(self.loss.logits(exits).flatten(0, 1), labels))
+            if self.plain_exit_agreement is None:
+                plain += share * float(self.loss.agreement(self.loss.logits(exits).flatten(0, 1), labels))
         self.adapter.train()
-        return agree, plain
+        if self.plain_exit_agreement is None:
+            self.plain_exit_agreement = plain
+        return agree, self.plain_exit_agreement
 
     def train(self) -> Path:
         config = self.config

@@ -94,26 +94,28 @@ def fused_layers(extension, layers: list[DecoderLayer], config: ModelConfig) -> 
     return run
 
 
+def packed_groups(module: torch.nn.Module) -> dict[str, PreparedLinear]:
+    return {group: PackedLinear(*fused_weight(linears)) for group, linears in module.linear_groups().items()}
+
+
 def prepare_packed(model: Transformer) -> None:
     for module in model.prepared_modules():
-        module.prepared = {group: PackedLinear(*fused_weight(linears))
-                           for group, linears in module.linear_groups().items()}
+        module.prepared = packed_groups(module)
     model.kernel_path = "packed"
 
 
 def prepare_adapter(adapter: DraftAdapter, model: Transformer) -> None:
     """Prepare a draft adapter for the kernel path and weight format `model` was prepared for (its decoder layer
     in one native call too, where the model's layers run that way)."""
+    extension = native.load_native() if model.kernel_path == "native" else None
     for module in adapter.prepared_modules():
-        if model.kernel_path == "native":
-            extension = native.load_native()
+        if extension is not None:
             module.prepared = {group: NativeLinear.from_float(extension, *fused_weight(linears), model.weight_format)
                                for group, linears in module.linear_groups().items()}
         elif model.kernel_path == "packed":
-            module.prepared = {group: PackedLinear(*fused_weight(linears))
-                               for group, linears in module.linear_groups().items()}
+            module.prepared = packed_groups(module)
     if model.fused_layers is not None and adapter.layer is not None:
-        adapter.fused_layer = fused_layers(native.load_native(), [adapter.layer], adapter.layer_config)
+        adapter.fused_layer = fused_layers(extension, [adapter.layer], adapter.layer_config)
 
 
 def packing_pays(model: Transformer, rows: tuple[int, ...] = (1, 5), repeats: int = 2) -> bool:
