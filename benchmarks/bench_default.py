@@ -39,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num_speculations", type=int, default=-1)
     parser.add_argument("--draft_vocab_size", type=int, default=-1)
     parser.add_argument("--draft_confidence", type=float, default=-1)
+    parser.add_argument("--draft_candidates", type=int, default=-1)
     parser.add_argument("--dtype", default=None, help="float32 (the CPU default), bfloat16, float16")
     parser.add_argument("--quantize", default="none", help="none, bf16, int8 or int4, as `generate --quantize`")
     parser.add_argument("--draft_adapter", default=None, help="a draft adapter folder, or none (default: the model's)")
@@ -53,7 +54,7 @@ def main() -> None:
     prompts = [record for _, record in read_objects(Path(args.prompts))]
     tested = dict(generation_strategy=args.generation_strategy, exit_layer=args.exit_layer,
                   num_speculations=args.num_speculations, draft_vocab_size=args.draft_vocab_size,
-                  draft_confidence=args.draft_confidence)
+                  draft_confidence=args.draft_confidence, draft_candidates=args.draft_candidates)
     engines = {"autoregressive": dict(generation_strategy="autoregressive"), "stored settings": tested}
     settings = layerskip.strategy_for(loaded, layerskip.GenerationConfig.from_options(tested).resolved(
         loaded.config.num_hidden_layers, loaded.defaults)).describe()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from layerskip.generation import Autoregressive, Sampler, SelfSpeculative, generate_ids
+from layerskip.generation import Autoregressive, Sampler, SelfSpeculative, Verdict, generate_ids
 from layerskip.model import ModelConfig, Transformer
 
 
@@ -52,9 +52,9 @@ def test_greedy_verify_accepts_the_matching_prefix():
     sampler = Sampler(sample=False)
     targets = torch.full((4, 6), -1.0)
     targets[0, 2] = targets[1, 5] = targets[2, 1] = targets[3, 0] = 1.0  # argmaxes 2, 5, 1, 0
-    assert sampler.verify([2, 5, 3], [None] * 3, targets) == (2, 1)
-    assert sampler.verify([2, 5, 1], [None] * 3, targets) == (3, 0)
-    assert sampler.verify([4, 5, 1], [None] * 3, targets) == (0, 2)
+    assert sampler.verify([2, 5, 3], [None] * 3, targets) == Verdict(2, 1)
+    assert sampler.verify([2, 5, 1], [None] * 3, targets) == Verdict(3, 0)
+    assert sampler.verify([4, 5, 1], [None] * 3, targets) == Verdict(0, 2)
 
 
 VOCAB = 8

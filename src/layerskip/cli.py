@@ -85,6 +85,9 @@ def add_generation_arguments(parser: argparse.ArgumentParser, *, grid: bool = Fa
                        help="stop a round's drafting after a draft whose probability is below this (0: always draft "
                             "--num_speculations; default: the model's stored setting)"
                             + ("; a list '0,0.5' sweeps over them" if grid else ""))
+    group.add_argument("--draft_candidates", type=int, default=-1,
+                       help="candidates verified at each round's last draft position, in one pass (1: a plain "
+                            "chain of drafts; default: the model's stored setting)")
     group.add_argument("--max_steps", type=int, default=512, help="maximum new tokens")
     group.add_argument("--sample", type=parse_bool, nargs="?", const=True, default=True,
                        help="sample (default) or, with --sample false, decode greedily")
@@ -125,7 +128,7 @@ def load_dataset_samples(args: argparse.Namespace) -> list[Any]:
 
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     names = ("generation_strategy", "exit_layer", "num_speculations", "draft_vocab_size", "draft_confidence",
-             "max_steps", "sample", "temperature", "top_k", "top_p", "seed", "stop_words", "stop_token_ids",
+             "draft_candidates", "max_steps", "sample", "temperature", "top_k", "top_p", "seed", "stop_words", "stop_token_ids",
              "ignore_eos")
     sweep = hasattr(args, "exit_layers")
     if sweep:  # the grid flags are not single settings

@@ -2,9 +2,9 @@
 
 from layerskip.generation.config import GenerationConfig
 from layerskip.generation.generate import GenerationResult, GenerationStats, generate_ids
-from layerskip.generation.sampling import Sampler
+from layerskip.generation.sampling import Sampler, Verdict
 from layerskip.generation.strategies import Autoregressive, SelfSpeculative, Strategy
 from layerskip.generation.streaming import SpeculativeStreamer, Streamer, TextStreamer
 
 __all__ = ["Autoregressive", "GenerationConfig", "GenerationResult", "GenerationStats", "Sampler",
-           "SelfSpeculative", "SpeculativeStreamer", "Strategy", "Streamer", "TextStreamer", "generate_ids"]
+           "SelfSpeculative", "SpeculativeStreamer", "Strategy", "Streamer", "TextStreamer", "Verdict", "generate_ids"]

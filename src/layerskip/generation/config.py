@@ -15,6 +15,7 @@ from layerskip.model.draft_adapter import DraftAdapter
 
 STRATEGIES = ("autoregressive", "self_speculative")
 SEED_LIMIT = 2 ** 63  # torch generators take 64-bit seeds
+MAX_DRAFT_CANDIDATES = 16  # beyond a verification of about 16 rows a pass stops costing one step
 
 
 def check_token_ids(ids: Sequence[Any], vocab_size: int, what: str) -> list[int]:
@@ -39,6 +40,7 @@ class GenerationConfig:
     num_speculations: int = -1         # -1: the model's stored default
     draft_vocab_size: int = -1         # self-speculative drafts score this many frequent tokens; 0: all; -1: stored
     draft_confidence: float = -1.0     # stop a round's drafts after one below this probability; 0: never; -1: stored
+    draft_candidates: int = -1         # candidates at a round's last draft position (a one-level tree); -1: stored
     max_steps: int = 512
     sample: bool = True
     temperature: float = 0.6
@@ -71,7 +73,7 @@ class GenerationConfig:
         if strategy not in STRATEGIES:
             raise LayerSkipError(f"unknown --generation_strategy '{strategy}': choose one of {', '.join(STRATEGIES)}")
         exit_layer, speculations = self.exit_layer, self.num_speculations
-        draft_vocab, confidence = 0, 0.0  # draft settings: self-speculative only
+        draft_vocab, confidence, candidates = 0, 0.0, 1  # draft settings: self-speculative only
         if strategy == "self_speculative":
             # Stored defaults come from a sweep on that model; otherwise a quarter of the depth, 4 drafts.
             exit_layer = exit_layer if exit_layer != -1 else int(defaults.get("exit_layer", max(1, num_layers // 4)))
@@ -89,6 +91,10 @@ class GenerationConfig:
                                      f"{'no draft vocabulary' if not stored else f'{stored} ranked draft tokens'}")
             if not 0 <= confidence < 1:
                 raise LayerSkipError(f"--draft_confidence must be in [0, 1), got {confidence}")
+            candidates = self.draft_candidates if self.draft_candidates != -1 else \
+                int(defaults.get("draft_candidates", 1))
+            if not 1 <= candidates <= MAX_DRAFT_CANDIDATES:
+                raise LayerSkipError(f"--draft_candidates must be in [1, {MAX_DRAFT_CANDIDATES}], got {candidates}")
         elif exit_layer != -1 and not 1 <= exit_layer <= num_layers:
             raise LayerSkipError(f"--exit_layer {exit_layer} is outside [1, {num_layers}] for this {num_layers}-layer model")
         if self.max_steps < 1:
@@ -105,7 +111,7 @@ class GenerationConfig:
             check_token_ids(self.stop_token_ids, vocab_size, "--stop_token_ids")
         return dataclasses.replace(self, generation_strategy=strategy, exit_layer=exit_layer,
                                    num_speculations=speculations, draft_vocab_size=draft_vocab,
-                                   draft_confidence=confidence)
+                                   draft_confidence=confidence, draft_candidates=candidates)
 
     def typed(self) -> "GenerationConfig":
         """A copy with numbers as floats where floats are meant, or a LayerSkipError naming an option whose
@@ -132,7 +138,8 @@ class GenerationConfig:
                 draft_adapter = None
             # Unresolved draft settings (-1, "the model's stored value") fall back to the full head, always k drafts.
             return SelfSpeculative(self.exit_layer, self.num_speculations, draft_vocab_size=max(0, self.draft_vocab_size),
-                                   draft_confidence=max(0.0, self.draft_confidence), draft_adapter=draft_adapter,
+                                   draft_confidence=max(0.0, self.draft_confidence),
+                                   draft_candidates=max(1, self.draft_candidates), draft_adapter=draft_adapter,
                                    draft_adapter_name=draft_adapter_name if draft_adapter is not None else "")
         return Autoregressive(None if self.exit_layer == -1 else self.exit_layer)
 
@@ -142,6 +149,6 @@ class GenerationConfig:
 
 
 FIELD_TYPES = {"generation_strategy": str, "exit_layer": int, "num_speculations": int, "draft_vocab_size": int,
-               "draft_confidence": float, "max_steps": int, "sample": bool, "temperature": float, "top_k": int,
+               "draft_confidence": float, "draft_candidates": int, "max_steps": int, "sample": bool, "temperature": float, "top_k": int,
                "top_p": float, "seed": int, "stop_words": list, "stop_token_ids": list, "ignore_eos": bool}
 TYPE_NAMES = {str: "a string", list: "a list", int: "an integer", float: "a number", bool: "true or false"}

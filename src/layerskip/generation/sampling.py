@@ -2,14 +2,39 @@
 
 Draft (q) and target (p) distributions go through the same warping (temperature, top-k, top-p), so
 speculative rejection sampling yields exactly the distribution of plain sampling from warped p.
+
+A round's last draft position may carry several candidates (a tree of one level): greedy takes the next most
+likely drafts, sampling draws them from q without replacement, and verification tries them in turn by recursive
+rejection sampling. Each try is an exact speculative step for what the earlier rejections left of p (the residual
+max(p - q_j, 0), normalised) with that candidate's own draft distribution q_j (q without the earlier candidates),
+so the output is still exactly distributed as p.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 
 NUCLEUS_CANDIDATES = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """What verification kept of a round's drafts."""
+
+    accepted: int      # drafts accepted, in order
+    next_token: int    # the correction at the first rejection, or the bonus token after the last accepted draft
+    candidate: int = 0  # which candidate the last accepted position took: 0 its draft, i >= 1 alternatives[i - 1]
+
+
+def without(probs: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """A distribution with these tokens removed, renormalised (all zeros when nothing is left)."""
+    rest = probs.clone()
+    rest[tokens] = 0.0
+    total = rest.sum()
+    return rest / total if total > 0 else rest
 
 
 class Sampler:
@@ -59,19 +84,40 @@ class Sampler:
         probs = self.warp(logits.reshape(-1))
         return self.draw(probs), probs
 
-    def verify(self, drafts: list[int], draft_probs: list[torch.Tensor | None],
-               target_logits: torch.Tensor) -> tuple[int, int]:
-        """Accept a prefix of the drafts against target logits [len(drafts) + 1, vocab].
+    def alternatives(self, logits: torch.Tensor, probs: torch.Tensor | None, first: int, count: int) -> list[int]:
+        """Up to `count` more candidates for a draft position whose draft is `first`: greedy, the next most likely
+        tokens; sampling, draws without replacement from q (`probs`), each from q without the ones before."""
+        if not self.sample:
+            flat = logits.reshape(-1)
+            best = torch.topk(flat, min(count + 1, flat.shape[-1]))
+            ranked = [int(t) for t, v in zip(best.indices, best.values) if v > float("-inf") and int(t) != first]
+            return ranked[:count]
+        chosen = [first]
+        for _ in range(count):
+            rest = without(probs, chosen)
+            if not bool(rest.any()):
+                break
+            chosen.append(self.draw(rest))
+        return chosen[1:]
 
-        Returns (number of drafts accepted, the token that follows them: the correction at the
-        first rejection, or a bonus token when every draft was accepted).
+    def verify(self, drafts: list[int], draft_probs: list[torch.Tensor | None], target_logits: torch.Tensor,
+               alternatives: list[int] = (), alternative_logits: torch.Tensor | None = None) -> Verdict:
+        """Accept a prefix of the drafts against target logits [len(drafts) + 1, vocab] (row i scores the position
+        of drafts[i]; the last row, the position after them).
+
+        `alternatives` are further candidates for the last draft's position (from `alternatives()`), and
+        `alternative_logits` [len(alternatives), vocab] the target's rows after each: when the last draft is
+        rejected they are tried in turn, and the one accepted brings its own bonus token.
         """
         if not self.sample:
             targets = target_logits.argmax(dim=-1).tolist()
             accepted = 0
             while accepted < len(drafts) and drafts[accepted] == targets[accepted]:
                 accepted += 1
-            return accepted, targets[accepted]
+            if accepted == len(drafts) - 1 and targets[accepted] in alternatives:
+                index = alternatives.index(targets[accepted])
+                return Verdict(accepted + 1, int(alternative_logits[index].argmax()), index + 1)
+            return Verdict(accepted, targets[accepted])
         target_probs = self.warp(target_logits)
         if drafts:
             index = torch.arange(len(drafts), device=target_probs.device)
@@ -82,9 +128,32 @@ class Sampler:
             keep = (uniforms * q_of_draft < p_of_draft).tolist()
             accepted = keep.index(False) if False in keep else len(drafts)
             if accepted < len(drafts):
-                residual = (target_probs[accepted] - q[accepted]).clamp_min(0.0)
-                total = residual.sum()
-                return accepted, self.draw(residual / total if total > 0 else target_probs[accepted])
+                residual = self.residual(target_probs[accepted], q[accepted])
+                if accepted == len(drafts) - 1 and alternatives:
+                    return self.try_alternatives(accepted, drafts[-1], q[-1], residual, alternatives,
+                                                 alternative_logits)
+                return Verdict(accepted, self.draw(residual))
         else:
             accepted = 0
-        return accepted, self.draw(target_probs[accepted])
+        return Verdict(accepted, self.draw(target_probs[accepted]))
+
+    @staticmethod
+    def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """What a rejection leaves of p: max(p - q, 0), normalised (p itself if rounding left nothing)."""
+        residual = (p - q).clamp_min(0.0)
+        total = residual.sum()
+        return residual / total if total > 0 else p
+
+    def try_alternatives(self, position: int, first: int, q: torch.Tensor, p: torch.Tensor, alternatives: list[int],
+                         alternative_logits: torch.Tensor) -> Verdict:
+        """Recursive rejection sampling over the other candidates of draft `position`, whose draft `first` (drawn
+        from q) was rejected, leaving p of the target."""
+        tried = [first]
+        for index, token in enumerate(alternatives):
+            q_j = without(q, tried)
+            uniform = torch.rand(1, generator=self.generator, device=p.device)
+            if bool(uniform * q_j[token] < p[token]):
+                return Verdict(position + 1, self.draw(self.warp(alternative_logits[index])), index + 1)
+            p = self.residual(p, q_j)
+            tried.append(token)
+        return Verdict(position, self.draw(p))

@@ -132,12 +132,18 @@ class SelfSpeculative(Strategy):
     position not yet seen by the upper layers (on the first round: the whole prompt). Rejected positions
     are simply overwritten by the next round. With a draft adapter, drafts read the exit states through it
     (AdapterDrafts); verification reads them as they are.
+
+    With `draft_candidates` m > 1 the round's last draft position carries m candidates (a tree of one level): the
+    draft and m - 1 alternatives (Sampler.alternatives) sit in consecutive cache slots at one RoPE position, each
+    masked from the ones before it, and go through every layer in the same passes as the other drafts. Verification
+    tries them in turn; an accepted alternative's keys, values and exit state move to the position's own slot.
+    That one extra row per alternative is nearly free while a pass is bound by reading the weights.
     """
 
     name = "self_speculative"
 
     def __init__(self, exit_layer: int, num_speculations: int, *, draft_vocab_size: int = 0,
-                 draft_confidence: float = 0.0, draft_adapter: DraftAdapter | None = None,
+                 draft_confidence: float = 0.0, draft_candidates: int = 1, draft_adapter: DraftAdapter | None = None,
                  draft_adapter_name: str = ""):
         if draft_adapter is not None and draft_adapter.config.exit_layer != exit_layer:
             raise ValueError(f"the draft adapter reads exit layer {draft_adapter.config.exit_layer}, not {exit_layer}")
@@ -145,25 +151,27 @@ class SelfSpeculative(Strategy):
         self.num_speculations = num_speculations
         self.draft_vocab_size = draft_vocab_size    # > 0: drafts score only this many frequent tokens
         self.draft_confidence = draft_confidence    # > 0: a round stops drafting after a less confident draft
+        self.draft_candidates = draft_candidates    # > 1: candidates at the round's last draft position
         self.draft_adapter = draft_adapter          # drafts read the exit states through it
         self.draft_adapter_name = draft_adapter_name
 
     def describe(self) -> dict[str, int | str | float]:
         extra = {"draft_vocab_size": self.draft_vocab_size} if self.draft_vocab_size else {}
         extra.update({"draft_confidence": self.draft_confidence} if self.draft_confidence else {})
+        extra.update({"draft_candidates": self.draft_candidates} if self.draft_candidates > 1 else {})
         extra.update({"draft_adapter": self.draft_adapter_name or "yes"} if self.draft_adapter is not None else {})
         return {**super().describe(), "exit_layer": self.exit_layer, "num_speculations": self.num_speculations,
                 **extra}
 
-    def draft(self, ctx: DecodeContext, hidden: torch.Tensor) -> tuple[int, torch.Tensor | None, bool]:
-        """A draft token from the exit hidden state, its warped distribution, and whether to draft on after it."""
-        model = ctx.model
-        logits = model.draft_head(hidden, self.draft_vocab_size) if self.draft_vocab_size else model.head(hidden)
-        token, probs = ctx.sampler.choose(logits)
+    def draft_logits(self, model: Transformer, hidden: torch.Tensor) -> torch.Tensor:
+        return model.draft_head(hidden, self.draft_vocab_size) if self.draft_vocab_size else model.head(hidden)
+
+    def confident(self, token: int, probs: torch.Tensor | None, logits: torch.Tensor) -> bool:
+        """Whether to draft on after this draft."""
         if not self.draft_confidence:
-            return token, probs, True
+            return True
         confidence = probs[token] if probs is not None else torch.softmax(logits.reshape(-1), -1)[token]
-        return token, probs, bool(confidence >= self.draft_confidence)
+        return bool(confidence >= self.draft_confidence)
 
     def rounds(self, ctx: DecodeContext) -> Iterator[Round]:
         model, exit_layer = ctx.model, self.exit_layer
@@ -171,6 +179,8 @@ class SelfSpeculative(Strategy):
         weight = model.embed_tokens.weight
         exits = ExitHiddenBuffer(model.config, ctx.max_length, dtype=weight.dtype, device=weight.device)
         adapted = AdapterDrafts(ctx, self.draft_adapter) if self.draft_adapter is not None else None
+        if self.draft_candidates > 1:
+            cache.attendable = torch.ones((1, ctx.max_length), dtype=torch.bool, device=weight.device)
         done = 0  # positions [0, done) have been through every layer and are final
         while True:
             committed = len(ctx.tokens)
@@ -179,27 +189,50 @@ class SelfSpeculative(Strategy):
                 budget = 0  # the prompt goes through every layer first: the adapter's context needs its final states
             drafts: list[int] = []
             draft_probs: list[torch.Tensor | None] = []
-            confident = True
-            pending, position = ctx.tokens[done:], done
+            alternatives: list[int] = []
+            rope: list[int] | None = None  # the rows' positions, when candidates share one
+            pending, position, finished = ctx.tokens[done:], done, budget == 0
             while True:
-                hidden = model.forward_layers(model.embed(ctx.token_tensor(pending)), 0, exit_layer, position, cache)
+                hidden = model.forward_layers(model.embed(ctx.token_tensor(pending)), 0, exit_layer, position, cache,
+                                              rope)
                 exits.write(position, hidden)
                 position += len(pending)
-                if len(drafts) == budget or (drafts and (drafts[-1] in ctx.eos_token_ids or not confident)):
-                    break  # this pass only fed the last draft through [0, E) for verification
+                if finished:
+                    break  # this pass only fed the last draft (and its alternatives) through [0, E) for verification
                 state = hidden[:, -1:]
                 if adapted is not None:
                     state = adapted.next(hidden, position - 1) if drafts else adapted.first(exits, position)
-                token, probs, confident = self.draft(ctx, state[:, -1])
+                logits = self.draft_logits(model, state[:, -1])
+                token, probs = ctx.sampler.choose(logits)
                 drafts.append(token)
                 draft_probs.append(probs)
                 pending = [token]
+                finished = len(drafts) == budget or token in ctx.eos_token_ids or not self.confident(token, probs, logits)
+                if finished and self.draft_candidates > 1:
+                    room = ctx.max_length - position - 1  # alternative i sits in slot position + i
+                    alternatives = ctx.sampler.alternatives(logits, probs, token, min(self.draft_candidates - 1, room))
+                    pending = [token] + alternatives
+                    rope = [position] * len(pending)
+                    cache.attendable[0, position:position + len(alternatives)] = False
             if ctx.on_draft is not None and drafts:
                 ctx.on_draft(drafts)
-            hidden = model.forward_layers(exits.read(done, position), exit_layer, model.num_layers, done, cache)
+            last = position - 1 - len(alternatives)  # the last draft's slot
+            if rope is not None:
+                rope = list(range(done, last)) + rope
+            hidden = model.forward_layers(exits.read(done, position), exit_layer, model.num_layers, done, cache, rope)
+            logits = model.head(hidden[0, -(len(drafts) + 1 + len(alternatives)):])
+            verdict = ctx.sampler.verify(drafts, draft_probs, logits[:len(drafts) + 1], alternatives,
+                                         logits[len(drafts) + 1:])
+            accepted_tokens = drafts[:verdict.accepted]
+            if verdict.candidate:
+                accepted_tokens[-1] = alternatives[verdict.candidate - 1]
+                cache.copy_position(last + verdict.candidate, last)
+                exits.copy_position(last + verdict.candidate, last)
+                hidden[:, last - done] = hidden[:, last + verdict.candidate - done]
+            if alternatives:
+                cache.attendable[0, last:last + len(alternatives)] = True
             if adapted is not None:
                 adapted.verified(done, hidden)
-            accepted, next_token = ctx.sampler.verify(drafts, draft_probs, model.head(hidden[0, -(len(drafts) + 1):]))
-            done = committed + accepted
-            yield Round(tokens=drafts[:accepted] + [next_token], drafted=drafts, accepted_drafts=accepted,
+            done = committed + verdict.accepted
+            yield Round(tokens=accepted_tokens + [verdict.next_token], drafted=drafts, accepted_drafts=verdict.accepted,
                         draft_forwards=len(drafts), verify_forwards=1)

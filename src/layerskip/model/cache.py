@@ -31,6 +31,11 @@ class KVCache:
         if self.attendable is not None:
             self.attendable = self.attendable[rows]
 
+    def copy_position(self, source: int, target: int) -> None:
+        """Every layer's key and value at slot `source` into slot `target` (an accepted tree draft's candidate)."""
+        self.keys[:, :, :, target] = self.keys[:, :, :, source]
+        self.values[:, :, :, target] = self.values[:, :, :, source]
+
     def update(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write positions [start, start + T) of one layer; return that layer's keys and values for [0, start + T)."""
         end = start + keys.shape[2]
@@ -55,3 +60,6 @@ class ExitHiddenBuffer:
 
     def read(self, start: int, end: int) -> torch.Tensor:
         return self.hidden[:, start:end]
+
+    def copy_position(self, source: int, target: int) -> None:
+        self.hidden[:, target] = self.hidden[:, source]

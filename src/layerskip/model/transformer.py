@@ -212,13 +212,24 @@ class Transformer(nn.Module):
             table = self._rope_table = (angles.cos().to(dtype), angles.sin().to(dtype))
         return table[0][start:end], table[1][start:end]
 
+    def rope_at(self, positions: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for the given positions, in order (tree drafts: several rows share one position)."""
+        cos, sin = self.rope(0, max(positions) + 1, dtype)
+        index = torch.tensor(positions, device=cos.device)
+        return cos[index], sin[index]
+
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(token_ids)
 
     def forward_layers(self, hidden: torch.Tensor, start_layer: int, end_layer: int, start_pos: int = 0,
-                       cache: KVCache | None = None) -> torch.Tensor:
-        """Run layers [start_layer, end_layer) over positions [start_pos, start_pos + T), writing their KV."""
-        cos, sin = self.rope(start_pos, hidden.shape[1], hidden.dtype)
+                       cache: KVCache | None = None, positions: list[int] | None = None) -> torch.Tensor:
+        """Run layers [start_layer, end_layer) over cache slots [start_pos, start_pos + T), writing their KV.
+
+        A row's position is its slot, unless `positions` gives each row's own (for RoPE): tree drafts put the
+        candidates for one position in consecutive slots, masked from each other through `cache.attendable`.
+        """
+        cos, sin = self.rope(start_pos, hidden.shape[1], hidden.dtype) if positions is None else \
+            self.rope_at(positions, hidden.dtype)
         if self.fused_layers is not None and not torch.is_grad_enabled():
             return self.fused_layers(hidden, start_layer, end_layer, start_pos, cache, cos, sin)
         for layer in self.layers[start_layer:end_layer]:

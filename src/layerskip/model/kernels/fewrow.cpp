@@ -1047,44 +1047,48 @@ static FR_INLINE float dot(const float* a, const float* b, int64_t D) {
   return s;
 }
 
-// One query row: scores over s <= pos (masked ones -inf), max, exp and its sum in increasing s, then the weighted
-// sum of V rows in increasing s.  Everything depends only on this query, its position and its batch row's mask.
+// One query row over the keys it attends (s <= pos with its batch row's mask, and always its own position), taken
+// in increasing s and packed together: scores, max, exp and its sum, then the weighted sum of V rows.  The result
+// depends only on the sequence of attended keys, not on where masked keys sit between them: a query whose earlier
+// neighbours are masked out (a tree draft's sibling, a padded row) gets exactly the bits it would get alone.
 static void attend_one(const float* q, const float* k, int64_t ks, const float* v, int64_t vs, const bool* att,
-                       int64_t pos, int64_t S, int64_t D, float scale, std::vector<float>& sc, float* out) {
+                       int64_t pos, int64_t S, int64_t D, float scale, std::vector<float>& sc,
+                       std::vector<int64_t>& keys, float* out) {
   const int64_t ns = std::min(S, pos + 1);
-  sc.assign(round_up(std::max<int64_t>(ns, 1), V::W), -std::numeric_limits<float>::infinity());
-  float mx = -std::numeric_limits<float>::infinity();
-  bool any = false;
-  for (int64_t s = 0; s < ns; ++s) {
-    if (att && !att[s] && s != pos) continue;
-    sc[s] = dot(q, k + s * ks, D) * scale;
-    mx = std::max(mx, sc[s]);
-    any = true;
-  }
-  if (!any) {  // nothing attendable (only possible when pos >= S): zeros rather than nan
+  keys.clear();
+  for (int64_t s = 0; s < ns; ++s)
+    if (!att || att[s] || s == pos) keys.push_back(s);
+  const int64_t n = int64_t(keys.size());
+  if (n == 0) {  // nothing attendable (only possible when pos >= S): zeros rather than nan
     std::fill(out, out + D, 0.f);
     return;
   }
+  sc.assign(round_up(n, V::W), -std::numeric_limits<float>::infinity());
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    sc[j] = dot(q, k + keys[j] * ks, D) * scale;
+    mx = std::max(mx, sc[j]);
+  }
   const F m = V::set1(mx);
   F sum = V::zero();
-  for (size_t s = 0; s < sc.size(); s += V::W) {
-    const F p = exp_nonpos(V::sub(V::load(sc.data() + s), m));
-    V::store(sc.data() + s, p);
+  for (size_t j = 0; j < sc.size(); j += V::W) {
+    const F p = exp_nonpos(V::sub(V::load(sc.data() + j), m));
+    V::store(sc.data() + j, p);
     sum = V::add(sum, p);
   }
   const float inv = 1.f / V::hsum(sum);
   // Weighted sum of V, up to 8 vectors of the head dim at a time kept in registers; each output lane is its own
-  // chain over s, so the grouping does not affect results.
+  // chain over the keys, so the grouping does not affect results.
   const int64_t dv = D - D % V::W;
   for (int64_t d0 = 0; d0 < dv; d0 += 8 * V::W) {
     const int64_t nc = std::min<int64_t>(8, (dv - d0) / V::W);
     F o[8];
 #pragma GCC unroll 8
     for (int c = 0; c < 8; ++c) o[c] = V::zero();
-    for (int64_t s = 0; s < ns; ++s) {
-      if (sc[s] == 0.f) continue;
-      const F p = V::set1(sc[s]);
-      const float* vr = v + s * vs + d0;
+    for (int64_t j = 0; j < n; ++j) {
+      if (sc[j] == 0.f) continue;
+      const F p = V::set1(sc[j]);
+      const float* vr = v + keys[j] * vs + d0;
 #pragma GCC unroll 8
       for (int c = 0; c < 8; ++c)
         if (c < nc) o[c] = V::fma(p, V::load(vr + c * V::W), o[c]);
@@ -1096,8 +1100,8 @@ static void attend_one(const float* q, const float* k, int64_t ks, const float* 
   }
   for (int64_t d = dv; d < D; ++d) {
     float o = 0.f;
-    for (int64_t s = 0; s < ns; ++s)
-      if (sc[s] != 0.f) o = V::sfma(sc[s], v[s * vs + d], o);
+    for (int64_t j = 0; j < n; ++j)
+      if (sc[j] != 0.f) o = V::sfma(sc[j], v[keys[j] * vs + d], o);
     out[d] = o * inv;
   }
 }
@@ -1109,11 +1113,12 @@ void attention_impl(const float* q, const int64_t* qs, const float* k, const int
   const int64_t group = H / Hkv;
   at::parallel_for(0, B * H * T, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> sc;
+    std::vector<int64_t> keys;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (H * T), h = i / T % H, t = i % T, hk = h / group;
       attend_one(q + b * qs[0] + h * qs[1] + t * qs[2], k + b * ks[0] + hk * ks[1], ks[2],
                  v + b * vs[0] + hk * vs[1], vs[2], att ? att + b * att_stride : nullptr, start_pos + t, S, D, scale,
-                 sc, out + i * D);
+                 sc, keys, out + i * D);
     }
   });
 }

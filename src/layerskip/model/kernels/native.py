@@ -16,7 +16,9 @@ The extension module's functions (all tensors on the CPU; x float32 [R, K], R >=
 - ``attention(q, k, v, start_pos, attendable=None)``: q [B, H, T, D]; k, v [B, Hkv, S, D], views of a cache
   are fine as long as the last dim is contiguous; H a multiple of Hkv. Query t (position start_pos + t)
   sees keys s <= start_pos + t with attendable[b, s] (bool [B, S'], S' >= S), and always its own position.
-  Returns [B, H, T, D] float32. A query with nothing to attend (only when its position is past S) gets zeros.
+  Its result depends only on that sequence of keys, not on the masked ones between them: a tree draft's sibling
+  masked out of a query leaves it bit-identical to the query alone. Returns [B, H, T, D] float32. A query with
+  nothing to attend (only when its position is past S) gets zeros.
 - ``isa()``, ``available_isas()``, ``set_isa(name)``: the instruction-set path ("avx512", "avx2", "scalar");
   the best one the CPU has is chosen at import, ``LAYERSKIP_ISA`` forces one.
 
