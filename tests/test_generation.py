@@ -59,6 +59,23 @@ def test_tiny_self_speculative_greedy_equals_autoregressive(tiny, exit_layer, nu
         assert sum(i * n for i, n in enumerate(stats.accepted_length_counts)) == stats.accepted_drafts
 
 
+@pytest.mark.parametrize("exit_layer, num_speculations", [(1, 1), (2, 3), (4, 2)])
+@pytest.mark.parametrize("candidates", [2, 5])
+def test_tree_drafts_keep_greedy_output_and_accept_alternatives(tiny, exit_layer, num_speculations, candidates):
+    alternatives_taken = 0
+    for prompt in TINY_PROMPTS:
+        reference = layerskip.generate(tiny, prompt_ids=prompt, max_steps=30, **GREEDY)
+        chain = layerskip.generate(tiny, prompt_ids=prompt, max_steps=30, generation_strategy="self_speculative",
+                                   exit_layer=exit_layer, num_speculations=num_speculations, **GREEDY)
+        tree = layerskip.generate(tiny, prompt_ids=prompt, max_steps=30, generation_strategy="self_speculative",
+                                  exit_layer=exit_layer, num_speculations=num_speculations,
+                                  draft_candidates=candidates, **GREEDY)
+        assert_same_greedy_tokens(tiny, prompt, reference.token_ids, tree.token_ids)
+        assert tree.settings["draft_candidates"] == candidates
+        alternatives_taken += tree.stats.accepted_drafts - chain.stats.accepted_drafts
+    assert alternatives_taken > 0  # the alternatives were accepted where the chain's draft was not
+
+
 def test_greedy_comparison_accepts_only_a_near_tie(tiny):
     """The comparison the equality tests use: a planted wrong token is caught, on every kernel path."""
     prompt = TINY_PROMPTS[0]
@@ -141,6 +158,10 @@ class RecordingContext(DecodeContext):
         self.cache = super().kv_cache()
         return self.cache
 
+    def exit_buffer(self, capacity: int | None = None):
+        self.exits = super().exit_buffer(capacity)
+        return self.exits
+
 
 def test_kv_cache_after_rejections_equals_cache_of_accepted_tokens_only(tiny):
     model = tiny.model
@@ -163,6 +184,32 @@ def test_kv_cache_after_rejections_equals_cache_of_accepted_tokens_only(tiny):
                 assert torch.allclose(ctx.cache.values[:, :, :, :final], reference.values[:, :, :, :final], atol=1e-5)
         rounds.close()
     assert rejected_rounds >= 3
+
+
+def test_kv_cache_after_an_accepted_alternative_equals_cache_of_accepted_tokens_only(tiny):
+    """An accepted alternative's keys, values and exit state move to its position's slot; its siblings leave nothing."""
+    model = tiny.model
+    tokens = list(TINY_PROMPTS[2])
+    ctx = RecordingContext(model=model, tokens=tokens, max_length=64, sampler=Sampler(sample=False),
+                           eos_token_ids=frozenset())
+    taken = 0
+    with torch.inference_mode():
+        rounds = SelfSpeculative(exit_layer=3, num_speculations=1, draft_candidates=4).rounds(ctx)
+        for _ in range(14):
+            step = next(rounds)
+            tokens.extend(step.tokens)
+            if step.accepted_drafts == len(step.drafted) and step.tokens[len(step.drafted) - 1] != step.drafted[-1]:
+                taken += 1
+                final = len(tokens) - 1
+                reference = KVCache(model.config, 64)
+                model(torch.tensor([tokens[:final]]), cache=reference)
+                assert torch.allclose(ctx.cache.keys[:, :, :, :final], reference.keys[:, :, :, :final], atol=1e-5)
+                assert torch.allclose(ctx.cache.values[:, :, :, :final], reference.values[:, :, :, :final], atol=1e-5)
+                exits = model.forward_layers(model.embed(torch.tensor([tokens[:final]])), 0, 3)
+                assert torch.allclose(ctx.exits.read(0, final), exits, atol=1e-5)
+                assert bool(ctx.cache.attendable.all())  # the siblings' mask is lifted
+        rounds.close()
+    assert taken >= 2
 
 
 def test_max_steps_and_context_length_bound_every_strategy(tiny_checkpoint):

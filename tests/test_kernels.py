@@ -232,6 +232,21 @@ def test_attention_queries_are_invariant(ext, padded):
         assert torch.equal(one, together)
 
 
+def test_a_query_with_masked_keys_before_it_equals_the_query_with_those_keys_removed(ext):
+    """Tree drafts: sibling candidates sit in the slots before a candidate, masked. Its attention must be bit-identical
+    to the same query where the siblings never were (its key moved down to the first sibling's slot)."""
+    q, cache_k, cache_v, start_pos, _ = attention_case(1, 64, False, seed=7)
+    siblings, position = 3, start_pos + 3  # slots start_pos .. start_pos + 2 hold siblings
+    attendable = torch.ones(2, 24, dtype=torch.bool)
+    attendable[:, start_pos:start_pos + siblings] = False
+    packed_k = torch.cat((cache_k[:, :, :start_pos], cache_k[:, :, position:position + 1]), 2)
+    packed_v = torch.cat((cache_v[:, :, :start_pos], cache_v[:, :, position:position + 1]), 2)
+    for _ in every_isa(ext):
+        masked = ext.attention(q, cache_k[:, :, :position + 1], cache_v[:, :, :position + 1], position, attendable)
+        alone = ext.attention(q, packed_k, packed_v, start_pos, None)
+        assert torch.equal(masked, alone)
+
+
 def test_disabled_without_building(monkeypatch):
     """LAYERSKIP_NATIVE=0: load_native() is None at once, without trying to build (today's torch path runs)."""
     monkeypatch.setenv("LAYERSKIP_NATIVE", "0")

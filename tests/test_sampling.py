@@ -57,6 +57,33 @@ def test_greedy_verify_accepts_the_matching_prefix():
     assert sampler.verify([4, 5, 1], [None] * 3, targets) == Verdict(0, 2)
 
 
+def test_greedy_alternatives_are_the_next_most_likely_and_bring_their_own_bonus_token():
+    sampler = Sampler(sample=False)
+    draft_logits = torch.tensor([0.1, 3.0, float("-inf"), 2.0, 2.5, 0.0])
+    assert sampler.alternatives(draft_logits, None, 1, 2) == [4, 3]
+    assert sampler.alternatives(draft_logits, None, 1, 9) == [4, 3, 0, 5]  # never a token outside the draft slice
+    targets = torch.full((2, 6), -1.0)
+    targets[0, 2] = targets[1, 0] = 1.0  # the target takes 2, then 0 after the first draft
+    after = torch.full((2, 6), -1.0)
+    after[0, 5] = after[1, 4] = 1.0      # rows after the alternatives [3, 2]
+    assert sampler.verify([1], [None], targets, [3, 2], after) == Verdict(1, 4, candidate=2)
+    assert sampler.verify([1], [None], targets, [3, 5], after) == Verdict(0, 2)
+    assert sampler.verify([2], [None], targets, [3, 5], after) == Verdict(1, 0)  # the draft itself: no alternative
+
+
+def test_sampled_alternatives_are_drawn_without_replacement_from_q():
+    q = torch.tensor([0.5, 0.3, 0.0, 0.2])
+    sampler = Sampler(sample=True, seed=3)
+    seconds = [0] * 4
+    for _ in range(3000):
+        drawn = sampler.alternatives(torch.zeros(4), q, 0, 5)
+        assert sorted(drawn) == [1, 3]  # every other possible token once, never the first or an impossible one
+        seconds[drawn[0]] += 1
+    # The first alternative follows q without token 0: 0.6 / 0.4.
+    assert chisquare([seconds[1], seconds[3]], [1800, 1200]).pvalue > SIGNIFICANCE_UNIT
+
+
+SIGNIFICANCE_UNIT = 0.001
 VOCAB = 8
 SETTINGS = dict(sample=True, temperature=0.8, top_k=6, top_p=0.95)
 
@@ -140,8 +167,8 @@ def test_speculative_sampling_matches_plain_sampling_distribution(tiny_model):
     assert chi_square_p_value(empirical_counts(tiny_model, Autoregressive(exit_layer=1), RUNS), exact) < SIGNIFICANCE
 
 
-@pytest.mark.parametrize("kind", ["layer", "mlp"])
-def test_speculative_sampling_with_a_draft_adapter_matches_plain_sampling(tiny_model, kind):
+@pytest.mark.parametrize("kind, candidates", [("layer", 1), ("mlp", 1), ("layer", 3)])
+def test_speculative_sampling_with_a_draft_adapter_matches_plain_sampling(tiny_model, kind, candidates):
     """Drafts through an adapter (random: a distribution of its own) still give exactly plain sampling's. With an
     adapter the prompt's round drafts nothing, so the test counts tokens 2 and 3 of 3, which a round drafts."""
     from layerskip.model.draft_adapter import DraftAdapter, DraftAdapterConfig
@@ -162,7 +189,7 @@ def test_speculative_sampling_with_a_draft_adapter_matches_plain_sampling(tiny_m
                 third = warp(tiny_model(torch.tensor([PROMPT + [t1, t2]]))[0, -1])
                 for t3 in range(VOCAB):
                     exact[(t2, t3)] += float(first[t1] * second[t2] * third[t3])
-    strategy = SelfSpeculative(exit_layer=1, num_speculations=2, draft_adapter=adapter)
+    strategy = SelfSpeculative(exit_layer=1, num_speculations=2, draft_adapter=adapter, draft_candidates=candidates)
     counts = dict.fromkeys(exact, 0)
     drafted = 0
     for seed in range(RUNS):
@@ -171,3 +198,30 @@ def test_speculative_sampling_with_a_draft_adapter_matches_plain_sampling(tiny_m
         drafted += result.stats.drafted_tokens
     assert drafted >= RUNS
     assert chi_square_p_value(counts, exact) > SIGNIFICANCE
+
+
+def test_tree_drafts_sampling_matches_plain_sampling(tiny_model):
+    """Several candidates at the last draft position, tried by recursive rejection sampling, with and without a
+    draft slice: still exactly plain sampling's distribution; and the alternatives were used. (Two tokens leave a
+    budget of one draft; the adapter test below covers a chain with candidates after it.)"""
+    from layerskip.generation.sampling import Verdict as Kept
+
+    class Recording(Sampler):
+        taken = 0
+
+        def verify(self, *args, **kwargs) -> Kept:
+            verdict = super().verify(*args, **kwargs)
+            Recording.taken += verdict.candidate > 0
+            return verdict
+
+    exact = exact_two_token_distribution(tiny_model)
+    tiny_model.set_draft_vocab([6, 2, 0, 5, 1, 3, 7, 4])
+    for strategy in (SelfSpeculative(exit_layer=2, num_speculations=1, draft_candidates=3),
+                     SelfSpeculative(exit_layer=2, num_speculations=1, draft_candidates=4, draft_vocab_size=5)):
+        Recording.taken = 0
+        counts = dict.fromkeys(exact, 0)
+        for seed in range(RUNS):
+            result = generate_ids(tiny_model, PROMPT, strategy, Recording(**SETTINGS, seed=seed), max_new_tokens=2)
+            counts[tuple(result.token_ids)] += 1
+        assert Recording.taken > RUNS // 20, strategy.describe()  # about 1 in 6 rounds
+        assert chi_square_p_value(counts, exact) > SIGNIFICANCE, strategy.describe()

@@ -47,6 +47,11 @@ class DecodeContext:
         weight = self.model.embed_tokens.weight
         return KVCache(self.model.config, self.max_length, dtype=weight.dtype, device=weight.device)
 
+    def exit_buffer(self, capacity: int | None = None) -> ExitHiddenBuffer:
+        weight = self.model.embed_tokens.weight
+        return ExitHiddenBuffer(self.model.config, capacity or self.max_length, dtype=weight.dtype,
+                                device=weight.device)
+
 
 class Strategy(abc.ABC):
     name: str
@@ -92,11 +97,9 @@ class AdapterDrafts:
     """
 
     def __init__(self, ctx: DecodeContext, adapter: DraftAdapter):
-        model, weight = ctx.model, ctx.model.embed_tokens.weight
-        self.model, self.adapter = model, adapter
+        self.model, self.adapter = ctx.model, adapter
         self.cache = adapter.kv_cache(ctx.max_length)
-        self.contexts = ExitHiddenBuffer(model.config, ctx.max_length + 1, dtype=weight.dtype, device=weight.device) \
-            if adapter.config.context else None
+        self.contexts = ctx.exit_buffer(ctx.max_length + 1) if adapter.config.context else None
         self.built = 0                             # positions [0, built) of its cache saw verified context
         self.last: torch.Tensor | None = None      # its output at the last position it ran
 
@@ -175,12 +178,10 @@ class SelfSpeculative(Strategy):
 
     def rounds(self, ctx: DecodeContext) -> Iterator[Round]:
         model, exit_layer = ctx.model, self.exit_layer
-        cache = ctx.kv_cache()
-        weight = model.embed_tokens.weight
-        exits = ExitHiddenBuffer(model.config, ctx.max_length, dtype=weight.dtype, device=weight.device)
+        cache, exits = ctx.kv_cache(), ctx.exit_buffer()
         adapted = AdapterDrafts(ctx, self.draft_adapter) if self.draft_adapter is not None else None
         if self.draft_candidates > 1:
-            cache.attendable = torch.ones((1, ctx.max_length), dtype=torch.bool, device=weight.device)
+            cache.attendable = torch.ones((1, ctx.max_length), dtype=torch.bool, device=cache.keys.device)
         done = 0  # positions [0, done) have been through every layer and are final
         while True:
             committed = len(ctx.tokens)
