@@ -86,7 +86,8 @@ def main() -> None:
     if settings["generation_strategy"] == "self_speculative":
         costs = measure_step_costs(loaded.model, settings["exit_layer"], settings["num_speculations"],
                                    settings.get("draft_vocab_size", 0),
-                                   draft_adapter=loaded.draft_adapter if "draft_adapter" in settings else None)
+                                   draft_adapter=loaded.draft_adapter if "draft_adapter" in settings else None,
+                                   candidates=settings.get("draft_candidates", 1))
     lines = render(records, loaded.name, settings, args, len(prompts), loaded.model.embed_tokens.weight.dtype, costs)
     print("\n".join(lines))
     (out / "table.md").write_text("\n".join(lines) + "\n")
@@ -102,7 +103,8 @@ def render(records: list[dict], model: str, settings: dict, args: argparse.Names
              f"{str(model_dtype).removeprefix('torch.')}.",
              "",
              *([f"Cost model, timed on the engine: c_d = {costs[0]:.3f}, c_v = {costs[1]:.3f} (k = "
-                f"{settings['num_speculations']})."] if costs else []),
+                f"{settings['num_speculations']}, {settings.get('draft_candidates', 1)} candidate(s) at the last "
+                "draft position)."] if costs else []),
              "",
              "| mode | prompts | AR tokens/s | stored settings tokens/s | speedup | cost model | acceptance | "
              "tokens/round | greedy output = AR |",

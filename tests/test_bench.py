@@ -22,7 +22,8 @@ from layerskip.generation import GenerationConfig
 SAMPLES = [Sample("a", "The capital of France is", " Paris"), Sample("b", "def add(a, b):", " return a + b"),
            Sample("c", "Water boils at", " 100 degrees")]
 # Draft settings pinned: the embedded default stores its own (its draft adapter's), which a sweep would take up.
-GREEDY = GenerationConfig(sample=False, max_steps=4, ignore_eos=True, draft_confidence=0.0, draft_vocab_size=0)
+GREEDY = GenerationConfig(sample=False, max_steps=4, ignore_eos=True, draft_confidence=0.0, draft_vocab_size=0,
+                          draft_candidates=1)
 
 
 class CountingEngine:
@@ -103,6 +104,14 @@ def test_sweep_writes_csv_rows_and_heatmap_and_resumes(default_model, tmp_path):
     assert [(r["exit_layer"], r["num_speculations"], float(r["draft_confidence"])) for r in table[-2:]] == \
         [("26", "2", 0.0), ("20", "2", 0.9)]
     assert (tmp_path / "points" / "E20_k2_c0.9").is_dir()
+    # and the candidates at the last draft position as a fourth
+    run_sweep(default_model, SAMPLES[:2], GREEDY, [20], [2], tmp_path, make_engine=make_engine, arguments={},
+              candidates=[1, 3])
+    assert [config.draft_candidates for config in made[6:]] == [3]
+    table = list(csv.DictReader((tmp_path / "sweep.csv").open()))
+    assert [(r["exit_layer"], r["num_speculations"], int(r["draft_candidates"])) for r in table[-2:]] == \
+        [("20", "2", 1), ("20", "2", 3)]
+    assert (tmp_path / "points" / "E20_k2_m3").is_dir()
 
 
 def test_sweep_best_point_is_stored_as_the_model_defaults(tmp_path):
@@ -117,7 +126,7 @@ def test_sweep_best_point_is_stored_as_the_model_defaults(tmp_path):
     stored = save_defaults(tmp_path, best_point(rows), base, "custom_jsonl")
     assert json.loads((tmp_path / "layerskip.json").read_text()) == stored
     assert stored == {"draft_vocab": [5, 3, 9], "generation_strategy": "self_speculative", "exit_layer": 6,
-                      "num_speculations": 4, "draft_vocab_size": 2, "draft_confidence": 0.3,
+                      "num_speculations": 4, "draft_vocab_size": 2, "draft_confidence": 0.3, "draft_candidates": 1,
                       "sweep": {"dataset": "custom_jsonl", "speedup_vs_autoregressive": 1.31, "acceptance_rate": 0.6}}
     slower = [{**row, "speedup_vs_autoregressive": 0.9} for row in rows[1:]]
     assert save_defaults(tmp_path, best_point(slower), base, "x")["generation_strategy"] == "autoregressive"

@@ -65,7 +65,7 @@ def load_model(args: argparse.Namespace) -> Any:
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, *, grid: bool = False) -> None:
-    """Generation flags; with `grid`, --exit_layers/--num_speculations take lists or ranges and
+    """Generation flags; with `grid`, --exit_layers/--num_speculations/--draft_candidates take lists or ranges and
     --draft_confidence a list (for sweeps)."""
     group = parser.add_argument_group("generation")
     if grid:
@@ -85,9 +85,10 @@ def add_generation_arguments(parser: argparse.ArgumentParser, *, grid: bool = Fa
                        help="stop a round's drafting after a draft whose probability is below this (0: always draft "
                             "--num_speculations; default: the model's stored setting)"
                             + ("; a list '0,0.5' sweeps over them" if grid else ""))
-    group.add_argument("--draft_candidates", type=int, default=-1,
+    group.add_argument("--draft_candidates", type=str if grid else int, default="-1" if grid else -1,
                        help="candidates verified at each round's last draft position, in one pass (1: a plain "
-                            "chain of drafts; default: the model's stored setting)")
+                            "chain of drafts; default: the model's stored setting)"
+                            + ("; a list '1,2,4' sweeps over them" if grid else ""))
     group.add_argument("--max_steps", type=int, default=512, help="maximum new tokens")
     group.add_argument("--sample", type=parse_bool, nargs="?", const=True, default=True,
                        help="sample (default) or, with --sample false, decode greedily")
@@ -133,7 +134,7 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     sweep = hasattr(args, "exit_layers")
     if sweep:  # the grid flags are not single settings
         names = tuple(name for name in names if name not in ("generation_strategy", "exit_layer", "num_speculations",
-                                                             "draft_confidence"))
+                                                             "draft_confidence", "draft_candidates"))
     options = {name: getattr(args, name) for name in names}
     if sweep:  # its points are self-speculative: resolve the draft settings as such, not as the model's stored
         options["generation_strategy"] = "self_speculative"  # strategy (autoregressive drops --draft_vocab_size)
@@ -419,13 +420,14 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     exits = parse_grid(args.exit_layers, "--exit_layers")
     speculations = parse_grid(args.num_speculations, "--num_speculations")
     confidences = parse_float_list(args.draft_confidence, "--draft_confidence")
+    candidates = parse_grid(args.draft_candidates, "--draft_candidates")
     output = Path(args.output_dir) / "sweep"
     rows = run_sweep(loaded, samples, config, exits, speculations, output,
                      make_engine=lambda point: make_engine(args.engine, loaded, point),
-                     arguments=vars_for_json(args), chat=args.chat, confidences=confidences)
+                     arguments=vars_for_json(args), chat=args.chat, confidences=confidences, candidates=candidates)
     best = best_point(rows)
     print(f"best self-speculative point: exit_layer {best['exit_layer']}, num_speculations {best['num_speculations']}, "
-          f"draft_confidence {point_key(best)[2]:g}: "
+          f"draft_confidence {point_key(best)[2]:g}, draft_candidates {point_key(best)[3]}: "
           f"{float(best['speedup_vs_autoregressive']):.2f}x autoregressive, {float(best['tokens_per_second']):.1f} tokens/s, "
           f"acceptance {float(best['acceptance_rate']):.1%}; table: {output / 'sweep.csv'}, "
           f"heatmap: {output / 'sweep_heatmap.png'}")

@@ -12,16 +12,19 @@ from layerskip.model.draft_adapter import DraftAdapter
 
 @torch.inference_mode()
 def measure_step_costs(model, exit_layer: int, speculations: int, vocab_size: int = 0, context: int = 64,
-                       repeats: int = 15, draft_adapter: DraftAdapter | None = None) -> tuple[float, float]:
+                       repeats: int = 15, draft_adapter: DraftAdapter | None = None,
+                       candidates: int = 1) -> tuple[float, float]:
     """(c_d, c_v): a draft step (through `draft_adapter`, when given) and a k-draft verification, in units of
-    one full decoding step.
+    one full decoding step. With `candidates` m > 1 (tree drafts) the verification is a tree round's: the last
+    position's m candidates through [0, E), then k + m rows through [E, L) and the head.
 
     The three passes are timed in turn, repeatedly, and compared by their medians.
     """
-    cache = KVCache(model.config, context + speculations + 2)
+    cache = KVCache(model.config, context + speculations + candidates + 1)
     model(torch.arange(context)[None] % model.config.vocab_size, cache=cache)
     one = model.embed(torch.tensor([[7]]))
-    many = model.embed(torch.full((1, speculations + 1), 7))
+    last = model.embed(torch.full((1, candidates), 7))
+    many = model.embed(torch.full((1, speculations + candidates), 7))
     layers = model.num_layers
     adapter_cache = draft_adapter.kv_cache(context + 1) if draft_adapter is not None else None
     final = torch.zeros_like(one)
@@ -37,7 +40,7 @@ def measure_step_costs(model, exit_layer: int, speculations: int, vocab_size: in
     passes = {
         "full": lambda: model.head(model.forward_layers(one, 0, layers, context, cache)),
         "draft": draft,
-        "verify": lambda: (model.forward_layers(one, 0, exit_layer, context, cache),
+        "verify": lambda: (model.forward_layers(last, 0, exit_layer, context, cache),
                            model.head(model.forward_layers(many, exit_layer, layers, context, cache))),
     }
     times: dict[str, list[float]] = {name: [] for name in passes}

@@ -1,5 +1,5 @@
-"""A grid of (exit_layer, num_speculations[, draft_confidence]) on one fixed sample set, plus an autoregressive
-baseline row.
+"""A grid of (exit_layer, num_speculations[, draft_confidence][, draft_candidates]) on one fixed sample set, plus an
+autoregressive baseline row.
 
 Each point is a resumable benchmark run under <output_dir>/points/; its CSV row is written as soon as it
 is measured, and rerunning the same command skips the points already in the CSV.
@@ -22,7 +22,7 @@ from layerskip.loading import LoadedModel
 from layerskip.loading.hf_folder import GENERATION_DEFAULTS_FILE
 
 QUALITY = ("rouge1", "rouge2", "rougeL", "bleu", "exact_match")
-COLUMNS = ("exit_layer", "num_speculations", "draft_confidence", "acceptance_rate", "tokens_per_second",
+COLUMNS = ("exit_layer", "num_speculations", "draft_confidence", "draft_candidates", "acceptance_rate", "tokens_per_second",
            "time_per_token", "total_time", "speedup_vs_autoregressive", *QUALITY)
 
 
@@ -47,18 +47,24 @@ def parse_float_list(text: str, flag: str) -> list[float]:
 
 def run_sweep(loaded: LoadedModel, samples: Sequence[Sample], base: GenerationConfig, exit_layers: list[int],
               speculations: list[int], output_dir: Path, *, make_engine: Callable[[GenerationConfig], Engine],
-              arguments: dict[str, Any], chat: bool = False,
-              confidences: Sequence[float] | None = None) -> list[dict[str, Any]]:
-    """Run every point not yet in <output_dir>/sweep.csv; `confidences` adds draft_confidence as a third axis
-    (default: the base config's alone)."""
+              arguments: dict[str, Any], chat: bool = False, confidences: Sequence[float] | None = None,
+              candidates: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Run every point not yet in <output_dir>/sweep.csv; `confidences` and `candidates` add draft_confidence and
+    draft_candidates as further axes (default: the base config's alone)."""
     layers = loaded.config.num_hidden_layers
     points = [dataclasses.replace(base, generation_strategy="autoregressive", exit_layer=-1, num_speculations=-1,
-                                  draft_vocab_size=0, draft_confidence=0.0)]
+                                  draft_vocab_size=0, draft_confidence=0.0, draft_candidates=1)]
     points += [dataclasses.replace(base, generation_strategy="self_speculative", exit_layer=e, num_speculations=k,
-                                   draft_confidence=c).resolved(layers, loaded.defaults)
-               for e in exit_layers for k in speculations for c in (confidences or [base.draft_confidence])]
+                                   draft_confidence=c, draft_candidates=m).resolved(layers, loaded.defaults)
+               for e in exit_layers for k in speculations for c in (confidences or [base.draft_confidence])
+               for m in (candidates or [base.draft_candidates])]
     csv_path = output_dir / "sweep.csv"
     rows = list(csv.DictReader(csv_path.open())) if csv_path.is_file() else []
+    if rows and list(rows[0]) != list(COLUMNS):  # written before a column was added: the same rows, today's header
+        with csv_path.open("w", newline="") as sink:
+            writer = csv.DictWriter(sink, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
     done = {point_key(row) for row in rows}
     baseline_speed = next((float(row["tokens_per_second"]) for row in rows if int(row["num_speculations"]) == 0), None)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -67,8 +73,8 @@ def run_sweep(loaded: LoadedModel, samples: Sequence[Sample], base: GenerationCo
         if not rows:
             writer.writeheader()
         for config in points:
-            key = (config.exit_layer, config.num_speculations, config.draft_confidence) \
-                if config.generation_strategy == "self_speculative" else (layers, 0, 0.0)
+            key = (config.exit_layer, config.num_speculations, config.draft_confidence, config.draft_candidates) \
+                if config.generation_strategy == "self_speculative" else (layers, 0, 0.0, 1)
             if key in done:
                 continue
             name = point_name(key)
@@ -77,7 +83,7 @@ def run_sweep(loaded: LoadedModel, samples: Sequence[Sample], base: GenerationCo
                                     description=name)["metrics"]
             if baseline_speed is None:
                 baseline_speed = summary["tokens_per_second"]
-            row = {"exit_layer": key[0], "num_speculations": key[1], "draft_confidence": key[2],
+            row = {"exit_layer": key[0], "num_speculations": key[1], "draft_confidence": key[2], "draft_candidates": key[3],
                    "acceptance_rate": summary.get("acceptance_rate", ""),
                    "tokens_per_second": summary["tokens_per_second"], "time_per_token": summary["time_per_token"],
                    "total_time": summary["total_time"],
@@ -90,17 +96,21 @@ def run_sweep(loaded: LoadedModel, samples: Sequence[Sample], base: GenerationCo
     return rows
 
 
-def point_key(row: dict[str, Any]) -> tuple[int, int, float]:
-    """(E, k, draft confidence) of a CSV row; rows written before the confidence column have 0 (none)."""
-    return int(row["exit_layer"]), int(row["num_speculations"]), float(row.get("draft_confidence") or 0.0)
+def point_key(row: dict[str, Any]) -> tuple[int, int, float, int]:
+    """(E, k, draft confidence, draft candidates) of a CSV row; rows written before those columns have 0 (no
+    confidence stop) and 1 (a plain chain)."""
+    return (int(row["exit_layer"]), int(row["num_speculations"]), float(row.get("draft_confidence") or 0.0),
+            int(row.get("draft_candidates") or 1))
 
 
-def point_name(key: tuple[int, int, float]) -> str:
-    """The point's folder under points/: E8_k4, E8_k4_c0.8 with a confidence stop, or autoregressive (k = 0)."""
-    exit_layer, k, confidence = key
+def point_name(key: tuple[int, int, float, int]) -> str:
+    """The point's folder under points/: E8_k4, E8_k4_c0.8 with a confidence stop, E8_k4_m3 with three candidates
+    at the last draft position, or autoregressive (k = 0)."""
+    exit_layer, k, confidence, candidates = key
     if k == 0:
         return "autoregressive"
-    return f"E{exit_layer}_k{k}" + (f"_c{confidence:g}" if confidence > 0 else "")
+    return f"E{exit_layer}_k{k}" + (f"_c{confidence:g}" if confidence > 0 else "") + \
+        (f"_m{candidates}" if candidates > 1 else "")
 
 
 def best_point(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -124,6 +134,7 @@ def save_defaults(folder: Path, best: dict[str, Any], base: GenerationConfig, da
         "generation_strategy": "self_speculative" if speedup >= min_speedup else "autoregressive",
         "exit_layer": int(best["exit_layer"]), "num_speculations": int(best["num_speculations"]),
         "draft_vocab_size": base.draft_vocab_size, "draft_confidence": point_key(best)[2],
+        "draft_candidates": point_key(best)[3],
         "sweep": {"dataset": dataset, "speedup_vs_autoregressive": round(speedup, 3),
                   "acceptance_rate": round(float(best["acceptance_rate"]), 4)}})
     folder.mkdir(parents=True, exist_ok=True)
@@ -133,7 +144,7 @@ def save_defaults(folder: Path, best: dict[str, Any], base: GenerationConfig, da
 
 def draw_heatmap(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """Speedup over autoregressive decoding for every (exit_layer, num_speculations), annotated; with several
-    draft confidences, each cell shows the best of them and which it was."""
+    draft confidences or candidate counts, each cell shows the best of them and which it was."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,15 +155,16 @@ def draw_heatmap(rows: Sequence[dict[str, Any]], path: Path) -> None:
         return
     exits = sorted({int(r["exit_layer"]) for r in rows})
     specs = sorted({int(r["num_speculations"]) for r in rows})
-    several = len({point_key(row)[2] for row in rows}) > 1
+    confidences, candidate_counts = ({point_key(row)[axis] for row in rows} for axis in (2, 3))
     grid = [[float("nan")] * len(exits) for _ in specs]
     labels = [[""] * len(exits) for _ in specs]
     for row in rows:
-        exit_layer, k, confidence = point_key(row)
+        exit_layer, k, confidence, candidates = point_key(row)
         y, x, speedup = specs.index(k), exits.index(exit_layer), float(row["speedup_vs_autoregressive"])
         if not grid[y][x] >= speedup:  # NaN (empty) or slower
             grid[y][x] = speedup
-            labels[y][x] = f"{speedup:.2f}x" + (f"\nc={confidence:g}" if several else "")
+            labels[y][x] = f"{speedup:.2f}x" + (f"\nc={confidence:g}" if len(confidences) > 1 else "") + \
+                (f"\nm={candidates}" if len(candidate_counts) > 1 else "")
     figure, axes = plt.subplots(figsize=(1.2 * len(exits) + 2.5, 0.8 * len(specs) + 2))
     values = [value for line in grid for value in line if value == value]
     norm = TwoSlopeNorm(vcenter=1.0, vmin=min(0.5, *values), vmax=max(1.5, *values))  # red: slower, green: faster

@@ -16,6 +16,7 @@ from typing import Any, Sequence, Union
 import yaml
 
 from layerskip.errors import LayerSkipError
+from layerskip.generation.config import MAX_DRAFT_CANDIDATES
 
 LAYER_SHAPES = ("exp", "linear", "uniform")
 STEP_SHAPES = ("constant", "exp")
@@ -113,6 +114,7 @@ class DraftAdapterTrainConfig:
     heldout_sequences: int = 16  # the data's last sequences, for held-out agreement
     num_speculations: int = 4  # stored with the adapter as its decoding defaults
     draft_confidence: float = 0.0
+    draft_candidates: int = 1
 
 
 @dataclasses.dataclass
@@ -183,6 +185,8 @@ class TrainConfig:
             ("draft_adapter.heldout_sequences", self.draft_adapter.heldout_sequences >= 1, "at least 1"),
             ("draft_adapter.num_speculations", self.draft_adapter.num_speculations >= 1, "at least 1"),
             ("draft_adapter.draft_confidence", 0 <= self.draft_adapter.draft_confidence < 1, "in [0, 1)"),
+            ("draft_adapter.draft_candidates", 1 <= self.draft_adapter.draft_candidates <= MAX_DRAFT_CANDIDATES,
+             f"in [1, {MAX_DRAFT_CANDIDATES}]"),
             ("draft_adapter.enabled", not (self.draft_adapter.enabled and self.lora.enabled),
              "false with lora.enabled: a draft adapter trains with the model frozen"),
         ]

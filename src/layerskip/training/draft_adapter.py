@@ -317,11 +317,12 @@ class DraftRun:
         return self.export()
 
     def defaults(self) -> dict[str, Any]:
-        """The decoding settings stored with the adapter: its exit, the recipe's drafts per round and confidence
-        stop, the ranked draft vocabulary (a sweep with `--save_defaults` may later choose others)."""
+        """The decoding settings stored with the adapter: its exit, the recipe's drafts per round, confidence stop
+        and candidates, the ranked draft vocabulary (a sweep with `--save_defaults` may later choose others)."""
         settings = self.config.draft_adapter
         stored: dict[str, Any] = {"exit_layer": settings.exit_layer, "num_speculations": settings.num_speculations,
-                                  "draft_confidence": settings.draft_confidence}
+                                  "draft_confidence": settings.draft_confidence,
+                                  "draft_candidates": settings.draft_candidates}
         if self.draft_vocab is not None:
             stored.update(draft_vocab=self.draft_vocab, draft_vocab_size=len(self.draft_vocab))
         return stored
