@@ -163,53 +163,40 @@ class RecordingContext(DecodeContext):
         return self.exits
 
 
-def test_kv_cache_after_rejections_equals_cache_of_accepted_tokens_only(tiny):
+def assert_caches_hold_only_committed_tokens(model, ctx: RecordingContext, tokens: list[int], exit_layer: int) -> None:
+    """Positions [0, len - 1) are final (the newest token is not yet in any cache): their keys, values and exit
+    states equal those of the committed tokens run alone."""
+    final = len(tokens) - 1
+    reference = KVCache(model.config, 64)
+    ids = torch.tensor([tokens[:final]])
+    model(ids, cache=reference)
+    assert torch.allclose(ctx.cache.keys[:, :, :, :final], reference.keys[:, :, :, :final], atol=1e-5)
+    assert torch.allclose(ctx.cache.values[:, :, :, :final], reference.values[:, :, :, :final], atol=1e-5)
+    assert torch.allclose(ctx.exits.read(0, final), model.forward_layers(model.embed(ids), 0, exit_layer), atol=1e-5)
+
+
+@pytest.mark.parametrize("prompt, exit_layer, speculations, candidates",
+                         [(TINY_PROMPTS[1], 1, 4, 1), (TINY_PROMPTS[2], 3, 1, 4)], ids=["chain", "tree"])
+def test_caches_after_every_round_hold_only_the_accepted_tokens(tiny, prompt, exit_layer, speculations, candidates):
+    """Rejected drafts leave nothing behind; an accepted tree alternative's keys, values and exit state move to its
+    position's slot, and its siblings' mask is lifted."""
     model = tiny.model
-    tokens = list(TINY_PROMPTS[1])
+    tokens = list(prompt)
     ctx = RecordingContext(model=model, tokens=tokens, max_length=64, sampler=Sampler(sample=False),
                            eos_token_ids=frozenset())
-    rejected_rounds = 0
+    rejected = taken = 0
     with torch.inference_mode():
-        rounds = SelfSpeculative(exit_layer=1, num_speculations=4).rounds(ctx)
+        rounds = SelfSpeculative(exit_layer, speculations, draft_candidates=candidates).rounds(ctx)
         for _ in range(12):
             step = next(rounds)
             tokens.extend(step.tokens)
-            rejected_rounds += step.accepted_drafts < len(step.drafted)
-            if step.accepted_drafts < len(step.drafted):
-                # Positions [0, len-1) are final; the newest token is not yet in any cache.
-                final = len(tokens) - 1
-                reference = KVCache(model.config, 64)
-                model(torch.tensor([tokens[:final]]), cache=reference)
-                assert torch.allclose(ctx.cache.keys[:, :, :, :final], reference.keys[:, :, :, :final], atol=1e-5)
-                assert torch.allclose(ctx.cache.values[:, :, :, :final], reference.values[:, :, :, :final], atol=1e-5)
+            rejected += step.accepted_drafts < len(step.drafted)
+            taken += bool(step.drafted) and step.accepted_drafts == len(step.drafted) and \
+                step.tokens[len(step.drafted) - 1] != step.drafted[-1]
+            assert_caches_hold_only_committed_tokens(model, ctx, tokens, exit_layer)
+            assert ctx.cache.attendable is None or bool(ctx.cache.attendable.all())
         rounds.close()
-    assert rejected_rounds >= 3
-
-
-def test_kv_cache_after_an_accepted_alternative_equals_cache_of_accepted_tokens_only(tiny):
-    """An accepted alternative's keys, values and exit state move to its position's slot; its siblings leave nothing."""
-    model = tiny.model
-    tokens = list(TINY_PROMPTS[2])
-    ctx = RecordingContext(model=model, tokens=tokens, max_length=64, sampler=Sampler(sample=False),
-                           eos_token_ids=frozenset())
-    taken = 0
-    with torch.inference_mode():
-        rounds = SelfSpeculative(exit_layer=3, num_speculations=1, draft_candidates=4).rounds(ctx)
-        for _ in range(14):
-            step = next(rounds)
-            tokens.extend(step.tokens)
-            if step.accepted_drafts == len(step.drafted) and step.tokens[len(step.drafted) - 1] != step.drafted[-1]:
-                taken += 1
-                final = len(tokens) - 1
-                reference = KVCache(model.config, 64)
-                model(torch.tensor([tokens[:final]]), cache=reference)
-                assert torch.allclose(ctx.cache.keys[:, :, :, :final], reference.keys[:, :, :, :final], atol=1e-5)
-                assert torch.allclose(ctx.cache.values[:, :, :, :final], reference.values[:, :, :, :final], atol=1e-5)
-                exits = model.forward_layers(model.embed(torch.tensor([tokens[:final]])), 0, 3)
-                assert torch.allclose(ctx.exits.read(0, final), exits, atol=1e-5)
-                assert bool(ctx.cache.attendable.all())  # the siblings' mask is lifted
-        rounds.close()
-    assert taken >= 2
+    assert rejected >= 3 and (taken >= 2 or candidates == 1)
 
 
 def test_max_steps_and_context_length_bound_every_strategy(tiny_checkpoint):
