@@ -91,6 +91,38 @@ def test_replay_equals_greedy_self_speculative_decoding(trained_like):
     assert seen_lengths == set(range(6))  # every accepted length 0..5 occurred: the comparison is not trivial
 
 
+def test_adapter_replay_equals_greedy_tree_decoding_through_the_adapter(trained_like, tmp_path):
+    """The adapter's recorded draft ranks replay decoding with it exactly, for every tree width m (k = 1)."""
+    from layerskip.loading.draft_adapter import save_draft_adapter
+    from layerskip.model.draft_adapter import DraftAdapter, DraftAdapterConfig
+
+    folder = trained_like()
+    base = layerskip.load(str(folder))
+    torch.manual_seed(3)
+    adapter = DraftAdapter(DraftAdapterConfig(exit_layer=1, hidden_size=base.config.hidden_size, kind="layer",
+                                              intermediate_size=48, context=True), base.config)
+    with torch.no_grad():
+        for parameter in adapter.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    save_draft_adapter(adapter, tmp_path / "drafts", dtype=torch.float32)
+    loaded = layerskip.load(str(folder), draft_adapter=str(tmp_path / "drafts"))
+    chunks, gen_tokens = token_chunks(3), 30
+    measurements = [measure_chunk(loaded, chunk, gen_tokens) for chunk in chunks]
+    rows = exits.summarize_adapter(measurements, draft_cost=0.3)
+    assert [row.candidates for row in rows] == [1, 2, 3, 4]
+    for row in rows:
+        config = GenerationConfig(generation_strategy="self_speculative", exit_layer=1, num_speculations=1,
+                                  draft_candidates=row.candidates, sample=False, ignore_eos=True,
+                                  max_steps=gen_tokens).resolved(4, loaded.defaults)
+        real = [generate_with_config(loaded, chunk, config).stats for chunk in chunks]
+        assert all(stats.drafted_tokens for stats in real)  # drafts went through the adapter
+        assert row.acceptance_rate == sum(s.accepted_drafts for s in real) / sum(s.drafted_tokens for s in real)
+        assert row.tokens_per_round == sum(s.new_tokens for s in real) / sum(s.rounds for s in real)
+    assert rows[0].acceptance_rate < rows[-1].acceptance_rate  # the candidates were accepted where drafts were not
+    report = exits.format_report(analyze_exits(loaded, chunks, gen_tokens=gen_tokens, progress=False))
+    assert "draft adapter at exit layer 1" in report and f"{100 * rows[1].own_agreement:.1f}%" in report
+
+
 def test_replay_by_hand():
     stats = simulate_greedy_speculation([[True, False, False, True, True, True, False, True]], 2)
     # rounds: 1 of 2 accepted | 0 of 2 | 2 of 2 | 0 of 1 (one token left after it) | no draft, the last token

@@ -12,6 +12,10 @@ given the true prefix, and the verifier's token is the continuation token; their
 is therefore exactly what greedy self-speculative decoding sees, and replaying its rounds over that sequence
 gives its acceptance rate and tokens per round without decoding once per (E, k).
 
+With a draft adapter (loaded with the model, or --draft_adapter), the same pass also gives, at its exit, the
+rank of the model's own token among the adapter's drafts, as a round's first draft sees it (context: the true
+final states); replaying rounds of k = 1 over "rank < m" gives the acceptance of tree drafts with m candidates.
+
 Per-chunk measurements are appended to a JSONL file per model, so rerunning continues where a run stopped.
 """
 
@@ -38,9 +42,12 @@ from layerskip.generation import GenerationConfig, GenerationStats
 from layerskip.loading import LoadedModel, load
 from layerskip.loading.default_model import default_model_name
 from layerskip.model import Transformer
+from layerskip.model.draft_adapter import previous_positions
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".js", ".ts", ".java", ".go", ".rs", ".jsonl")
 HEAD_ROWS = 256  # positions per head call: bounds the [rows, vocab] float32 logits (50 MB for a 49k vocabulary)
+RANK_CAP = 16  # draft ranks are recorded up to this ("not among the first 16")
+ADAPTER_CANDIDATES = (1, 2, 3, 4)  # the tree widths reported for a draft adapter
 VERIFY_COST = 1.0  # c_v, see draft_costs
 
 Document = str | list[int]  # a text, or token ids for models that ship no tokenizer
@@ -142,29 +149,53 @@ class ChunkMeasurement:
     agreements: list[int]        # text positions where exit l's top-1 equals the last layer's
     nll: list[float]             # summed cross-entropy of exit l against the next text token
     own_matches: list[str]       # per continuation token, '1' where exit l's greedy token is the model's own
+    adapter_ranks: list[int] | None = None  # per continuation token, its rank among the draft adapter's logits
 
 
 def chunk_digest(chunk: Sequence[int]) -> str:
     return hashlib.sha1(",".join(map(str, chunk)).encode()).hexdigest()[:16]
 
 
-def exit_predictions(model: Transformer, ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-1 token and cross-entropy against `targets`, [L, T] each, for every exit of one sequence [1, T].
+def exit_predictions(model: Transformer, ids: torch.Tensor, targets: torch.Tensor,
+                     keep: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+    """Top-1 token and cross-entropy against `targets`, [L, T] each, for every exit of one sequence [1, T], and
+    the hidden states after each number of layers in `keep`.
 
     Each layer runs once; the shared head is applied after every layer, HEAD_ROWS positions at a time.
     """
     length = ids.shape[1]
     predicted = torch.empty(model.num_layers, length, dtype=torch.long, device=ids.device)
     nll = torch.empty(model.num_layers, length, dtype=torch.float32, device=ids.device)
+    kept = {}
     hidden = model.embed(ids)
     for layer in range(model.num_layers):
         hidden = model.forward_layers(hidden, layer, layer + 1)
+        if layer + 1 in keep:
+            kept[layer + 1] = hidden
         for start in range(0, length, HEAD_ROWS):
             rows = slice(start, start + HEAD_ROWS)
             logits = model.head(hidden[0, rows])
             predicted[layer, rows] = logits.argmax(-1)
             nll[layer, rows] = F.cross_entropy(logits, targets[rows], reduction="none")
-    return predicted, nll
+    return predicted, nll, kept
+
+
+def draft_ranks(loaded: LoadedModel, exit_states: torch.Tensor, final_states: torch.Tensor,
+                targets: torch.Tensor) -> torch.Tensor:
+    """Each position's rank of `targets` among the draft adapter's logits (0: its top draft; capped at RANK_CAP),
+    from the exit states and the final states of every position before (a round's first draft's context), through
+    the draft slice that decoding uses."""
+    model, adapter = loaded.model, loaded.draft_adapter
+    context = previous_positions(final_states) if adapter.config.context else None
+    cos, sin = model.rope(0, exit_states.shape[1], exit_states.dtype)
+    drafted = adapter(exit_states, context, cos, sin)[0]
+    vocab_size = int(loaded.defaults.get("draft_vocab_size", 0)) if model.draft_vocab is not None else 0
+    ranks = torch.empty(len(targets), dtype=torch.long, device=targets.device)
+    for start in range(0, len(targets), HEAD_ROWS):
+        rows = slice(start, start + HEAD_ROWS)
+        logits = model.draft_head(drafted[rows], vocab_size) if vocab_size else model.head(drafted[rows])
+        ranks[rows] = (logits > logits.gather(-1, targets[rows, None])).sum(-1)
+    return ranks.clamp_max(RANK_CAP)
 
 
 def greedy_continuation(loaded: LoadedModel, prompt: list[int], tokens: int) -> list[int]:
@@ -185,23 +216,33 @@ def measure_chunk(loaded: LoadedModel, chunk: list[int], gen_tokens: int) -> Chu
     sequence = chunk + continuation
     ids = torch.tensor([sequence[:-1]], dtype=torch.long, device=loaded.device)
     targets = torch.tensor(sequence[1:], dtype=torch.long, device=loaded.device)
-    predicted, nll = exit_predictions(loaded.model, ids, targets)
+    adapter, layers = loaded.draft_adapter, loaded.model.num_layers
+    keep = (adapter.config.exit_layer, layers) if adapter is not None else ()
+    predicted, nll, states = exit_predictions(loaded.model, ids, targets, keep)
     text = len(chunk) - 1  # positions [0, text) predict text; [text, ...) predict the continuation
     own = (predicted[:, text:] == targets[text:]).tolist()
+    ranks = None
+    if adapter is not None:
+        ranks = draft_ranks(loaded, states[adapter.config.exit_layer], states[layers], targets)[text:].tolist()
     return ChunkMeasurement(digest=chunk_digest(chunk), text_positions=text,
                             agreements=(predicted[:, :text] == predicted[-1, :text]).sum(1).tolist(),
                             nll=nll[:, :text].double().sum(1).tolist(),
-                            own_matches=["".join("1" if match else "0" for match in row) for row in own])
+                            own_matches=["".join("1" if match else "0" for match in row) for row in own],
+                            adapter_ranks=ranks)
 
 
 def measurement_settings(loaded: LoadedModel, gen_tokens: int) -> dict[str, Any]:
     """What a chunk's measurement depends on besides its tokens; the weights by file size and time, so a
     checkpoint retrained into the same folder is measured again."""
-    folders = [loaded.folder] + ([loaded.adapter] if loaded.adapter is not None else [])
+    folders = [loaded.folder] + [folder for folder in (loaded.adapter, loaded.draft_adapter_path) if folder is not None]
     weights = sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns) for folder in folders
                      for f in folder.resolve().glob("*.safetensors"))
-    return {"folder": str(loaded.folder.resolve()), "weights": hashlib.sha1(json.dumps(weights).encode()).hexdigest(),
-            "dtype": str(loaded.dtype).removeprefix("torch."), "device": loaded.device.type, "gen_tokens": gen_tokens}
+    settings = {"folder": str(loaded.folder.resolve()), "weights": hashlib.sha1(json.dumps(weights).encode()).hexdigest(),
+                "dtype": str(loaded.dtype).removeprefix("torch."), "device": loaded.device.type, "gen_tokens": gen_tokens}
+    if loaded.draft_adapter is not None:  # its ranks are over the draft slice that decoding uses
+        settings.update(draft_adapter=str(loaded.draft_adapter_path),
+                        draft_vocab_size=int(loaded.defaults.get("draft_vocab_size", 0)))
+    return settings
 
 
 def record_file(loaded: LoadedModel, record_dir: Path, settings: dict[str, Any]) -> Path:
@@ -305,6 +346,18 @@ def draft_costs(model: Transformer) -> list[float]:
     return [(upto + head) / total for upto in itertools.accumulate(layers)]
 
 
+def adapter_draft_cost(loaded: LoadedModel) -> float:
+    """c_d of a draft through the adapter, by weight bytes as draft_costs: layers [0, E), the adapter, and the head
+    or the draft slice decoding uses."""
+    model, adapter = loaded.model, loaded.draft_adapter
+    layers = [sum(p.numel() for p in layer.parameters()) for layer in model.layers]
+    head = model.lm_head.weight.numel()
+    vocab_size = int(loaded.defaults.get("draft_vocab_size", 0)) if model.draft_vocab is not None else 0
+    drafted = sum(layers[:adapter.config.exit_layer]) + sum(p.numel() for p in adapter.parameters()) + \
+        (head * vocab_size // model.config.vocab_size if vocab_size else head)
+    return drafted / (sum(layers) + head)
+
+
 def estimated_speedup(stats: GenerationStats, draft_cost: float) -> float:
     """Tokens per unit of work, against autoregressive decoding's one token per full step."""
     return stats.new_tokens / (stats.drafted_tokens * draft_cost + stats.rounds * VERIFY_COST)
@@ -325,6 +378,18 @@ class ExitRow:
 
 
 @dataclasses.dataclass
+class AdapterRow:
+    """Tree drafts of width `candidates` through the draft adapter at its exit, one draft a round (k = 1)."""
+
+    candidates: int
+    own_agreement: float               # continuation tokens among the adapter's top `candidates`
+    acceptance_rate: float
+    tokens_per_round: float
+    draft_cost: float
+    est_speedup: float
+
+
+@dataclasses.dataclass
 class ExitReport:
     model: str
     num_speculations: int
@@ -332,6 +397,8 @@ class ExitReport:
     text_positions: int
     own_positions: int
     rows: list[ExitRow]
+    adapter_exit: int | None = None    # the draft adapter's exit layer, when the model has one
+    adapter_rows: list[AdapterRow] = dataclasses.field(default_factory=list)
 
 
 def summarize_exits(model: str, measurements: Sequence[ChunkMeasurement], costs: Sequence[float],
@@ -358,6 +425,26 @@ def summarize_exits(model: str, measurements: Sequence[ChunkMeasurement], costs:
                       text_positions=positions, own_positions=own_positions, rows=rows)
 
 
+def summarize_adapter(measurements: Sequence[ChunkMeasurement], draft_cost: float) -> list[AdapterRow]:
+    """Replay greedy decoding with the adapter at k = 1 and m candidates over the recorded ranks. As decoding with an
+    adapter runs it, each prompt's round drafts nothing (one token), then rounds replay over the remaining tokens."""
+    ranks = [m.adapter_ranks for m in measurements if m.adapter_ranks]
+    positions = sum(len(r) - 1 for r in ranks)
+    if not positions:
+        return []
+    rows = []
+    for candidates in ADAPTER_CANDIDATES:
+        matches = [[rank < candidates for rank in chunk[1:]] for chunk in ranks]
+        stats = simulate_greedy_speculation(matches, 1)
+        stats.rounds += len(ranks)
+        stats.new_tokens += len(ranks)
+        stats.verify_forwards += len(ranks)
+        rows.append(AdapterRow(candidates=candidates, own_agreement=sum(map(sum, matches)) / positions,
+                               acceptance_rate=stats.acceptance_rate, tokens_per_round=stats.mean_tokens_per_round,
+                               draft_cost=draft_cost, est_speedup=estimated_speedup(stats, draft_cost)))
+    return rows
+
+
 def analyze_exits(loaded: LoadedModel, chunks: Sequence[list[int]], *, gen_tokens: int = 64, num_speculations: int = 4,
                   record_dir: Path | None = None, label: str | None = None, progress: bool = True) -> ExitReport:
     """Measure every exit of `loaded` on token `chunks` (see make_chunks) and pool the results."""
@@ -367,7 +454,11 @@ def analyze_exits(loaded: LoadedModel, chunks: Sequence[list[int]], *, gen_token
     if max(map(len, chunks)) + gen_tokens > context:
         raise LayerSkipError(f"--seq_len + --gen_tokens exceeds the model's context of {context} tokens")
     measurements = measure(loaded, chunks, gen_tokens=gen_tokens, record_dir=record_dir, progress=progress)
-    return summarize_exits(label or loaded.name, measurements, draft_costs(loaded.model), num_speculations)
+    report = summarize_exits(label or loaded.name, measurements, draft_costs(loaded.model), num_speculations)
+    if loaded.draft_adapter is not None:
+        report.adapter_exit = loaded.draft_adapter.config.exit_layer
+        report.adapter_rows = summarize_adapter(measurements, adapter_draft_cost(loaded))
+    return report
 
 
 def percent(value: float | None) -> str:
@@ -396,6 +487,13 @@ def format_report(report: ExitReport) -> str:
     if best is not None:
         lines.append(f"best estimated: exit layer {best.layer}, {best.est_speedup:.2f}x (weight-bytes cost model, "
                      f"c_d = {best.draft_cost:.2f}, c_v = {VERIFY_COST:g}: an estimate, not a measurement)")
+    if report.adapter_rows:
+        lines += [f"draft adapter at exit layer {report.adapter_exit}, one draft a round with m candidates "
+                  f"(c_d = {report.adapter_rows[0].draft_cost:.2f} by weight bytes):",
+                  "| candidates m | own-output agreement (top m) | acceptance@1 | tokens/round@1 | est. speedup |",
+                  "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {row.candidates} | {percent(row.own_agreement)} | {percent(row.acceptance_rate)} | "
+                  f"{row.tokens_per_round:.2f} | {row.est_speedup:.2f}x |" for row in report.adapter_rows]
     return "\n".join(lines)
 
 
@@ -500,6 +598,6 @@ def run_exit_analysis(models: Sequence[str | None], data_paths: Sequence[str], o
     return reports
 
 
-__all__ = ["ChunkMeasurement", "ExitReport", "ExitRow", "analyze_exits", "draft_costs",
+__all__ = ["AdapterRow", "ChunkMeasurement", "ExitReport", "ExitRow", "analyze_exits", "draft_costs",
            "draw_exit_plot", "exit_figure", "format_report", "make_chunks", "measure", "read_documents",
            "run_exit_analysis", "simulate_greedy_speculation", "summarize_exits", "write_exit_report"]

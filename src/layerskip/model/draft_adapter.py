@@ -135,3 +135,9 @@ class DraftAdapter(nn.Module):
         if self.layer is not None:
             return self.layer(x, cos, sin, start_pos, cache)
         return x + self.mlp(self.mlp_norm(x))
+
+
+def previous_positions(finals: torch.Tensor) -> torch.Tensor:
+    """Each position's context over a whole sequence [B, T, H] (training, teacher-forced analysis): the final
+    state one position before, zeros at the first."""
+    return torch.cat((torch.zeros_like(finals[:, :1]), finals[:, :-1]), dim=1)

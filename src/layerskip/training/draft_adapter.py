@@ -39,7 +39,7 @@ from layerskip.loading.default_model import BASE_MODEL
 from layerskip.loading.draft_adapter import save_draft_adapter
 from layerskip.loading.hf_folder import atomic_folder, read_json
 from layerskip.model import Transformer
-from layerskip.model.draft_adapter import DraftAdapter, DraftAdapterConfig
+from layerskip.model.draft_adapter import DraftAdapter, DraftAdapterConfig, previous_positions
 from layerskip.training import checkpoint as ckpt
 from layerskip.training.config import TrainConfig, dump_config
 from layerskip.training.data import Preparation, cache_key, load_token_stream
@@ -120,11 +120,6 @@ class StateCache:
         finals = from_bf16_bits(self.arrays["finals"][picked])[inverse]
         targets = torch.from_numpy(self.arrays["targets"][picked].astype(np.int64))[inverse]
         return exits.to(device), finals.to(device), targets.to(device)
-
-
-def previous_positions(finals: torch.Tensor) -> torch.Tensor:
-    """Each position's context: the final state one position before (zeros at a sequence's first)."""
-    return torch.cat((torch.zeros_like(finals[:, :1]), finals[:, :-1]), dim=1)
 
 
 class DraftLoss:
