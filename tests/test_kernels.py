@@ -247,6 +247,23 @@ def test_a_query_with_masked_keys_before_it_equals_the_query_with_those_keys_rem
         assert torch.equal(masked, alone)
 
 
+def test_per_row_start_positions_equal_each_row_alone(ext):
+    """`starts`: batch row b's query t is at position starts[b] + t, attending keys up to it in its own row."""
+    q, cache_k, cache_v, _, attendable = attention_case(3, 64, True, seed=5)
+    starts = torch.tensor([2, 9])
+    end = int(starts.max()) + 3
+    for _ in every_isa(ext):
+        together = ext.attention(q, cache_k[:, :, :end], cache_v[:, :, :end], 0, attendable, starts)
+        for row, start in enumerate(starts.tolist()):
+            rows = slice(row, row + 1)
+            alone = ext.attention(q[rows], cache_k[rows, :, :start + 3], cache_v[rows, :, :start + 3], start,
+                                  attendable[rows])
+            assert torch.equal(together[rows], alone)
+            reference = sdpa_reference(q[rows], cache_k[rows, :, :start + 3], cache_v[rows, :, :start + 3], start,
+                                       attendable[rows])
+            torch.testing.assert_close(alone, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_disabled_without_building(monkeypatch):
     """LAYERSKIP_NATIVE=0: load_native() is None at once, without trying to build (today's torch path runs)."""
     monkeypatch.setenv("LAYERSKIP_NATIVE", "0")

@@ -66,6 +66,44 @@ def test_cached_incremental_decoding_equals_one_full_pass(tiny_checkpoint):
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("path", ["plain", "packed", "native"])
+def test_batch_rows_at_their_own_positions_decode_as_each_row_alone(tiny_checkpoint, path):
+    """Per-row start positions (a tensor [B]): each batch row writes its keys and values at its own slots and attends
+    only to its own past, so a batch of sequences of different lengths decodes as each alone; bit-identically
+    through the row-invariant native kernels. A row's pass is padded at its end, past its own positions."""
+    if path == "native" and native.load_native() is None:
+        pytest.skip("the native kernels do not build here")
+    folder, _ = tiny_checkpoint()
+    model = layerskip.load(str(folder), cpu_kernels=path).model
+    prompts = [[3, 14, 15, 92, 65], [2, 71, 82], [9, 8, 7, 6, 5, 4, 3]]
+    steps = [[[5, 6], [7], [8, 9, 10]], [[11], [12, 13], [14]]]  # each row's next tokens, per pass
+    with torch.inference_mode():
+        alone = []
+        for row, prompt in enumerate(prompts):
+            cache = KVCache(model.config, 32)
+            position = len(prompt)
+            model(torch.tensor([prompt]), cache=cache)
+            outputs = []
+            for step in steps:
+                outputs.append(model(torch.tensor([step[row]]), start_pos=position, cache=cache)[0])
+                position += len(step[row])
+            alone.append(outputs)
+        cache = KVCache(model.config, 32, batch_size=3)
+        width = max(map(len, prompts))
+        model(torch.tensor([prompt + [0] * (width - len(prompt)) for prompt in prompts]), start_pos=torch.zeros(3,
+              dtype=torch.long), cache=cache)
+        starts = torch.tensor([len(prompt) for prompt in prompts])
+        for index, step in enumerate(steps):
+            width = max(map(len, step))
+            logits = model(torch.tensor([tokens + [0] * (width - len(tokens)) for tokens in step]), start_pos=starts,
+                           cache=cache)
+            for row, tokens in enumerate(step):
+                expected = alone[row][index]
+                got = logits[row, :len(tokens)]
+                assert torch.equal(got, expected) if path == "native" else torch.allclose(got, expected, atol=1e-5)
+            starts = starts + torch.tensor([len(tokens) for tokens in step])
+
+
 @pytest.mark.skipif(os.environ.get("CI") != "true", reason="only CI must have a compiler and ninja")
 def test_ci_builds_the_native_kernels():
     """Elsewhere a failed build falls back with a warning; in CI it would hide the native path's tests."""

@@ -36,11 +36,21 @@ class KVCache:
         self.keys[:, :, :, target] = self.keys[:, :, :, source]
         self.values[:, :, :, target] = self.values[:, :, :, source]
 
-    def update(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write positions [start, start + T) of one layer; return that layer's keys and values for [0, start + T)."""
-        end = start + keys.shape[2]
-        self.keys[layer, :, :, start:end] = keys
-        self.values[layer, :, :, start:end] = values
+    def update(self, layer: int, start: int | torch.Tensor, keys: torch.Tensor,
+               values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write positions [start, start + T) of one layer (with a tensor [B], each batch row's own); return that
+        layer's keys and values for [0, end), the end of the furthest row."""
+        length = keys.shape[2]
+        if isinstance(start, torch.Tensor):
+            firsts = start.tolist()
+            for row, first in enumerate(firsts):
+                self.keys[layer, row, :, first:first + length] = keys[row]
+                self.values[layer, row, :, first:first + length] = values[row]
+            end = max(firsts) + length
+        else:
+            end = start + length
+            self.keys[layer, :, :, start:end] = keys
+            self.values[layer, :, :, start:end] = values
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 

@@ -48,7 +48,8 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
 # A module without prepared weights, and every pass under autograd (training), uses the nn.Linear weights.
 LinearGroups = dict[str, tuple[nn.Linear, ...]]
 # (hidden, start_layer, end_layer, start_pos, cache, cos, sin) -> hidden, as forward_layers.
-FusedLayers = Callable[[torch.Tensor, int, int, int, KVCache | None, torch.Tensor, torch.Tensor], torch.Tensor]
+FusedLayers = Callable[[torch.Tensor, int, int, int | torch.Tensor, KVCache | None, torch.Tensor, torch.Tensor],
+                       torch.Tensor]
 
 
 def run_prepared(prepared: PreparedLinear | None, x: torch.Tensor) -> torch.Tensor | None:
@@ -77,9 +78,11 @@ class Attention(nn.Module):
     def linear_groups(self) -> LinearGroups:
         return {"qkv": (self.q_proj, self.k_proj, self.v_proj), "o": (self.o_proj,)}
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor,
                 cache: KVCache | None) -> torch.Tensor:
         batch, length, _ = x.shape
+        if cos.dim() == 3:  # one row of positions per batch row: [B, T, D] -> [B, 1, T, D] over the heads
+            cos, sin = cos[:, None], sin[:, None]
         qkv = run_prepared(self.prepared.get("qkv"), x)
         if qkv is not None:
             kv_size = self.num_kv_heads * self.head_dim
@@ -98,16 +101,19 @@ class Attention(nn.Module):
         group = self.num_heads // self.num_kv_heads
         q = q.reshape(batch, self.num_kv_heads, group * length, self.head_dim)
         mask = None
-        if length > 1:
-            query_pos = torch.arange(start_pos, start_pos + length, device=x.device)
-            key_pos = torch.arange(k.shape[2], device=x.device)
-            mask = (key_pos[None, :] <= query_pos[:, None]).repeat(group, 1)
+        key_pos = torch.arange(k.shape[2], device=x.device)
+        if isinstance(start_pos, torch.Tensor):  # [B, 1, group * T, S]: each batch row at its own positions
+            query_pos = (start_pos[:, None] + torch.arange(length, device=x.device)).repeat(1, group)[:, None, :, None]
+            mask = key_pos <= query_pos
+        elif length > 1:
+            query_pos = torch.arange(start_pos, start_pos + length, device=x.device).repeat(group)[:, None]
+            mask = key_pos <= query_pos
         if cache is not None and cache.attendable is not None:
             attendable = cache.attendable[:, None, None, :k.shape[2]]
             if mask is None:
                 mask = attendable
             else:  # a padding query still sees itself, so its (unused) output is finite, not NaN
-                mask = (mask & attendable) | (key_pos[None, :] == query_pos[:, None]).repeat(group, 1)
+                mask = (mask & attendable) | (key_pos == query_pos)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.view(batch, self.num_heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
         projected = run_prepared(self.prepared.get("o"), out)
@@ -156,7 +162,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor,
                 cache: KVCache | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -221,15 +227,24 @@ class Transformer(nn.Module):
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(token_ids)
 
-    def forward_layers(self, hidden: torch.Tensor, start_layer: int, end_layer: int, start_pos: int = 0,
-                       cache: KVCache | None = None, positions: list[int] | None = None) -> torch.Tensor:
+    def forward_layers(self, hidden: torch.Tensor, start_layer: int, end_layer: int,
+                       start_pos: int | torch.Tensor = 0, cache: KVCache | None = None,
+                       positions: list[int] | None = None) -> torch.Tensor:
         """Run layers [start_layer, end_layer) over cache slots [start_pos, start_pos + T), writing their KV.
 
-        A row's position is its slot, unless `positions` gives each row's own (for RoPE): tree drafts put the
-        candidates for one position in consecutive slots, masked from each other through `cache.attendable`.
+        `start_pos` as an int64 tensor [B] puts each batch row at its own slots (a batch of sequences of different
+        lengths; needs `cache`). A row's position is its slot, unless `positions` gives each row's own (for RoPE):
+        tree drafts put the candidates for one position in consecutive slots, masked from each other through
+        `cache.attendable`.
         """
-        cos, sin = self.rope(start_pos, hidden.shape[1], hidden.dtype) if positions is None else \
-            self.rope_at(positions, hidden.dtype)
+        if isinstance(start_pos, torch.Tensor):
+            offsets = start_pos[:, None] + torch.arange(hidden.shape[1], device=start_pos.device)
+            cos, sin = self.rope(0, int(offsets.max()) + 1, hidden.dtype)
+            cos, sin = cos[offsets], sin[offsets]
+        elif positions is None:
+            cos, sin = self.rope(start_pos, hidden.shape[1], hidden.dtype)
+        else:
+            cos, sin = self.rope_at(positions, hidden.dtype)
         if self.fused_layers is not None and not torch.is_grad_enabled():
             return self.fused_layers(hidden, start_layer, end_layer, start_pos, cache, cos, sin)
         for layer in self.layers[start_layer:end_layer]:

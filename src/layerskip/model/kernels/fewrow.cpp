@@ -674,8 +674,18 @@ at::Tensor linear_q(int fmt, const at::Tensor& x_, const at::Tensor& w) {
   return y;
 }
 
+std::vector<int64_t> row_starts(int64_t B, int64_t start_pos, const c10::optional<at::Tensor>& starts) {
+  TORCH_CHECK(start_pos >= 0, "start_pos must be >= 0");
+  if (!starts.has_value() || !starts->defined()) return std::vector<int64_t>(B, start_pos);
+  const at::Tensor s = starts->to(at::kLong).contiguous();
+  TORCH_CHECK(s.dim() == 1 && s.size(0) == B && s.device().is_cpu(), "starts must be int64 [B] on the CPU");
+  std::vector<int64_t> out(s.data_ptr<int64_t>(), s.data_ptr<int64_t>() + B);
+  for (int64_t v : out) TORCH_CHECK(v >= 0, "starts must be >= 0");
+  return out;
+}
+
 at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, int64_t start_pos,
-                            const c10::optional<at::Tensor>& attendable) {
+                            const c10::optional<at::Tensor>& attendable, const c10::optional<at::Tensor>& starts) {
   check_cpu(q_, "q"); check_cpu(k_, "k"); check_cpu(v_, "v");
   TORCH_CHECK(q_.dim() == 4 && k_.dim() == 4 && v_.dim() == 4, "q, k, v must be [B, H, T, D], [B, Hkv, S, D]");
   TORCH_CHECK(q_.scalar_type() == at::kFloat && k_.scalar_type() == at::kFloat && v_.scalar_type() == at::kFloat,
@@ -688,7 +698,7 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tenso
   TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == S && k.size(3) == D &&
                   v.size(3) == D, "k and v must be [B, Hkv, S, D] matching q [B, H, T, D]");
   TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, "H must be a multiple of Hkv");
-  TORCH_CHECK(start_pos >= 0, "start_pos must be >= 0");
+  const std::vector<int64_t> first = row_starts(B, start_pos, starts);
   const bool* att = nullptr;
   int64_t att_stride = 0;
   at::Tensor a;
@@ -705,7 +715,7 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tenso
   const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)};
   const int64_t vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
   impl().attention(q.data_ptr<float>(), qs, k.data_ptr<float>(), ks, v.data_ptr<float>(), vs, att, att_stride, B, H,
-                   T, D, Hkv, S, start_pos, out.data_ptr<float>());
+                   T, D, Hkv, S, first.data(), out.data_ptr<float>());
   return out;
 }
 
@@ -746,7 +756,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_q4_1", [](const at::Tensor& x, const at::Tensor& w) { return linear_q(Q4_1, x, w); },
         "x float32 [R, K] @ Q4_1 blocks uint8 [N, K/32*20]^T -> [R, N]", py::arg("x"), py::arg("w_blocks"), nogil);
   m.def("attention", &attention, "few-query causal attention, q [B,H,T,D], k/v [B,Hkv,S,D] -> [B,H,T,D]",
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("start_pos"), py::arg("attendable") = py::none(), nogil);
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("start_pos"), py::arg("attendable") = py::none(),
+        py::arg("starts") = py::none(), nogil);
   m.def("isa", &isa, "the instruction-set path in use: avx512, avx2 or scalar");
   m.def("available_isas", &available_isas, "the paths this CPU can run, best last");
   m.def("set_isa", &set_isa, "force a path (error if this CPU lacks it)", py::arg("name"));
@@ -1108,7 +1119,7 @@ static void attend_one(const float* q, const float* k, int64_t ks, const float* 
 
 void attention_impl(const float* q, const int64_t* qs, const float* k, const int64_t* ks, const float* v,
                     const int64_t* vs, const bool* att, int64_t att_stride, int64_t B, int64_t H, int64_t T, int64_t D,
-                    int64_t Hkv, int64_t S, int64_t start_pos, float* out) {
+                    int64_t Hkv, int64_t S, const int64_t* starts, float* out) {
   const float scale = 1.f / std::sqrt(float(D));
   const int64_t group = H / Hkv;
   at::parallel_for(0, B * H * T, 1, [&](int64_t i0, int64_t i1) {
@@ -1117,7 +1128,7 @@ void attention_impl(const float* q, const int64_t* qs, const float* k, const int
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (H * T), h = i / T % H, t = i % T, hk = h / group;
       attend_one(q + b * qs[0] + h * qs[1] + t * qs[2], k + b * ks[0] + hk * ks[1], ks[2],
-                 v + b * vs[0] + hk * vs[1], vs[2], att ? att + b * att_stride : nullptr, start_pos + t, S, D, scale,
+                 v + b * vs[0] + hk * vs[1], vs[2], att ? att + b * att_stride : nullptr, starts[b] + t, S, D, scale,
                  sc, keys, out + i * D);
     }
   });

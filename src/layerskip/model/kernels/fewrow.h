@@ -15,7 +15,10 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w);
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w);
 at::Tensor linear_q(int fmt, const at::Tensor& x, const at::Tensor& w);
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t start_pos,
-                     const c10::optional<at::Tensor>& attendable);
+                     const c10::optional<at::Tensor>& attendable, const c10::optional<at::Tensor>& starts);
+
+// Each batch row's first position: `starts` (int64 [B]) when given, else start_pos for every row.
+std::vector<int64_t> row_starts(int64_t B, int64_t start_pos, const c10::optional<at::Tensor>& starts);
 
 // One weight matrix as the Python side prepared it (model/kernels/linear.py: NativeLinear).
 struct PreparedWeight {
@@ -34,13 +37,14 @@ struct LayerStack {
   std::vector<LayerWeights> layers;
 };
 
-// Layers [start_layer, end_layer) over hidden [B, T, H] at positions [start_pos, start_pos + T), writing their
-// keys and values into the cache ([L, B, Hkv, capacity, D], or none); model/transformer.py's graph.
+// Layers [start_layer, end_layer) over hidden [B, T, H] at positions [start_pos, start_pos + T) (with `starts`:
+// row b at [starts[b], starts[b] + T), and cos/sin [B, T, D] for its rows), writing their keys and values into
+// the cache ([L, B, Hkv, capacity, D], or none); model/transformer.py's graph.
 at::Tensor forward_layers(const at::Tensor& hidden, const LayerStack& stack, int64_t start_layer, int64_t end_layer,
                           int64_t start_pos, const c10::optional<at::Tensor>& keys,
                           const c10::optional<at::Tensor>& values, const c10::optional<at::Tensor>& attendable,
                           const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads, int64_t num_kv_heads,
-                          int64_t head_dim, double eps);
+                          int64_t head_dim, double eps, const c10::optional<at::Tensor>& starts);
 
 // The Python bindings of layers.cpp, called from fewrow.cpp's module definition.
 void bind_layers(pybind11::module& m);

@@ -11,6 +11,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -47,13 +48,14 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 }
 
 // Rotate the first `heads` head slices of each row in place (rotate-half layout, as HF Llama): row r is
-// position t = r % T of its batch row; cos/sin are [T, D] with both halves equal.
-void rope(float* rows, int64_t stride, int64_t count, int64_t T, int64_t heads, int64_t D, const float* cos,
+// position t = r % T of its batch row; cos/sin are [T, D] (shared by the batch rows, `period` T) or [B * T, D]
+// (one row each, `period` B * T), with both halves equal.
+void rope(float* rows, int64_t stride, int64_t count, int64_t period, int64_t heads, int64_t D, const float* cos,
           const float* sin) {
   const int64_t half = D / 2;
   for (int64_t r = 0; r < count; ++r) {
-    const float* c = cos + (r % T) * D;
-    const float* s = sin + (r % T) * D;
+    const float* c = cos + (r % period) * D;
+    const float* s = sin + (r % period) * D;
     for (int64_t h = 0; h < heads; ++h) {
       float* x = rows + r * stride + h * D;
       for (int64_t i = 0; i < half; ++i) {
@@ -71,41 +73,51 @@ at::Tensor forward_layers(const at::Tensor& hidden, const LayerStack& stack, int
                           int64_t start_pos, const c10::optional<at::Tensor>& keys,
                           const c10::optional<at::Tensor>& values, const c10::optional<at::Tensor>& attendable,
                           const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads, int64_t num_kv_heads,
-                          int64_t head_dim, double eps) {
+                          int64_t head_dim, double eps, const c10::optional<at::Tensor>& starts) {
   const std::vector<LayerWeights>& layers = stack.layers;
   TORCH_CHECK(hidden.dim() == 3 && hidden.scalar_type() == at::kFloat, "hidden must be float32 [B, T, H]");
   TORCH_CHECK(0 <= start_layer && start_layer <= end_layer && end_layer <= int64_t(layers.size()), "bad layer range");
   const int64_t B = hidden.size(0), T = hidden.size(1), width = hidden.size(2);
   const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim, qkv_width = q_size + 2 * kv_size;
   const bool cached = keys.has_value() && keys->defined();
+  const std::vector<int64_t> first = row_starts(B, start_pos, starts);  // each batch row's first position
+  const int64_t end = *std::max_element(first.begin(), first.end()) + T;
+  const bool per_row = starts.has_value() && starts->defined();
+  TORCH_CHECK(cached || !per_row, "per-row starts need a cache");
   if (cached) {
     TORCH_CHECK(keys->dim() == 5 && keys->scalar_type() == at::kFloat && keys->is_contiguous() &&
-                    values->is_contiguous() && keys->size(1) == B && keys->size(3) >= start_pos + T,
+                    values->is_contiguous() && keys->size(1) == B && keys->size(3) >= end,
                 "keys/values must be contiguous float32 [L, B, Hkv, capacity, D] with room for the pass");
   }
   const at::Tensor cos_c = cos.contiguous(), sin_c = sin.contiguous();
+  const int64_t period = cos_c.numel() / head_dim;  // T (shared by the batch rows) or B * T (per row)
+  TORCH_CHECK(period == T || period == B * T, "cos/sin must be [T, D] or [B, T, D]");
   at::Tensor x = hidden.reshape({B * T, width}).contiguous().clone();
   for (int64_t l = start_layer; l < end_layer; ++l) {
     const LayerWeights& layer = layers[l];
     at::Tensor qkv = apply(layer.qkv, rms_norm(x, layer.input_norm, eps));  // [B*T, q + 2 kv]
     float* rows = qkv.data_ptr<float>();
-    rope(rows, qkv_width, B * T, T, num_heads, head_dim, cos_c.data_ptr<float>(), sin_c.data_ptr<float>());
-    rope(rows + q_size, qkv_width, B * T, T, num_kv_heads, head_dim, cos_c.data_ptr<float>(), sin_c.data_ptr<float>());
+    rope(rows, qkv_width, B * T, period, num_heads, head_dim, cos_c.data_ptr<float>(), sin_c.data_ptr<float>());
+    rope(rows + q_size, qkv_width, B * T, period, num_kv_heads, head_dim, cos_c.data_ptr<float>(),
+         sin_c.data_ptr<float>());
     // q as [B, H, T, D], this pass's k/v as [B, Hkv, T, D]: strided views of the qkv rows.
     const at::Tensor q = qkv.as_strided({B, num_heads, T, head_dim}, {T * qkv_width, head_dim, qkv_width, 1});
     at::Tensor k = qkv.as_strided({B, num_kv_heads, T, head_dim}, {T * qkv_width, head_dim, qkv_width, 1}, q_size);
     at::Tensor v = qkv.as_strided({B, num_kv_heads, T, head_dim}, {T * qkv_width, head_dim, qkv_width, 1},
                                   q_size + kv_size);
-    int64_t first = 0;  // the position of key 0
+    at::Tensor query_starts;  // without a cache, the pass's own keys: query t sees keys [0, t]
     if (cached) {
       at::Tensor layer_keys = keys->select(0, l), layer_values = values->select(0, l);
-      layer_keys.narrow(2, start_pos, T).copy_(k);
-      layer_values.narrow(2, start_pos, T).copy_(v);
-      k = layer_keys.narrow(2, 0, start_pos + T);
-      v = layer_values.narrow(2, 0, start_pos + T);
-      first = start_pos;
+      for (int64_t b = 0; b < B; ++b) {
+        layer_keys.select(0, b).narrow(1, first[b], T).copy_(k.select(0, b));
+        layer_values.select(0, b).narrow(1, first[b], T).copy_(v.select(0, b));
+      }
+      k = layer_keys.narrow(2, 0, end);
+      v = layer_values.narrow(2, 0, end);
+      query_starts = at::tensor(first, at::kLong);
     }
-    const at::Tensor attended = attention(q, k, v, first, cached ? attendable : c10::nullopt);  // [B, H, T, D]
+    const at::Tensor attended = attention(q, k, v, 0, cached ? attendable : c10::nullopt,
+                                          cached ? c10::optional<at::Tensor>(query_starts) : c10::nullopt);
     x.add_(apply(layer.o, attended.permute({0, 2, 1, 3}).reshape({B * T, q_size})));
     at::Tensor gate_up = apply(layer.gate_up, rms_norm(x, layer.post_norm, eps));  // [B*T, 2 I]
     const int64_t inner = gate_up.size(1) / 2;
@@ -143,7 +155,7 @@ void bind_layers(pybind11::module& m) {
         py::arg("hidden"), py::arg("stack"), py::arg("start_layer"), py::arg("end_layer"), py::arg("start_pos"),
         py::arg("keys"), py::arg("values"), py::arg("attendable"), py::arg("cos"), py::arg("sin"),
         py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("starts") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.attr("FORMATS") = py::dict(py::arg("float32") = int(kFloat32), py::arg("bfloat16") = int(kBFloat16),
                                py::arg("q8_0") = int(Q8_0), py::arg("q4_0") = int(Q4_0), py::arg("q4_1") = int(Q4_1));
 }
