@@ -17,7 +17,7 @@ from layerskip.training.self_generated import (cache_path, length_sorted_batches
                                                self_generated_documents)
 
 
-def test_left_padded_batch_replies_equal_single_prompt_decoding(tiny_checkpoint):
+def test_batch_replies_equal_single_prompt_decoding(tiny_checkpoint):
     folder, _ = tiny_checkpoint(max_position_embeddings=64)
     loaded = layerskip.load(str(folder))
     prompts = [[3, 14, 15], [92, 65, 35, 89, 79, 32, 38], [46], [26, 43, 38, 32, 79]]

@@ -54,28 +54,29 @@ CANDIDATES = 64  # sampling looks at each row's most likely tokens only: a full-
 @torch.inference_mode()
 def sample_replies(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, sampler: Sampler,
                    end_ids: frozenset[int]) -> list[list[int]]:
-    """One reply per prompt, each ending with its end token if it ended; prompts are left-padded.
+    """One reply per prompt, each ending with its end token if it ended. Every batch row sits at its own positions
+    in the cache (per-row start positions), so it decodes as its prompt would alone.
 
     Sampled replies draw from the warped distribution over each step's 64 most likely tokens (for training
     data the tail beyond them does not matter). Ended rows leave the batch once a quarter of it has ended.
     """
     device = model.inv_freq.device
-    length = max(len(prompt) for prompt in prompts)
-    cache = KVCache(model.config, min(length + max_new_tokens, model.config.max_position_embeddings),
+    lengths = torch.tensor([len(prompt) for prompt in prompts], device=device)
+    width = int(lengths.max())
+    cache = KVCache(model.config, min(width + max_new_tokens, model.config.max_position_embeddings),
                     batch_size=len(prompts), dtype=model.embed_tokens.weight.dtype, device=device)
-    padding = torch.tensor([length - len(prompt) for prompt in prompts], device=device)
-    if padding.any():  # without padding every position is attendable: no mask, the kernels of plain decoding
-        cache.attendable = torch.arange(cache.capacity, device=device)[None, :] >= padding[:, None]
     replies: list[list[int]] = [[] for _ in prompts]
     rows = list(range(len(prompts)))  # the prompt of each batch row, in cache order
     running = set(rows)
-    inputs = torch.tensor([[0] * (length - len(prompt)) + prompt for prompt in prompts], dtype=torch.long,
+    # The prompts' pass is padded at each row's end: a row's padding sits past its own positions, where its next
+    # tokens overwrite it before any query of that row can see it.
+    inputs = torch.tensor([prompt + [0] * (width - len(prompt)) for prompt in prompts], dtype=torch.long,
                           device=device)
-    position = 0
-    while running and position + inputs.shape[1] <= cache.capacity:
-        hidden = model.forward_layers(model.embed(inputs), 0, model.num_layers, position, cache)
-        position += inputs.shape[1]
-        logits = model.head(hidden[:, -1])
+    starts, taken = torch.zeros_like(lengths), lengths  # this pass's first position and real tokens, per row
+    while running and int(starts.max()) + inputs.shape[1] <= cache.capacity:
+        hidden = model.forward_layers(model.embed(inputs), 0, model.num_layers, starts, cache)
+        logits = model.head(hidden[torch.arange(len(rows), device=device), taken - 1])
+        starts, taken = starts + taken, torch.ones_like(taken)
         if sampler.sample:
             top = logits.topk(min(CANDIDATES, logits.shape[-1]), dim=-1)
             choice = torch.multinomial(sampler.warp(top.values), 1, generator=sampler.generator)
@@ -88,9 +89,10 @@ def sample_replies(model: Transformer, prompts: list[list[int]], *, max_new_toke
                 if token in end_ids or len(replies[row]) == max_new_tokens:
                     running.discard(row)
         if len(rows) - len(running) >= max(1, len(rows) // 4):  # drop ended rows from the batch and its cache
-            kept = [slot for slot, row in enumerate(rows) if row in running]
-            cache.keep_rows(torch.tensor(kept, dtype=torch.long, device=device))
-            rows, tokens = [rows[slot] for slot in kept], tokens[kept]
+            kept = torch.tensor([slot for slot, row in enumerate(rows) if row in running], dtype=torch.long,
+                                device=device)
+            cache.keep_rows(kept)
+            rows, tokens, starts, taken = [rows[slot] for slot in kept.tolist()], tokens[kept], starts[kept], taken[kept]
         inputs = tokens[:, None]
     return replies
 
