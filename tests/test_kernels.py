@@ -254,6 +254,9 @@ def test_per_row_start_positions_equal_each_row_alone(ext):
     end = int(starts.max()) + 3
     for _ in every_isa(ext):
         together = ext.attention(q, cache_k[:, :, :end], cache_v[:, :, :end], 0, attendable, starts)
+        swapped = ext.attention(q.flip(0), cache_k[:, :, :end], cache_v[:, :, :end], 0, attendable, starts.flip(0),
+                                torch.tensor([1, 0]))  # batch row b reads cache row rows[b]
+        assert torch.equal(swapped, together.flip(0))
         for row, start in enumerate(starts.tolist()):
             rows = slice(row, row + 1)
             alone = ext.attention(q[rows], cache_k[rows, :, :start + 3], cache_v[rows, :, :start + 3], start,

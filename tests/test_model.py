@@ -70,7 +70,8 @@ def test_cached_incremental_decoding_equals_one_full_pass(tiny_checkpoint):
 def test_batch_rows_at_their_own_positions_decode_as_each_row_alone(tiny_checkpoint, path):
     """Per-row start positions (a tensor [B]): each batch row writes its keys and values at its own slots and attends
     only to its own past, so a batch of sequences of different lengths decodes as each alone; bit-identically
-    through the row-invariant native kernels. A row's pass is padded at its end, past its own positions."""
+    through the row-invariant native kernels. A row's pass is padded at its end, past its own positions. The second
+    pass covers some of the cache's sequences, in another order (`rows`)."""
     if path == "native" and native.load_native() is None:
         pytest.skip("the native kernels do not build here")
     folder, _ = tiny_checkpoint()
@@ -93,13 +94,13 @@ def test_batch_rows_at_their_own_positions_decode_as_each_row_alone(tiny_checkpo
         model(torch.tensor([prompt + [0] * (width - len(prompt)) for prompt in prompts]), start_pos=torch.zeros(3,
               dtype=torch.long), cache=cache)
         starts = torch.tensor([len(prompt) for prompt in prompts])
-        for index, step in enumerate(steps):
-            width = max(map(len, step))
-            logits = model(torch.tensor([tokens + [0] * (width - len(tokens)) for tokens in step]), start_pos=starts,
-                           cache=cache)
-            for row, tokens in enumerate(step):
+        for index, (step, rows) in enumerate(zip(steps, ([0, 1, 2], [2, 0]))):
+            width = max(len(step[row]) for row in rows)
+            logits = model(torch.tensor([step[row] + [0] * (width - len(step[row])) for row in rows]),
+                           start_pos=starts[rows], cache=cache, rows=torch.tensor(rows))
+            for batch_row, row in enumerate(rows):
                 expected = alone[row][index]
-                got = logits[row, :len(tokens)]
+                got = logits[batch_row, :len(step[row])]
                 assert torch.equal(got, expected) if path == "native" else torch.allclose(got, expected, atol=1e-5)
             starts = starts + torch.tensor([len(tokens) for tokens in step])
 

@@ -36,21 +36,25 @@ class KVCache:
         self.keys[:, :, :, target] = self.keys[:, :, :, source]
         self.values[:, :, :, target] = self.values[:, :, :, source]
 
-    def update(self, layer: int, start: int | torch.Tensor, keys: torch.Tensor,
-               values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write positions [start, start + T) of one layer (with a tensor [B], each batch row's own); return that
-        layer's keys and values for [0, end), the end of the furthest row."""
+    def update(self, layer: int, start: int | torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write positions [start, start + T) of one layer (with a tensor [B], each batch row's own; with `rows`,
+        batch row b into cache row rows[b]); return those rows' keys and values for [0, end), the end of the
+        furthest row."""
         length = keys.shape[2]
-        if isinstance(start, torch.Tensor):
-            firsts = start.tolist()
-            for row, first in enumerate(firsts):
-                self.keys[layer, row, :, first:first + length] = keys[row]
-                self.values[layer, row, :, first:first + length] = values[row]
+        if isinstance(start, torch.Tensor) or rows is not None:
+            firsts = start.tolist() if isinstance(start, torch.Tensor) else [start] * keys.shape[0]
+            targets = rows.tolist() if rows is not None else range(len(firsts))
+            for batch_row, (row, first) in enumerate(zip(targets, firsts)):
+                self.keys[layer, row, :, first:first + length] = keys[batch_row]
+                self.values[layer, row, :, first:first + length] = values[batch_row]
             end = max(firsts) + length
         else:
             end = start + length
             self.keys[layer, :, :, start:end] = keys
             self.values[layer, :, :, start:end] = values
+        if rows is not None:
+            return self.keys[layer, rows, :, :end], self.values[layer, rows, :, :end]
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 

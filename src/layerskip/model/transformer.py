@@ -47,9 +47,9 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
 # of linears that read one input (fused into one matrix there), and holds their prepared matrices by name.
 # A module without prepared weights, and every pass under autograd (training), uses the nn.Linear weights.
 LinearGroups = dict[str, tuple[nn.Linear, ...]]
-# (hidden, start_layer, end_layer, start_pos, cache, cos, sin) -> hidden, as forward_layers.
-FusedLayers = Callable[[torch.Tensor, int, int, int | torch.Tensor, KVCache | None, torch.Tensor, torch.Tensor],
-                       torch.Tensor]
+# (hidden, start_layer, end_layer, start_pos, cache, cos, sin, rows) -> hidden, as forward_layers.
+FusedLayers = Callable[[torch.Tensor, int, int, int | torch.Tensor, KVCache | None, torch.Tensor, torch.Tensor,
+                        torch.Tensor | None], torch.Tensor]
 
 
 def run_prepared(prepared: PreparedLinear | None, x: torch.Tensor) -> torch.Tensor | None:
@@ -79,7 +79,7 @@ class Attention(nn.Module):
         return {"qkv": (self.q_proj, self.k_proj, self.v_proj), "o": (self.o_proj,)}
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor,
-                cache: KVCache | None) -> torch.Tensor:
+                cache: KVCache | None, rows: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, _ = x.shape
         if cos.dim() == 3:  # one row of positions per batch row: [B, T, D] -> [B, 1, T, D] over the heads
             cos, sin = cos[:, None], sin[:, None]
@@ -95,7 +95,7 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
-            k, v = cache.update(self.layer_index, start_pos, k, v)
+            k, v = cache.update(self.layer_index, start_pos, k, v, rows)
         # Grouped-query attention without copying K/V: the query heads that share a KV head are
         # folded into the query-length axis, so one attention call per KV head serves the group.
         group = self.num_heads // self.num_kv_heads
@@ -109,7 +109,7 @@ class Attention(nn.Module):
             query_pos = torch.arange(start_pos, start_pos + length, device=x.device).repeat(group)[:, None]
             mask = key_pos <= query_pos
         if cache is not None and cache.attendable is not None:
-            attendable = cache.attendable[:, None, None, :k.shape[2]]
+            attendable = (cache.attendable if rows is None else cache.attendable[rows])[:, None, None, :k.shape[2]]
             if mask is None:
                 mask = attendable
             else:  # a padding query still sees itself, so its (unused) output is finite, not NaN
@@ -163,8 +163,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor,
-                cache: KVCache | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, cache)
+                cache: KVCache | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, cache, rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -229,11 +229,12 @@ class Transformer(nn.Module):
 
     def forward_layers(self, hidden: torch.Tensor, start_layer: int, end_layer: int,
                        start_pos: int | torch.Tensor = 0, cache: KVCache | None = None,
-                       positions: list[int] | None = None) -> torch.Tensor:
+                       positions: list[int] | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Run layers [start_layer, end_layer) over cache slots [start_pos, start_pos + T), writing their KV.
 
         `start_pos` as an int64 tensor [B] puts each batch row at its own slots (a batch of sequences of different
-        lengths; needs `cache`). A row's position is its slot, unless `positions` gives each row's own (for RoPE):
+        lengths; needs `cache`), and `rows` [B] names each batch row's row of the cache (a pass over some of the
+        sequences a cache holds). A row's position is its slot, unless `positions` gives each row's own (for RoPE):
         tree drafts put the candidates for one position in consecutive slots, masked from each other through
         `cache.attendable`.
         """
@@ -246,9 +247,9 @@ class Transformer(nn.Module):
         else:
             cos, sin = self.rope_at(positions, hidden.dtype)
         if self.fused_layers is not None and not torch.is_grad_enabled():
-            return self.fused_layers(hidden, start_layer, end_layer, start_pos, cache, cos, sin)
+            return self.fused_layers(hidden, start_layer, end_layer, start_pos, cache, cos, sin, rows)
         for layer in self.layers[start_layer:end_layer]:
-            hidden = layer(hidden, cos, sin, start_pos, cache)
+            hidden = layer(hidden, cos, sin, start_pos, cache, rows)
         return hidden
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -290,8 +291,8 @@ class Transformer(nn.Module):
         full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"), dtype=torch.float32)
         return full.index_copy_(-1, ids, logits.float())
 
-    def forward(self, token_ids: torch.Tensor, *, exit_layer: int | None = None, start_pos: int = 0,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, token_ids: torch.Tensor, *, exit_layer: int | None = None, start_pos: int | torch.Tensor = 0,
+                cache: KVCache | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for every position, exiting after `exit_layer` layers (all layers when None)."""
         end = self.num_layers if exit_layer is None else exit_layer
-        return self.head(self.forward_layers(self.embed(token_ids), 0, end, start_pos, cache))
+        return self.head(self.forward_layers(self.embed(token_ids), 0, end, start_pos, cache, rows=rows))

@@ -684,8 +684,23 @@ std::vector<int64_t> row_starts(int64_t B, int64_t start_pos, const c10::optiona
   return out;
 }
 
+std::vector<int64_t> cache_rows(int64_t B, int64_t cached, const c10::optional<at::Tensor>& rows) {
+  if (!rows.has_value() || !rows->defined()) {
+    TORCH_CHECK(cached == B, "without rows, the cache must have one row per batch row");
+    std::vector<int64_t> out(B);
+    for (int64_t b = 0; b < B; ++b) out[b] = b;
+    return out;
+  }
+  const at::Tensor r = rows->to(at::kLong).contiguous();
+  TORCH_CHECK(r.dim() == 1 && r.size(0) == B && r.device().is_cpu(), "rows must be int64 [B] on the CPU");
+  std::vector<int64_t> out(r.data_ptr<int64_t>(), r.data_ptr<int64_t>() + B);
+  for (int64_t v : out) TORCH_CHECK(0 <= v && v < cached, "rows must index the cache's rows");
+  return out;
+}
+
 at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, int64_t start_pos,
-                            const c10::optional<at::Tensor>& attendable, const c10::optional<at::Tensor>& starts) {
+                            const c10::optional<at::Tensor>& attendable, const c10::optional<at::Tensor>& starts,
+                            const c10::optional<at::Tensor>& rows) {
   check_cpu(q_, "q"); check_cpu(k_, "k"); check_cpu(v_, "v");
   TORCH_CHECK(q_.dim() == 4 && k_.dim() == 4 && v_.dim() == 4, "q, k, v must be [B, H, T, D], [B, Hkv, S, D]");
   TORCH_CHECK(q_.scalar_type() == at::kFloat && k_.scalar_type() == at::kFloat && v_.scalar_type() == at::kFloat,
@@ -695,18 +710,20 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tenso
   const at::Tensor k = k_.stride(3) == 1 ? k_ : k_.contiguous();
   const at::Tensor v = v_.stride(3) == 1 ? v_ : v_.contiguous();
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
-  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == S && k.size(3) == D &&
-                  v.size(3) == D, "k and v must be [B, Hkv, S, D] matching q [B, H, T, D]");
+  const int64_t Bc = k.size(0);  // the cache's rows: q's row b reads k/v row rows[b]
+  TORCH_CHECK(v.size(0) == Bc && v.size(1) == Hkv && v.size(2) == S && k.size(3) == D && v.size(3) == D,
+              "k and v must be [Bc, Hkv, S, D] matching q [B, H, T, D]");
   TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, "H must be a multiple of Hkv");
   const std::vector<int64_t> first = row_starts(B, start_pos, starts);
+  const std::vector<int64_t> kv_rows = cache_rows(B, Bc, rows);
   const bool* att = nullptr;
   int64_t att_stride = 0;
   at::Tensor a;
   if (attendable.has_value() && attendable->defined()) {
     a = attendable->contiguous();
     check_cpu(a, "attendable");
-    TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kBool && a.size(0) == B && a.size(1) >= S,
-                "attendable must be bool [B, S'] with S' >= S");
+    TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kBool && a.size(0) == Bc && a.size(1) >= S,
+                "attendable must be bool [Bc, S'] with S' >= S");
     att = a.data_ptr<bool>();
     att_stride = a.size(1);
   }
@@ -715,7 +732,7 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tenso
   const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)};
   const int64_t vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
   impl().attention(q.data_ptr<float>(), qs, k.data_ptr<float>(), ks, v.data_ptr<float>(), vs, att, att_stride, B, H,
-                   T, D, Hkv, S, first.data(), out.data_ptr<float>());
+                   T, D, Hkv, S, first.data(), kv_rows.data(), out.data_ptr<float>());
   return out;
 }
 
@@ -757,7 +774,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x float32 [R, K] @ Q4_1 blocks uint8 [N, K/32*20]^T -> [R, N]", py::arg("x"), py::arg("w_blocks"), nogil);
   m.def("attention", &attention, "few-query causal attention, q [B,H,T,D], k/v [B,Hkv,S,D] -> [B,H,T,D]",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("start_pos"), py::arg("attendable") = py::none(),
-        py::arg("starts") = py::none(), nogil);
+        py::arg("starts") = py::none(), py::arg("rows") = py::none(), nogil);
   m.def("isa", &isa, "the instruction-set path in use: avx512, avx2 or scalar");
   m.def("available_isas", &available_isas, "the paths this CPU can run, best last");
   m.def("set_isa", &set_isa, "force a path (error if this CPU lacks it)", py::arg("name"));
@@ -1119,7 +1136,7 @@ static void attend_one(const float* q, const float* k, int64_t ks, const float* 
 
 void attention_impl(const float* q, const int64_t* qs, const float* k, const int64_t* ks, const float* v,
                     const int64_t* vs, const bool* att, int64_t att_stride, int64_t B, int64_t H, int64_t T, int64_t D,
-                    int64_t Hkv, int64_t S, const int64_t* starts, float* out) {
+                    int64_t Hkv, int64_t S, const int64_t* starts, const int64_t* rows, float* out) {
   const float scale = 1.f / std::sqrt(float(D));
   const int64_t group = H / Hkv;
   at::parallel_for(0, B * H * T, 1, [&](int64_t i0, int64_t i1) {
@@ -1127,8 +1144,9 @@ void attention_impl(const float* q, const int64_t* qs, const float* k, const int
     std::vector<int64_t> keys;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (H * T), h = i / T % H, t = i % T, hk = h / group;
-      attend_one(q + b * qs[0] + h * qs[1] + t * qs[2], k + b * ks[0] + hk * ks[1], ks[2],
-                 v + b * vs[0] + hk * vs[1], vs[2], att ? att + b * att_stride : nullptr, starts[b] + t, S, D, scale,
+      const int64_t c = rows[b];  // its cache row
+      attend_one(q + b * qs[0] + h * qs[1] + t * qs[2], k + c * ks[0] + hk * ks[1], ks[2],
+                 v + c * vs[0] + hk * vs[1], vs[2], att ? att + c * att_stride : nullptr, starts[b] + t, S, D, scale,
                  sc, keys, out + i * D);
     }
   });

@@ -15,10 +15,14 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w);
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w);
 at::Tensor linear_q(int fmt, const at::Tensor& x, const at::Tensor& w);
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t start_pos,
-                     const c10::optional<at::Tensor>& attendable, const c10::optional<at::Tensor>& starts);
+                     const c10::optional<at::Tensor>& attendable, const c10::optional<at::Tensor>& starts,
+                     const c10::optional<at::Tensor>& rows);
 
 // Each batch row's first position: `starts` (int64 [B]) when given, else start_pos for every row.
 std::vector<int64_t> row_starts(int64_t B, int64_t start_pos, const c10::optional<at::Tensor>& starts);
+
+// Each batch row's row of a cache with `cached` rows: `rows` (int64 [B]) when given, else row b itself.
+std::vector<int64_t> cache_rows(int64_t B, int64_t cached, const c10::optional<at::Tensor>& rows);
 
 // One weight matrix as the Python side prepared it (model/kernels/linear.py: NativeLinear).
 struct PreparedWeight {
@@ -39,12 +43,14 @@ struct LayerStack {
 
 // Layers [start_layer, end_layer) over hidden [B, T, H] at positions [start_pos, start_pos + T) (with `starts`:
 // row b at [starts[b], starts[b] + T), and cos/sin [B, T, D] for its rows), writing their keys and values into
-// the cache ([L, B, Hkv, capacity, D], or none); model/transformer.py's graph.
+// the cache ([L, Bc, Hkv, capacity, D], or none; row b into cache row rows[b], or b without `rows`);
+// model/transformer.py's graph.
 at::Tensor forward_layers(const at::Tensor& hidden, const LayerStack& stack, int64_t start_layer, int64_t end_layer,
                           int64_t start_pos, const c10::optional<at::Tensor>& keys,
                           const c10::optional<at::Tensor>& values, const c10::optional<at::Tensor>& attendable,
                           const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads, int64_t num_kv_heads,
-                          int64_t head_dim, double eps, const c10::optional<at::Tensor>& starts);
+                          int64_t head_dim, double eps, const c10::optional<at::Tensor>& starts,
+                          const c10::optional<at::Tensor>& rows);
 
 // The Python bindings of layers.cpp, called from fewrow.cpp's module definition.
 void bind_layers(pybind11::module& m);

@@ -73,7 +73,8 @@ at::Tensor forward_layers(const at::Tensor& hidden, const LayerStack& stack, int
                           int64_t start_pos, const c10::optional<at::Tensor>& keys,
                           const c10::optional<at::Tensor>& values, const c10::optional<at::Tensor>& attendable,
                           const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads, int64_t num_kv_heads,
-                          int64_t head_dim, double eps, const c10::optional<at::Tensor>& starts) {
+                          int64_t head_dim, double eps, const c10::optional<at::Tensor>& starts,
+                          const c10::optional<at::Tensor>& row_ids) {
   const std::vector<LayerWeights>& layers = stack.layers;
   TORCH_CHECK(hidden.dim() == 3 && hidden.scalar_type() == at::kFloat, "hidden must be float32 [B, T, H]");
   TORCH_CHECK(0 <= start_layer && start_layer <= end_layer && end_layer <= int64_t(layers.size()), "bad layer range");
@@ -83,11 +84,14 @@ at::Tensor forward_layers(const at::Tensor& hidden, const LayerStack& stack, int
   const std::vector<int64_t> first = row_starts(B, start_pos, starts);  // each batch row's first position
   const int64_t end = *std::max_element(first.begin(), first.end()) + T;
   const bool per_row = starts.has_value() && starts->defined();
-  TORCH_CHECK(cached || !per_row, "per-row starts need a cache");
+  const bool mapped = row_ids.has_value() && row_ids->defined();
+  TORCH_CHECK(cached || !(per_row || mapped), "per-row starts and rows need a cache");
+  std::vector<int64_t> kv_rows;
   if (cached) {
     TORCH_CHECK(keys->dim() == 5 && keys->scalar_type() == at::kFloat && keys->is_contiguous() &&
-                    values->is_contiguous() && keys->size(1) == B && keys->size(3) >= end,
-                "keys/values must be contiguous float32 [L, B, Hkv, capacity, D] with room for the pass");
+                    values->is_contiguous() && keys->size(3) >= end,
+                "keys/values must be contiguous float32 [L, Bc, Hkv, capacity, D] with room for the pass");
+    kv_rows = cache_rows(B, keys->size(1), row_ids);
   }
   const at::Tensor cos_c = cos.contiguous(), sin_c = sin.contiguous();
   const int64_t period = cos_c.numel() / head_dim;  // T (shared by the batch rows) or B * T (per row)
@@ -109,15 +113,16 @@ at::Tensor forward_layers(const at::Tensor& hidden, const LayerStack& stack, int
     if (cached) {
       at::Tensor layer_keys = keys->select(0, l), layer_values = values->select(0, l);
       for (int64_t b = 0; b < B; ++b) {
-        layer_keys.select(0, b).narrow(1, first[b], T).copy_(k.select(0, b));
-        layer_values.select(0, b).narrow(1, first[b], T).copy_(v.select(0, b));
+        layer_keys.select(0, kv_rows[b]).narrow(1, first[b], T).copy_(k.select(0, b));
+        layer_values.select(0, kv_rows[b]).narrow(1, first[b], T).copy_(v.select(0, b));
       }
       k = layer_keys.narrow(2, 0, end);
       v = layer_values.narrow(2, 0, end);
       query_starts = at::tensor(first, at::kLong);
     }
     const at::Tensor attended = attention(q, k, v, 0, cached ? attendable : c10::nullopt,
-                                          cached ? c10::optional<at::Tensor>(query_starts) : c10::nullopt);
+                                          cached ? c10::optional<at::Tensor>(query_starts) : c10::nullopt,
+                                          cached ? row_ids : c10::nullopt);
     x.add_(apply(layer.o, attended.permute({0, 2, 1, 3}).reshape({B * T, q_size})));
     at::Tensor gate_up = apply(layer.gate_up, rms_norm(x, layer.post_norm, eps));  // [B*T, 2 I]
     const int64_t inner = gate_up.size(1) / 2;
@@ -155,7 +160,7 @@ void bind_layers(pybind11::module& m) {
         py::arg("hidden"), py::arg("stack"), py::arg("start_layer"), py::arg("end_layer"), py::arg("start_pos"),
         py::arg("keys"), py::arg("values"), py::arg("attendable"), py::arg("cos"), py::arg("sin"),
         py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"),
-        py::arg("starts") = py::none(), py::call_guard<py::gil_scoped_release>());
+        py::arg("starts") = py::none(), py::arg("rows") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.attr("FORMATS") = py::dict(py::arg("float32") = int(kFloat32), py::arg("bfloat16") = int(kBFloat16),
                                py::arg("q8_0") = int(Q8_0), py::arg("q4_0") = int(Q4_0), py::arg("q4_1") = int(Q4_1));
 }

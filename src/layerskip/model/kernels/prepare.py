@@ -85,12 +85,13 @@ def fused_layers(extension, layers: list[DecoderLayer], config: ModelConfig) -> 
     shape = (config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.rms_norm_eps)
 
     def run(hidden: torch.Tensor, start_layer: int, end_layer: int, start_pos: int | torch.Tensor,
-            cache: KVCache | None, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+            cache: KVCache | None, cos: torch.Tensor, sin: torch.Tensor,
+            rows: torch.Tensor | None = None) -> torch.Tensor:
         keys, values, attendable = (cache.keys, cache.values, cache.attendable) if cache is not None \
             else (None, None, None)
         starts = start_pos if isinstance(start_pos, torch.Tensor) else None
         return extension.forward_layers(hidden, stack, start_layer, end_layer, 0 if starts is not None else start_pos,
-                                        keys, values, attendable, cos, sin, *shape, starts)
+                                        keys, values, attendable, cos, sin, *shape, starts, rows)
 
     return run
 
