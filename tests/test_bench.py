@@ -96,22 +96,17 @@ def test_sweep_writes_csv_rows_and_heatmap_and_resumes(default_model, tmp_path):
     assert len(rows) == 5
     run_sweep(default_model, SAMPLES[:2], GREEDY, [20, 26], [1, 2], tmp_path, make_engine=make_engine, arguments={})
     assert len(made) == 5 and len(list(csv.DictReader((tmp_path / "sweep.csv").open()))) == 5
-    # draft confidence as a third axis: only the new points run, each under its own name
-    run_sweep(default_model, SAMPLES[:2], GREEDY, [20], [2], tmp_path, make_engine=make_engine, arguments={},
-              confidences=[0.0, 0.9])
-    assert [config.draft_confidence for config in made[5:]] == [0.9]
-    table = list(csv.DictReader((tmp_path / "sweep.csv").open()))
-    assert [(r["exit_layer"], r["num_speculations"], float(r["draft_confidence"])) for r in table[-2:]] == \
-        [("26", "2", 0.0), ("20", "2", 0.9)]
-    assert (tmp_path / "points" / "E20_k2_c0.9").is_dir()
-    # and the candidates at the last draft position as a fourth
-    run_sweep(default_model, SAMPLES[:2], GREEDY, [20], [2], tmp_path, make_engine=make_engine, arguments={},
-              candidates=[1, 3])
-    assert [config.draft_candidates for config in made[6:]] == [3]
-    table = list(csv.DictReader((tmp_path / "sweep.csv").open()))
-    assert [(r["exit_layer"], r["num_speculations"], int(r["draft_candidates"])) for r in table[-2:]] == \
-        [("20", "2", 1), ("20", "2", 3)]
-    assert (tmp_path / "points" / "E20_k2_m3").is_dir()
+    # draft confidence as a third axis, then tree candidates as a fourth: only the new point runs, under its own name
+    for axis, column, convert, expected, folder in (
+            (dict(confidences=[0.0, 0.9]), "draft_confidence", float, [("26", "2", 0.0), ("20", "2", 0.9)], "E20_k2_c0.9"),
+            (dict(candidates=[1, 3]), "draft_candidates", int, [("20", "2", 1), ("20", "2", 3)], "E20_k2_m3")):
+        before = len(made)
+        run_sweep(default_model, SAMPLES[:2], GREEDY, [20], [2], tmp_path, make_engine=make_engine, arguments={},
+                  **axis)
+        assert len(made) == before + 1 and getattr(made[-1], column) == expected[-1][2]
+        table = list(csv.DictReader((tmp_path / "sweep.csv").open()))
+        assert [(r["exit_layer"], r["num_speculations"], convert(r[column])) for r in table[-2:]] == expected
+        assert (tmp_path / "points" / folder).is_dir()
 
 
 def test_sweep_best_point_is_stored_as_the_model_defaults(tmp_path):
