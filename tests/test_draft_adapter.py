@@ -11,8 +11,7 @@ import torch
 
 import layerskip
 from layerskip.errors import LayerSkipError
-from layerskip.generation import Sampler, SelfSpeculative
-from layerskip.generation.strategies import DecodeContext
+from layerskip.generation import BatchEngine, Sampler, SelfSpeculative, Streamer
 from layerskip.loading.draft_adapter import CONFIG_FILE, read_draft_adapter, save_draft_adapter
 from layerskip.model.draft_adapter import DraftAdapter, DraftAdapterConfig
 from conftest import assert_same_greedy_tokens
@@ -74,14 +73,17 @@ def test_each_rounds_first_draft_sees_only_verified_states(tiny, kind, context, 
     adapter = random_adapter(tiny.config, 4, kind, context, seed=1, scale=0.05).double()
     strategy = SelfSpeculative(4, speculations, draft_adapter=adapter, draft_candidates=candidates)
     firsts: list[tuple[int, int]] = []
-    tokens = list(PROMPTS[1])
-    ctx = DecodeContext(model=model, tokens=tokens, max_length=60, sampler=Sampler(sample=False),
-                        eos_token_ids=frozenset(), on_draft=lambda drafts: firsts.append((len(tokens), drafts[0])))
+
+    class FirstDrafts(Streamer):
+        def on_draft(self, drafts: list[int]) -> None:
+            firsts.append((len(sequence.ctx.tokens), drafts[0]))
+
+    engine = BatchEngine(model, slots=1, capacity=60)
     with torch.inference_mode():
-        rounds = strategy.rounds(ctx)
-        while len(tokens) < 50:
-            tokens.extend(next(rounds).tokens)
-        rounds.close()
+        sequence = engine.add(PROMPTS[1], strategy, Sampler(sample=False), max_new_tokens=41, streamer=FirstDrafts())
+        while not engine.step():
+            pass
+        tokens = sequence.ctx.tokens
         ids = torch.tensor([tokens])
         exits = model.forward_layers(model.embed(ids), 0, 4)
         finals = model.forward_layers(exits, 4, model.num_layers)

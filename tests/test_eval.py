@@ -132,10 +132,14 @@ def test_correctness_reports_a_planted_difference(tmp_path, monkeypatch, capsys)
     original = strategies.SelfSpeculative.rounds
 
     def corrupted(self, ctx):  # the third round commits a wrong token
-        for number, step in enumerate(original(self, ctx)):
-            if number == 2:
-                step.tokens[-1] = (step.tokens[-1] + 1) % ctx.model.config.vocab_size
-            yield step
+        steps, result, number = original(self, ctx), None, 0
+        while True:
+            item = steps.send(result)
+            if isinstance(item, strategies.Round):
+                if number == 2:
+                    item.tokens[-1] = (item.tokens[-1] + 1) % ctx.model.config.vocab_size
+                number += 1
+            result = yield item
 
     monkeypatch.setattr(strategies.SelfSpeculative, "rounds", corrupted)
     assert main(common) == 1

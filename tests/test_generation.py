@@ -9,7 +9,8 @@ import torch
 
 import layerskip
 from layerskip.errors import LayerSkipError
-from layerskip.generation import Autoregressive, GenerationConfig, Sampler, SelfSpeculative, Streamer, generate_ids
+from layerskip.generation import (Autoregressive, BatchEngine, GenerationConfig, Sampler, SelfSpeculative, Streamer,
+                                  generate_ids)
 from layerskip.generation.strategies import DecodeContext
 from layerskip.model import KVCache
 from conftest import assert_same_greedy_tokens
@@ -153,49 +154,50 @@ def test_early_exit_equals_argmax_of_exit_logits(tiny):
     assert_same_greedy_tokens(tiny, prompt, tokens[len(prompt):], result.token_ids, exit_layer=2)
 
 
-class RecordingContext(DecodeContext):
-    def kv_cache(self) -> KVCache:
-        self.cache = super().kv_cache()
-        return self.cache
+class RoundLog(Streamer):
+    def __init__(self) -> None:
+        self.rounds: list = []
 
-    def exit_buffer(self, capacity: int | None = None):
-        self.exits = super().exit_buffer(capacity)
-        return self.exits
+    def on_tokens(self, committed, step) -> None:
+        self.rounds.append(step)
 
 
-def assert_caches_hold_only_committed_tokens(model, ctx: RecordingContext, tokens: list[int], exit_layer: int) -> None:
+def assert_caches_hold_only_committed_tokens(model, cache: KVCache, exits, tokens: list[int], exit_layer: int) -> None:
     """Positions [0, len - 1) are final (the newest token is not yet in any cache): their keys, values and exit
     states equal those of the committed tokens run alone."""
     final = len(tokens) - 1
     reference = KVCache(model.config, 64)
     ids = torch.tensor([tokens[:final]])
     model(ids, cache=reference)
-    assert torch.allclose(ctx.cache.keys[:, :, :, :final], reference.keys[:, :, :, :final], atol=1e-5)
-    assert torch.allclose(ctx.cache.values[:, :, :, :final], reference.values[:, :, :, :final], atol=1e-5)
-    assert torch.allclose(ctx.exits.read(0, final), model.forward_layers(model.embed(ids), 0, exit_layer), atol=1e-5)
+    assert torch.allclose(cache.keys[:, :, :, :final], reference.keys[:, :, :, :final], atol=1e-5)
+    assert torch.allclose(cache.values[:, :, :, :final], reference.values[:, :, :, :final], atol=1e-5)
+    assert torch.allclose(exits.read(0, final), model.forward_layers(model.embed(ids), 0, exit_layer), atol=1e-5)
 
 
 @pytest.mark.parametrize("prompt, exit_layer, speculations, candidates",
                          [(TINY_PROMPTS[1], 1, 4, 1), (TINY_PROMPTS[2], 3, 1, 4)], ids=["chain", "tree"])
-def test_caches_after_every_round_hold_only_the_accepted_tokens(tiny, prompt, exit_layer, speculations, candidates):
+def test_caches_after_every_round_hold_only_the_accepted_tokens(tiny, monkeypatch, prompt, exit_layer, speculations,
+                                                                 candidates):
     """Rejected drafts leave nothing behind; an accepted tree alternative's keys, values and exit state move to its
     position's slot, and its siblings' mask is lifted."""
     model = tiny.model
-    tokens = list(prompt)
-    ctx = RecordingContext(model=model, tokens=tokens, max_length=64, sampler=Sampler(sample=False),
-                           eos_token_ids=frozenset())
+    buffers = []
+    original = DecodeContext.exit_buffer
+    monkeypatch.setattr(DecodeContext, "exit_buffer", lambda self, capacity=None: buffers.append(
+        original(self, capacity)) or buffers[-1])
+    engine, log = BatchEngine(model, slots=1, capacity=64), RoundLog()
     rejected = taken = 0
     with torch.inference_mode():
-        rounds = SelfSpeculative(exit_layer, speculations, draft_candidates=candidates).rounds(ctx)
+        sequence = engine.add(prompt, SelfSpeculative(exit_layer, speculations, draft_candidates=candidates),
+                              Sampler(sample=False), max_new_tokens=60, streamer=log)
         for _ in range(12):
-            step = next(rounds)
-            tokens.extend(step.tokens)
+            engine.step()
+            step = log.rounds[-1]
             rejected += step.accepted_drafts < len(step.drafted)
             taken += bool(step.drafted) and step.accepted_drafts == len(step.drafted) and \
                 step.tokens[len(step.drafted) - 1] != step.drafted[-1]
-            assert_caches_hold_only_committed_tokens(model, ctx, tokens, exit_layer)
-            assert ctx.cache.attendable is None or bool(ctx.cache.attendable.all())
-        rounds.close()
+            assert_caches_hold_only_committed_tokens(model, engine.cache, buffers[0], sequence.ctx.tokens, exit_layer)
+            assert engine.cache.attendable is None or bool(engine.cache.attendable.all())
     assert rejected >= 3 and (taken >= 2 or candidates == 1)
 
 
@@ -355,3 +357,74 @@ def test_the_shipped_draft_adapter_drafts_and_keeps_greedy_output(default_model,
         assert_same_case_output(default_model, case, references[case], result)
         accepted, drafted = accepted + result.stats.accepted_drafts, drafted + result.stats.drafted_tokens
     assert accepted > 0.3 * drafted  # drafts through it are accepted far more often than the plain exit's
+
+
+# ---------------------------------------------------------------- batches: every row as it would decode alone
+
+def decode_in_batch(loaded, prompts: list[list[int]], strategies_and_samplers, *, slots: int,
+                    max_new_tokens: list[int]) -> list[list[int]]:
+    """Each prompt's new tokens through one engine of `slots` slots; prompts beyond the first `slots` join as slots
+    free up, between steps, while the others are mid-way."""
+    engine = BatchEngine(loaded.model, slots=slots, capacity=max(map(len, prompts)) + max(max_new_tokens))
+    queue = list(range(len(prompts)))
+    started = {}
+    with torch.inference_mode():
+        while queue or engine.running:
+            while queue and engine.free:
+                index = queue.pop(0)
+                strategy, sampler = strategies_and_samplers(index)
+                started[index] = engine.add(prompts[index], strategy, sampler, max_new_tokens=max_new_tokens[index],
+                                            eos_token_ids=loaded.eos_token_ids)
+            engine.step()
+    return [started[index].new_tokens for index in range(len(prompts))]
+
+
+BATCH_PROMPTS = [[3, 14, 15, 92, 65], [2, 71, 82], [9], [60, 61, 62, 63, 64, 65, 66, 67], [5, 5, 5, 5], [33, 44]]
+
+
+@pytest.mark.parametrize("strategy", [Autoregressive(), Autoregressive(exit_layer=2), SelfSpeculative(2, 3),
+                                      SelfSpeculative(1, 2, draft_candidates=3)], ids=lambda s: str(s.describe()))
+def test_batch_rows_decode_exactly_as_alone(tiny, strategy):
+    """Prompts of different lengths, rows that finish at different times (their own max_new_tokens), and rows that
+    join mid-way into freed slots: every row's greedy tokens equal the prompt decoded alone; bit-exact where the
+    kernels are row-invariant."""
+    limits = [20, 7, 25, 12, 3, 18]
+    alone = [generate_ids(tiny.model, prompt, strategy, Sampler(sample=False), max_new_tokens=limit,
+                          eos_token_ids=tiny.eos_token_ids).token_ids for prompt, limit in zip(BATCH_PROMPTS, limits)]
+    batch = decode_in_batch(tiny, BATCH_PROMPTS, lambda index: (strategy, Sampler(sample=False)), slots=4,
+                            max_new_tokens=limits)
+    for prompt, expected, actual in zip(BATCH_PROMPTS, alone, batch):
+        assert_same_greedy_tokens(tiny, prompt, expected, actual, exit_layer=strategy.describe().get("exit_layer")
+                                  if strategy.name == "autoregressive" else None)
+
+
+def test_batch_rows_sample_from_their_own_generator(tiny):
+    """A row's samples for a seed do not depend on the other rows: the same as alone, with any companions."""
+    strategy = SelfSpeculative(2, 2)
+    settings = dict(sample=True, temperature=0.9, top_p=0.95)
+    alone = [generate_ids(tiny.model, prompt, strategy, Sampler(**settings, seed=index), max_new_tokens=15,
+                          eos_token_ids=tiny.eos_token_ids).token_ids for index, prompt in enumerate(BATCH_PROMPTS)]
+    batch = decode_in_batch(tiny, BATCH_PROMPTS, lambda index: (strategy, Sampler(**settings, seed=index)), slots=3,
+                            max_new_tokens=[15] * len(BATCH_PROMPTS))
+    if tiny.model.row_invariant:
+        assert batch == alone
+    else:  # library kernels move logits by ~1e-6 with the rows beside them: a draw can only rarely change
+        assert sum(a == b for a, b in zip(alone, batch)) >= len(alone) - 1
+
+
+def test_the_default_models_stored_settings_decode_a_batch_as_alone(default_model):
+    """The embedded default through its adapter and tree drafts, four chat prompts in two slots."""
+    tokenizer = default_model.tokenizer
+    prompts = [tokenizer.encode_chat([{"role": "user", "content": text}]) for text in
+               ("Name three colours.", "Write a Python function that adds two numbers.", "What is 7 times 8?",
+                "Say hello in French.")]
+    config = GenerationConfig(sample=False, max_steps=24).resolved(default_model.config.num_hidden_layers,
+                                                                   default_model.defaults)
+    strategy = layerskip.strategy_for(default_model, config)
+    assert strategy.describe().get("draft_candidates", 1) > 1 and "draft_adapter" in strategy.describe()
+    alone = [generate_ids(default_model.model, prompt, strategy, Sampler(sample=False), max_new_tokens=24,
+                          eos_token_ids=default_model.eos_token_ids).token_ids for prompt in prompts]
+    batch = decode_in_batch(default_model, prompts, lambda index: (strategy, Sampler(sample=False)), slots=2,
+                            max_new_tokens=[24] * len(prompts))
+    for prompt, expected, actual in zip(prompts, alone, batch):
+        assert_same_greedy_tokens(default_model, prompt, expected, actual)

@@ -13,32 +13,34 @@ from layerskip.eval.records import read_records
 from layerskip.generation import Sampler
 from layerskip.training.config import DataSource
 from conftest import assert_same_greedy_tokens
-from layerskip.training.self_generated import (cache_path, length_sorted_batches, load_reply_model, sample_replies,
-                                               self_generated_documents)
+from layerskip.training.self_generated import cache_path, generate_replies, load_reply_model, self_generated_documents
 
 
-def test_batch_replies_equal_single_prompt_decoding(tiny_checkpoint):
+def test_batched_replies_equal_single_prompt_decoding(tiny_checkpoint):
     folder, _ = tiny_checkpoint(max_position_embeddings=64)
     loaded = layerskip.load(str(folder))
-    prompts = [[3, 14, 15], [92, 65, 35, 89, 79, 32, 38], [46], [26, 43, 38, 32, 79]]
-    unended = sample_replies(loaded.model, prompts, max_new_tokens=12, sampler=Sampler(sample=False),
-                             end_ids=frozenset())
-    end_id = unended[1][3]  # as the end token, the second row ends after 4 tokens and leaves the batch
-    end = frozenset({end_id})
-    batch = sample_replies(loaded.model, prompts, max_new_tokens=12, sampler=Sampler(sample=False), end_ids=end)
-    for prompt, reply in zip(prompts, batch):
+    prompts = dict(enumerate([[3, 14, 15], [92, 65, 35, 89, 79, 32, 38], [46], [26, 43, 38, 32, 79], [7, 7]]))
+
+    def replies(sampler_for, end_ids):
+        return dict(generate_replies(loaded.model, prompts, slots=2, max_new_tokens=12, sampler_for=sampler_for,
+                                     end_ids=end_ids))
+
+    unended = replies(lambda index: Sampler(sample=False), ())
+    end_id = unended[1][3]  # as the end token, the second prompt ends after 4 tokens and frees its slot early
+    batch = replies(lambda index: Sampler(sample=False), [end_id])
+    assert sorted(batch) == sorted(prompts)
+    for index, prompt in prompts.items():
         alone = layerskip.generate(loaded, prompt_ids=prompt, sample=False, max_steps=12, stop_token_ids=[end_id],
                                    generation_strategy="autoregressive")
-        assert_same_greedy_tokens(loaded, prompt, alone.token_ids, reply)
+        assert_same_greedy_tokens(loaded, prompt, alone.token_ids, batch[index])
     assert len(batch[1]) <= 4 and batch[1][-1] == end_id
-    # Sampling: the same seed gives the same replies.
-    again = [sample_replies(loaded.model, prompts, max_new_tokens=12, end_ids=end,
-                            sampler=Sampler(sample=True, temperature=0.8, seed=3)) for _ in range(2)]
-    assert again[0] == again[1]
-
-
-def test_batches_group_prompts_of_similar_length():
-    assert length_sorted_batches([5, 2, 9, 2, 5, 7], 4) == [[1, 3, 0, 4], [5, 2]]
+    # Sampling: each prompt draws from its own seed, so the same replies whatever the batch around it.
+    sampled = [replies(lambda index: Sampler(sample=True, temperature=0.8, seed=index), [end_id]) for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    alone = layerskip.generate(loaded, prompt_ids=prompts[3], sample=True, temperature=0.8, top_p=1.0, seed=3,
+                               max_steps=12, stop_token_ids=[end_id], generation_strategy="autoregressive")
+    if loaded.model.row_invariant:  # the same logits as alone, so the same draws
+        assert alone.token_ids == sampled[0][3]
 
 
 def test_self_generated_source_is_chat_prompt_plus_reply_and_resumes(tmp_path):

@@ -14,7 +14,7 @@ import torch
 
 from layerskip.api import generate_with_config
 from layerskip.generation import GenerationConfig
-from layerskip.generation.generate import synchronize
+from layerskip.generation.engine import synchronize
 from layerskip.loading import LoadedModel
 
 ENGINES = ("layerskip", "hf")

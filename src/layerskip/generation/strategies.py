@@ -1,20 +1,24 @@
-"""Decoding strategies behind one interface: each is a generator of rounds over a shared token list.
+"""Decoding strategies behind one interface: each is a coroutine of rounds over a shared token list.
 
 A strategy reads the committed tokens (prompt + everything accepted so far) at the start of each
-round and yields a `Round`; the driver commits the round's tokens (or fewer, when a stop condition
+round and yields a `Round`; the engine commits the round's tokens (or fewer, when a stop condition
 fires mid-round). Strategies never mutate the token list and never see stop conditions.
+
+Within a round a strategy asks for the model's two large products by yielding a request, `Layers` or `Head`,
+and is sent the result: the engine (engine.py) runs the same request of many sequences as one batched pass.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Callable, Iterator
+from typing import Callable, Generator
 
 import torch
 
 from layerskip.generation.sampling import Sampler
 from layerskip.model import ExitHiddenBuffer, KVCache, Transformer
+from layerskip.model.cache import CacheRow
 from layerskip.model.draft_adapter import DraftAdapter
 
 
@@ -30,6 +34,29 @@ class Round:
 
 
 @dataclasses.dataclass
+class Layers:
+    """Run layers [start_layer, end_layer) over one sequence's rows [1, T, H] at positions [start_pos, start_pos + T)
+    of its cache (`positions`: each row's own RoPE position); the result is the hidden states [1, T, H]."""
+
+    hidden: torch.Tensor
+    start_layer: int
+    end_layer: int
+    start_pos: int
+    positions: list[int] | None = None
+
+
+@dataclasses.dataclass
+class Head:
+    """The shared head over hidden [R, H] (`vocab_size` > 0: the draft slice); the result is logits [R, vocab]."""
+
+    hidden: torch.Tensor
+    vocab_size: int = 0
+
+
+Request = Layers | Head
+
+
+@dataclasses.dataclass
 class DecodeContext:
     """What every strategy needs for one generation call."""
 
@@ -38,14 +65,11 @@ class DecodeContext:
     max_length: int                   # total tokens (prompt + new) allowed; the caches hold this many
     sampler: Sampler
     eos_token_ids: frozenset[int]
+    cache: KVCache | CacheRow | None = None  # the sequence's KV cache (its row of the engine's), for masks and moves
     on_draft: Callable[[list[int]], None] | None = None
 
     def token_tensor(self, tokens: list[int]) -> torch.Tensor:
         return torch.tensor([tokens], dtype=torch.long, device=self.model.inv_freq.device)
-
-    def kv_cache(self) -> KVCache:
-        weight = self.model.embed_tokens.weight
-        return KVCache(self.model.config, self.max_length, dtype=weight.dtype, device=weight.device)
 
     def exit_buffer(self, capacity: int | None = None) -> ExitHiddenBuffer:
         weight = self.model.embed_tokens.weight
@@ -53,12 +77,15 @@ class DecodeContext:
                                 device=weight.device)
 
 
+Steps = Generator[Request | Round, torch.Tensor | None, None]
+
+
 class Strategy(abc.ABC):
     name: str
 
     @abc.abstractmethod
-    def rounds(self, ctx: DecodeContext) -> Iterator[Round]:
-        """Yield rounds until the driver stops asking."""
+    def rounds(self, ctx: DecodeContext) -> Steps:
+        """Yield requests (sent their results) and rounds, until the engine stops asking."""
 
     def describe(self) -> dict[str, int | str]:
         return {"generation_strategy": self.name}
@@ -75,14 +102,14 @@ class Autoregressive(Strategy):
     def describe(self) -> dict[str, int | str]:
         return {**super().describe(), **({"exit_layer": self.exit_layer} if self.exit_layer else {})}
 
-    def rounds(self, ctx: DecodeContext) -> Iterator[Round]:
-        model, cache = ctx.model, ctx.kv_cache()
+    def rounds(self, ctx: DecodeContext) -> Steps:
+        model = ctx.model
         depth = self.exit_layer or model.num_layers
         done = 0  # positions [0, done) are in the KV cache
         while True:
             pending = ctx.tokens[done:]
-            hidden = model.forward_layers(model.embed(ctx.token_tensor(pending)), 0, depth, done, cache)
-            token, _ = ctx.sampler.choose(model.head(hidden[:, -1]))
+            hidden = yield Layers(model.embed(ctx.token_tensor(pending)), 0, depth, done)
+            token, _ = ctx.sampler.choose((yield Head(hidden[0, -1:])))
             done += len(pending)
             yield Round(tokens=[token])
 
@@ -166,9 +193,6 @@ class SelfSpeculative(Strategy):
         return {**super().describe(), "exit_layer": self.exit_layer, "num_speculations": self.num_speculations,
                 **extra}
 
-    def draft_logits(self, model: Transformer, hidden: torch.Tensor) -> torch.Tensor:
-        return model.draft_head(hidden, self.draft_vocab_size) if self.draft_vocab_size else model.head(hidden)
-
     def confident(self, token: int, probs: torch.Tensor | None, logits: torch.Tensor) -> bool:
         """Whether to draft on after this draft."""
         if not self.draft_confidence:
@@ -176,12 +200,10 @@ class SelfSpeculative(Strategy):
         confidence = probs[token] if probs is not None else torch.softmax(logits.reshape(-1), -1)[token]
         return bool(confidence >= self.draft_confidence)
 
-    def rounds(self, ctx: DecodeContext) -> Iterator[Round]:
+    def rounds(self, ctx: DecodeContext) -> Steps:
         model, exit_layer = ctx.model, self.exit_layer
-        cache, exits = ctx.kv_cache(), ctx.exit_buffer()
+        cache, exits = ctx.cache, ctx.exit_buffer()
         adapted = AdapterDrafts(ctx, self.draft_adapter) if self.draft_adapter is not None else None
-        if self.draft_candidates > 1:
-            cache.attendable = torch.ones((1, ctx.max_length), dtype=torch.bool, device=cache.keys.device)
         done = 0  # positions [0, done) have been through every layer and are final
         while True:
             committed = len(ctx.tokens)
@@ -194,8 +216,7 @@ class SelfSpeculative(Strategy):
             rope: list[int] | None = None  # the rows' positions, when candidates share one
             pending, position, finished = ctx.tokens[done:], done, budget == 0
             while True:
-                hidden = model.forward_layers(model.embed(ctx.token_tensor(pending)), 0, exit_layer, position, cache,
-                                              rope)
+                hidden = yield Layers(model.embed(ctx.token_tensor(pending)), 0, exit_layer, position, rope)
                 exits.write(position, hidden)
                 position += len(pending)
                 if finished:
@@ -203,7 +224,7 @@ class SelfSpeculative(Strategy):
                 state = hidden[:, -1:]
                 if adapted is not None:
                     state = adapted.next(hidden, position - 1) if drafts else adapted.first(exits, position)
-                logits = self.draft_logits(model, state[:, -1])
+                logits = yield Head(state[0, -1:], self.draft_vocab_size)
                 token, probs = ctx.sampler.choose(logits)
                 drafts.append(token)
                 draft_probs.append(probs)
@@ -214,14 +235,14 @@ class SelfSpeculative(Strategy):
                     alternatives = ctx.sampler.alternatives(logits, probs, token, min(self.draft_candidates - 1, room))
                     pending = [token] + alternatives
                     rope = [position] * len(pending)
-                    cache.attendable[0, position:position + len(alternatives)] = False
+                    cache.set_attendable(position, position + len(alternatives), False)
             if ctx.on_draft is not None and drafts:
                 ctx.on_draft(drafts)
             last = position - 1 - len(alternatives)  # the last draft's slot
             if rope is not None:
                 rope = list(range(done, last)) + rope
-            hidden = model.forward_layers(exits.read(done, position), exit_layer, model.num_layers, done, cache, rope)
-            logits = model.head(hidden[0, -(len(drafts) + 1 + len(alternatives)):])
+            hidden = yield Layers(exits.read(done, position), exit_layer, model.num_layers, done, rope)
+            logits = yield Head(hidden[0, -(len(drafts) + 1 + len(alternatives)):])
             verdict = ctx.sampler.verify(drafts, draft_probs, logits[:len(drafts) + 1], alternatives,
                                          logits[len(drafts) + 1:])
             accepted_tokens = drafts[:verdict.accepted]
@@ -231,7 +252,7 @@ class SelfSpeculative(Strategy):
                 exits.copy_position(last + verdict.candidate, last)
                 hidden[:, last - done] = hidden[:, last + verdict.candidate - done]
             if alternatives:
-                cache.attendable[0, last:last + len(alternatives)] = True
+                cache.set_attendable(last, last + len(alternatives), True)
             if adapted is not None:
                 adapted.verified(done, hidden)
             done = committed + verdict.accepted

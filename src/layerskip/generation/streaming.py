@@ -15,7 +15,7 @@ from layerskip.generation.stopping import cut_at_stop_words
 from layerskip.loading.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from layerskip.generation.generate import GenerationResult
+    from layerskip.generation.engine import GenerationResult
     from layerskip.generation.strategies import Round
 
 GREEN, RED_STRUCK, DIM, RESET = "\x1b[32m", "\x1b[9;31m", "\x1b[2m", "\x1b[0m"

@@ -31,10 +31,22 @@ class KVCache:
         if self.attendable is not None:
             self.attendable = self.attendable[rows]
 
-    def copy_position(self, source: int, target: int) -> None:
-        """Every layer's key and value at slot `source` into slot `target` (an accepted tree draft's candidate)."""
-        self.keys[:, :, :, target] = self.keys[:, :, :, source]
-        self.values[:, :, :, target] = self.values[:, :, :, source]
+    def copy_position(self, source: int, target: int, row: int | None = None) -> None:
+        """Every layer's key and value at slot `source` into slot `target` (an accepted tree draft's candidate),
+        in one batch row or all."""
+        rows = slice(None) if row is None else slice(row, row + 1)
+        self.keys[:, rows, :, target] = self.keys[:, rows, :, source]
+        self.values[:, rows, :, target] = self.values[:, rows, :, source]
+
+    def set_attendable(self, start: int, end: int, value: bool, row: int | None = None) -> None:
+        """Let queries see slots [start, end) or not (tree drafts hide siblings), in one batch row or all."""
+        if self.attendable is None:
+            self.attendable = torch.ones((self.keys.shape[1], self.capacity), dtype=torch.bool,
+                                         device=self.keys.device)
+        self.attendable[slice(None) if row is None else row, start:end] = value
+
+    def row(self, index: int) -> "CacheRow":
+        return CacheRow(self, index)
 
     def update(self, layer: int, start: int | torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,6 +68,32 @@ class KVCache:
         if rows is not None:
             return self.keys[layer, rows, :, :end], self.values[layer, rows, :, :end]
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+class CacheRow:
+    """One sequence's row of a batch's KVCache, as its strategy sees it: changes write through to the batch."""
+
+    def __init__(self, cache: KVCache, row: int):
+        self.cache, self.index = cache, row
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.cache.keys[:, self.index:self.index + 1]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.cache.values[:, self.index:self.index + 1]
+
+    @property
+    def attendable(self) -> torch.Tensor | None:
+        attendable = self.cache.attendable
+        return None if attendable is None else attendable[self.index:self.index + 1]
+
+    def copy_position(self, source: int, target: int) -> None:
+        self.cache.copy_position(source, target, self.index)
+
+    def set_attendable(self, start: int, end: int, value: bool) -> None:
+        self.cache.set_attendable(start, end, value, self.index)
 
 
 class ExitHiddenBuffer:

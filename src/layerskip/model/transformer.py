@@ -229,17 +229,19 @@ class Transformer(nn.Module):
 
     def forward_layers(self, hidden: torch.Tensor, start_layer: int, end_layer: int,
                        start_pos: int | torch.Tensor = 0, cache: KVCache | None = None,
-                       positions: list[int] | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+                       positions: list[int] | torch.Tensor | None = None,
+                       rows: torch.Tensor | None = None) -> torch.Tensor:
         """Run layers [start_layer, end_layer) over cache slots [start_pos, start_pos + T), writing their KV.
 
         `start_pos` as an int64 tensor [B] puts each batch row at its own slots (a batch of sequences of different
         lengths; needs `cache`), and `rows` [B] names each batch row's row of the cache (a pass over some of the
-        sequences a cache holds). A row's position is its slot, unless `positions` gives each row's own (for RoPE):
-        tree drafts put the candidates for one position in consecutive slots, masked from each other through
-        `cache.attendable`.
+        sequences a cache holds). A row's position is its slot, unless `positions` gives each row's own (for RoPE;
+        a list for the pass's rows, or a tensor [B, T] per batch row): tree drafts put the candidates for one
+        position in consecutive slots, masked from each other through `cache.attendable`.
         """
-        if isinstance(start_pos, torch.Tensor):
-            offsets = start_pos[:, None] + torch.arange(hidden.shape[1], device=start_pos.device)
+        if isinstance(positions, torch.Tensor) or isinstance(start_pos, torch.Tensor):
+            offsets = positions if isinstance(positions, torch.Tensor) else \
+                start_pos[:, None] + torch.arange(hidden.shape[1], device=start_pos.device)
             cos, sin = self.rope(0, int(offsets.max()) + 1, hidden.dtype)
             cos, sin = cos[offsets], sin[offsets]
         elif positions is None:

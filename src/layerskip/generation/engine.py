@@ -1,0 +1,252 @@
+"""The one decoding engine: sequences join and leave a batch, each round of every sequence runs in batched passes.
+
+Each sequence is a strategy's coroutine (strategies.py) over its own tokens, with its own sampler, stop
+conditions and statistics. Its rows sit at their own positions in one shared KV cache (a row per slot), so
+sequences of different lengths, accepting different numbers of drafts, share every pass without copies. A step
+runs one round of every sequence: it collects their requests, runs the requests of the same kind together (head
+calls first, then layer ranges from the lowest), and sends each sequence its share, until every sequence has
+yielded its round; then it commits each round's tokens up to the first stop condition.
+
+`generate_ids` is one sequence through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import torch
+
+from layerskip.generation.sampling import Sampler
+from layerskip.generation.stopping import StoppingCriteria, cut_at_stop_words
+from layerskip.generation.strategies import DecodeContext, Head, Layers, Request, Round, Strategy
+from layerskip.generation.streaming import Streamer
+from layerskip.loading.tokenizer import Tokenizer
+from layerskip.model import KVCache, Transformer
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+    rounds: int = 0
+    drafted_tokens: int = 0
+    accepted_drafts: int = 0
+    draft_forwards: int = 0
+    verify_forwards: int = 0
+    accepted_length_counts: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def time_per_token(self) -> float:
+        return self.seconds / self.new_tokens if self.new_tokens else 0.0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted drafts / drafted tokens; None for strategies that do not draft."""
+        return self.accepted_drafts / self.drafted_tokens if self.drafted_tokens else None
+
+    @property
+    def mean_tokens_per_round(self) -> float:
+        return self.new_tokens / self.rounds if self.rounds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        fields = dataclasses.asdict(self)
+        return {**fields, "tokens_per_second": self.tokens_per_second, "time_per_token": self.time_per_token,
+                "acceptance_rate": self.acceptance_rate, "mean_tokens_per_round": self.mean_tokens_per_round}
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    token_ids: list[int]              # new tokens only (an EOS or stop token that ended decoding included)
+    text: str | None                  # decoded new text, cut before a stop word; None without a tokenizer
+    finish_reason: str                # eos | stop_token | stop_word | max_steps | context_length
+    stats: GenerationStats
+    settings: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+                "settings": self.settings, "stats": self.stats.as_dict()}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class SequenceState:
+    """One sequence in the engine: its context, its strategy's coroutine, its stop conditions and statistics."""
+
+    def __init__(self, ctx: DecodeContext, strategy: Strategy, stopping: StoppingCriteria, *, slot: int,
+                 streamer: Streamer | None, stop_words: Sequence[str], tokenizer: Tokenizer | None):
+        self.ctx, self.strategy, self.stopping, self.slot = ctx, strategy, stopping, slot
+        self.streamer, self.stop_words, self.tokenizer = streamer, stop_words, tokenizer
+        self.stats = GenerationStats(prompt_tokens=len(ctx.tokens))
+        self.new_tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.started = time.perf_counter()
+        self.steps = strategy.rounds(ctx)
+        self.request: Request | None = next(self.steps)  # what it waits for; None: it yielded this step's round
+
+    def commit(self, step: Round) -> None:
+        """The round's tokens, one at a time, up to the first stop condition; and its statistics."""
+        committed = []
+        for token in step.tokens:
+            self.ctx.tokens.append(token)
+            self.new_tokens.append(token)
+            committed.append(token)
+            self.finish_reason = self.stopping.finish_reason(self.new_tokens, len(self.ctx.tokens))
+            if self.finish_reason:
+                break
+        stats = self.stats
+        stats.rounds += 1
+        stats.draft_forwards += step.draft_forwards
+        stats.verify_forwards += step.verify_forwards
+        if step.drafted:
+            stats.drafted_tokens += len(step.drafted)
+            stats.accepted_drafts += step.accepted_drafts
+            counts = stats.accepted_length_counts
+            counts.extend([0] * (step.accepted_drafts + 1 - len(counts)))
+            counts[step.accepted_drafts] += 1
+        if self.streamer is not None:
+            self.streamer.on_tokens(committed, step)
+
+    def result(self) -> GenerationResult:
+        self.steps.close()
+        self.stats.seconds = time.perf_counter() - self.started
+        self.stats.new_tokens = len(self.new_tokens)
+        text = None
+        if self.tokenizer is not None:
+            text, _ = cut_at_stop_words(self.tokenizer.decode(self.new_tokens), self.stop_words)
+        result = GenerationResult(token_ids=self.new_tokens, text=text, finish_reason=self.finish_reason or "max_steps",
+                                  stats=self.stats, settings=self.strategy.describe())
+        if self.streamer is not None:
+            self.streamer.on_end(result)
+        return result
+
+
+class BatchEngine:
+    """Up to `slots` sequences decoding together, each up to `capacity` tokens (prompt included).
+
+    add() puts a sequence in a free slot (a ValueError when none is free: the caller queues); step() runs one round
+    of every sequence and returns those that finished, each removed and its slot free for the next. Nothing of a
+    sequence stays behind in its slot: every position is written before it is read.
+    """
+
+    def __init__(self, model: Transformer, *, slots: int, capacity: int):
+        weight = model.embed_tokens.weight
+        self.model = model
+        self.capacity = min(capacity, model.config.max_position_embeddings)
+        self.cache = KVCache(model.config, self.capacity, batch_size=slots, dtype=weight.dtype, device=weight.device)
+        self.free = list(range(slots))
+        self.running: list[SequenceState] = []
+
+    def add(self, prompt_ids: Sequence[int], strategy: Strategy, sampler: Sampler, *, max_new_tokens: int,
+            eos_token_ids: Sequence[int] = (), stop_token_ids: Sequence[int] = (), stop_words: Sequence[str] = (),
+            tokenizer: Tokenizer | None = None, streamer: Streamer | None = None) -> SequenceState:
+        if not self.free:
+            raise ValueError(f"all {self.cache.keys.shape[1]} slots of the batch are in use")
+        slot = self.free.pop(0)
+        max_length = min(len(prompt_ids) + max_new_tokens, self.capacity)
+        stopping = StoppingCriteria(eos_token_ids=eos_token_ids, stop_token_ids=stop_token_ids, stop_words=stop_words,
+                                    max_new_tokens=max_new_tokens, max_length=max_length, tokenizer=tokenizer)
+        cache = self.cache if self.cache.keys.shape[1] == 1 else self.cache.row(slot)
+        if self.cache.attendable is not None:
+            self.cache.set_attendable(0, self.capacity, True, slot)  # a tree's masks of the slot's last sequence
+        ctx = DecodeContext(model=self.model, tokens=list(prompt_ids), max_length=max_length, sampler=sampler,
+                            eos_token_ids=frozenset(eos_token_ids), cache=cache,
+                            on_draft=streamer.on_draft if streamer is not None else None)
+        sequence = SequenceState(ctx, strategy, stopping, slot=slot, streamer=streamer, stop_words=stop_words,
+                            tokenizer=tokenizer)
+        self.running.append(sequence)
+        return sequence
+
+    def step(self) -> list[SequenceState]:
+        """One round of every running sequence; the ones that finished (their result() is ready)."""
+        waiting = list(self.running)
+        while waiting:
+            group = self.next_group(waiting)
+            for sequence, result in zip(group, self.run(group)):
+                item = sequence.steps.send(result)
+                if isinstance(item, Round):
+                    sequence.commit(item)
+                    sequence.request = None
+                    waiting.remove(sequence)
+                else:
+                    sequence.request = item
+        finished = [sequence for sequence in self.running if sequence.finish_reason]
+        for sequence in finished:
+            self.running.remove(sequence)
+            self.free.append(sequence.slot)
+        for sequence in self.running:
+            sequence.request = next(sequence.steps)
+        return finished
+
+    @staticmethod
+    def next_group(waiting: list[SequenceState]) -> list[SequenceState]:
+        """The sequences whose requests run together next: head calls of one slice size first (they let their
+        sequences move on to their next layers), else the layer range that starts lowest."""
+        heads = [s for s in waiting if isinstance(s.request, Head)]
+        if heads:
+            return [s for s in heads if s.request.vocab_size == heads[0].request.vocab_size]
+        first = min(waiting, key=lambda s: (s.request.start_layer, s.request.end_layer)).request
+        return [s for s in waiting if (s.request.start_layer, s.request.end_layer) == (first.start_layer,
+                                                                                       first.end_layer)]
+
+    def run(self, group: list[SequenceState]) -> list[torch.Tensor]:
+        """The group's requests as one pass; each sequence's part of the result."""
+        model, requests = self.model, [sequence.request for sequence in group]
+        if isinstance(requests[0], Head):
+            sizes = [request.hidden.shape[0] for request in requests]
+            hidden = torch.cat([request.hidden for request in requests])
+            vocab_size = requests[0].vocab_size
+            logits = model.draft_head(hidden, vocab_size) if vocab_size else model.head(hidden)
+            return list(logits.split(sizes))
+        first = requests[0]
+        if len(group) == 1 and self.cache.keys.shape[1] == 1:  # one sequence alone: the scalar path
+            return [model.forward_layers(first.hidden, first.start_layer, first.end_layer, first.start_pos, self.cache,
+                                         first.positions)]
+        lengths = [request.hidden.shape[1] for request in requests]
+        width = max(lengths)
+        # A row near the end of its slot has no room for another row's width of padding: such rows run apart.
+        apart = [row for row, request in enumerate(requests) if request.start_pos + width > self.capacity]
+        if apart and len(group) > 1:
+            together = [row for row in range(len(group)) if row not in apart]
+            outputs = dict(zip(together, self.run([group[row] for row in together]))) if together else {}
+            outputs.update((row, self.run([group[row]])[0]) for row in apart)
+            return [outputs[row] for row in range(len(group))]
+        # Each row is padded at its end, past its own positions, where its next passes overwrite the padding before
+        # any of its queries can see it.
+        hidden = first.hidden.new_zeros((len(group), width, first.hidden.shape[2]))
+        positions = torch.empty((len(group), width), dtype=torch.long)
+        for row, request in enumerate(requests):
+            hidden[row, :lengths[row]] = request.hidden[0]
+            own = request.positions or list(range(request.start_pos, request.start_pos + lengths[row]))
+            positions[row] = torch.tensor(own + [own[-1] + 1 + i for i in range(width - lengths[row])])
+        starts = torch.tensor([request.start_pos for request in requests])
+        rows = torch.tensor([sequence.slot for sequence in group])
+        out = model.forward_layers(hidden, first.start_layer, first.end_layer, starts, self.cache, positions, rows=rows)
+        return [out[row:row + 1, :length] for row, length in enumerate(lengths)]
+
+
+@torch.inference_mode()
+def generate_ids(model: Transformer, prompt_ids: Sequence[int], strategy: Strategy, sampler: Sampler, *,
+                 max_new_tokens: int, eos_token_ids: Sequence[int] = (), stop_token_ids: Sequence[int] = (),
+                 stop_words: Sequence[str] = (), tokenizer: Tokenizer | None = None,
+                 streamer: Streamer | None = None) -> GenerationResult:
+    """Decode after `prompt_ids` until a stop condition (one sequence through the engine); the caller has validated
+    the inputs."""
+    engine = BatchEngine(model, slots=1, capacity=len(prompt_ids) + max_new_tokens)
+    device = model.inv_freq.device
+    synchronize(device)
+    sequence = engine.add(prompt_ids, strategy, sampler, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
+                          stop_token_ids=stop_token_ids, stop_words=stop_words, tokenizer=tokenizer, streamer=streamer)
+    while not engine.step():
+        pass
+    synchronize(device)
+    return sequence.result()
