@@ -137,3 +137,22 @@ def test_sampling_settings_out_of_range(tiny_checkpoint, capsys, flag, value, me
     capsys.readouterr()
     code, _, err = run_cli(capsys, "--model", str(folder), "--prompt_ids", "1,2", "--max_steps", "1", flag, value)
     assert code == 2 and err.startswith("layerskip: error: ") and message in err
+
+
+def test_prompts_file_decodes_a_batch_and_writes_one_object_per_prompt(default_model, tmp_path, capsys):
+    prompts = ["Name a colour.", [{"role": "user", "content": "Say hi."}], "What is 2+2?"]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"messages" if isinstance(p, list) else "prompt": p}) + "\n" for p in prompts))
+    assert main(["generate", "--prompts_file", str(path), "--batch_size", "2", "--output", "jsonl", "--sample", "false",
+                 "--max_steps", "12"]) == 0
+    captured = capsys.readouterr()
+    records = sorted((json.loads(line) for line in captured.out.splitlines()), key=lambda record: record["index"])
+    assert [record["index"] for record in records] == [0, 1, 2] and "tokens/s in all" in captured.err
+    for prompt, record in zip(prompts, records):
+        alone = layerskip.generate(default_model, prompt, sample=False, max_steps=12)
+        assert_same_greedy_tokens(default_model, layerskip.encode_prompt(default_model, prompt), alone.token_ids,
+                                  record["token_ids"])
+        assert record["stats"]["new_tokens"] == len(record["token_ids"])
+    path.write_text('{"text": "no prompt here"}\n')
+    assert main(["generate", "--prompts_file", str(path)]) == 2
+    assert "has no 'prompt' string or 'messages' list" in capsys.readouterr().err

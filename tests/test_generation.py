@@ -428,3 +428,21 @@ def test_the_default_models_stored_settings_decode_a_batch_as_alone(default_mode
                             max_new_tokens=[24] * len(prompts))
     for prompt, expected, actual in zip(prompts, alone, batch):
         assert_same_greedy_tokens(default_model, prompt, expected, actual)
+
+
+def test_generate_takes_a_list_of_prompts_and_returns_what_each_gives_alone(default_model):
+    """Exactly, through row-invariant kernels; through library kernels greedy may part only at a near-tie."""
+    prompts = ["Name a fruit.", [{"role": "user", "content": "Count to five."}], "What is the capital of Italy?"]
+    exact = default_model.model.row_invariant
+    for options in (dict(sample=False), dict(sample=True, seed=5)) if exact else (dict(sample=False),):
+        batch = layerskip.generate(default_model, prompts, max_steps=16, batch_size=2, **options)
+        for prompt, result in zip(prompts, batch):
+            alone = layerskip.generate(default_model, prompt, max_steps=16, **options)
+            if exact:
+                assert result.token_ids == alone.token_ids and result.text == alone.text
+            else:
+                ids = layerskip.encode_prompt(default_model, prompt)
+                assert_same_greedy_tokens(default_model, ids, alone.token_ids, result.token_ids)
+            assert result.settings == alone.settings and result.stats.new_tokens == len(result.token_ids)
+    with pytest.raises(LayerSkipError, match="batch_size must be at least 1"):
+        layerskip.generate(default_model, prompts, batch_size=0)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+import torch
 
 from layerskip.errors import LayerSkipError
-from layerskip.generation import GenerationConfig, GenerationResult, Strategy, Streamer, generate_ids
+from layerskip.generation import BatchEngine, GenerationConfig, GenerationResult, Strategy, Streamer, generate_ids
 from layerskip.generation.config import check_token_ids
 from layerskip.loading import LoadedModel, load
 
@@ -43,11 +45,21 @@ def encode_prompt(loaded: LoadedModel, prompt: str | Messages | None, *, prompt_
     return ids
 
 
-def generate(loaded: LoadedModel, prompt: str | Messages | None = None, *, prompt_ids: Sequence[int] | None = None,
-             chat: bool | None = None, streamer: Streamer | None = None, **options: Any) -> GenerationResult:
-    """Generate a continuation. `options` are GenerationConfig fields (generation_strategy, exit_layer, ...)."""
+def generate(loaded: LoadedModel, prompt: str | Messages | list[str | Messages] | None = None, *,
+             prompt_ids: Sequence[int] | None = None, chat: bool | None = None, streamer: Streamer | None = None,
+             batch_size: int = 8, **options: Any) -> GenerationResult | list[GenerationResult]:
+    """Generate a continuation. `options` are GenerationConfig fields (generation_strategy, exit_layer, ...).
+
+    A list of prompts (strings or conversations) decodes as a batch of up to `batch_size` at once and returns one
+    result per prompt, each what the prompt alone would give (the same seed, its own generator).
+    """
     config = GenerationConfig.from_options(options).resolved(loaded.config.num_hidden_layers, loaded.defaults,
                                                              loaded.config.vocab_size)
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], dict):
+        if batch_size < 1:
+            raise LayerSkipError(f"batch_size must be at least 1, got {batch_size}")
+        return generate_batch(loaded, [encode_prompt(loaded, text, chat=chat) for text in prompt], config,
+                              batch_size=batch_size)
     return generate_with_config(loaded, encode_prompt(loaded, prompt, prompt_ids=prompt_ids, chat=chat), config,
                                 streamer=streamer)
 
@@ -58,17 +70,42 @@ def strategy_for(loaded: LoadedModel, config: GenerationConfig) -> Strategy:
     return config.strategy(loaded.draft_adapter, name)
 
 
-def generate_with_config(loaded: LoadedModel, prompt_ids: list[int], config: GenerationConfig, *,
-                         streamer: Streamer | None = None) -> GenerationResult:
-    """Generate from token ids with a resolved config (the CLI and benchmarks call this directly)."""
+def stop_settings(loaded: LoadedModel, config: GenerationConfig) -> dict[str, Any]:
+    """The stop conditions of a resolved config, checked against the model."""
     check_token_ids(config.stop_token_ids, loaded.config.vocab_size, "--stop_token_ids")
     if config.stop_words and loaded.tokenizer is None:
         raise LayerSkipError("--stop_words needs a tokenizer, and this model ships none: use --stop_token_ids")
+    return dict(max_new_tokens=config.max_steps, eos_token_ids=() if config.ignore_eos else loaded.eos_token_ids,
+                stop_token_ids=config.stop_token_ids, stop_words=config.stop_words, tokenizer=loaded.tokenizer)
+
+
+def generate_with_config(loaded: LoadedModel, prompt_ids: list[int], config: GenerationConfig, *,
+                         streamer: Streamer | None = None) -> GenerationResult:
+    """Generate from token ids with a resolved config (the CLI and benchmarks call this directly)."""
     return generate_ids(loaded.model, prompt_ids, strategy_for(loaded, config), config.sampler(loaded.device),
-                        max_new_tokens=config.max_steps,
-                        eos_token_ids=() if config.ignore_eos else loaded.eos_token_ids,
-                        stop_token_ids=config.stop_token_ids, stop_words=config.stop_words,
-                        tokenizer=loaded.tokenizer, streamer=streamer)
+                        streamer=streamer, **stop_settings(loaded, config))
 
 
-__all__ = ["encode_prompt", "generate", "generate_with_config", "load", "strategy_for"]
+@torch.inference_mode()
+def generate_batch(loaded: LoadedModel, prompts: list[list[int]], config: GenerationConfig, *, batch_size: int = 8,
+                   on_result: Callable[[int, GenerationResult], None] | None = None) -> list[GenerationResult]:
+    """One result per prompt (token ids), decoding up to `batch_size` at once; a finished prompt's slot takes the
+    next, and `on_result(index, result)` hears of each as it finishes. Each prompt samples from its own generator
+    seeded with config.seed, as it would alone."""
+    stops, strategy = stop_settings(loaded, config), strategy_for(loaded, config)
+    engine = BatchEngine(loaded.model, slots=min(batch_size, len(prompts)),
+                         capacity=max(map(len, prompts)) + config.max_steps)
+    queue, owners, results = list(range(len(prompts))), {}, {}
+    while queue or engine.running:
+        while queue and engine.free:
+            index = queue.pop(0)
+            owners[engine.add(prompts[index], strategy, config.sampler(loaded.device), **stops)] = index
+        for sequence in engine.step():
+            index = owners.pop(sequence)
+            results[index] = sequence.result()
+            if on_result is not None:
+                on_result(index, results[index])
+    return [results[index] for index in range(len(prompts))]
+
+
+__all__ = ["encode_prompt", "generate", "generate_batch", "generate_with_config", "load", "strategy_for"]

@@ -155,8 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="wrap the prompt in the model's chat template (default: when the model has one)")
     prompt.add_argument("--streamer", choices=("text", "speculative", "none"), default="text",
                         help="print text as it is accepted; 'speculative' also shows drafts and which were accepted")
-    prompt.add_argument("--output", choices=("text", "json"), default="text",
-                        help="'json' prints one object with text, token_ids and stats (no streaming)")
+    prompt.add_argument("--output", choices=("text", "json", "jsonl"), default="text",
+                        help="'json' prints one object with text, token_ids and stats (no streaming); 'jsonl' (with "
+                             "--prompts_file) one such object per prompt, with its index, as each finishes")
+    prompt.add_argument("--prompts_file", default=None,
+                        help="a JSONL file of prompts ('prompt': a string, or 'messages': a conversation), decoded "
+                             "as a batch; the aggregate tokens/s goes to stderr")
+    prompt.add_argument("--batch_size", type=int, default=8, help="with --prompts_file: sequences decoded at once")
     prompt.add_argument("--compare_autoregressive", action="store_true",
                         help="also decode the prompt autoregressively (same model and sampling) and print the speedup "
                              "and, greedy, whether the outputs are identical")
@@ -328,13 +333,57 @@ def run_generate(args: argparse.Namespace) -> int:
                 print(format_comparison(comparison), file=sys.stderr)
         return result
 
-    if args.prompt_ids is not None or args.prompt is not None:
+    if args.prompts_file is not None:
+        run_prompts_file(loaded, config, args)
+    elif args.prompt_ids is not None or args.prompt is not None:
         run_once(args.prompt, args.prompt_ids)
     elif not sys.stdin.isatty():
         run_once(sys.stdin.read(), None)
     else:
         interactive(loaded, run_once, args.chat)
     return 0
+
+
+def read_prompts_file(path: Path) -> list[Any]:
+    """The prompts of a JSONL file: each line's 'prompt' (a string) or 'messages' (a conversation)."""
+    from layerskip.jsonl import read_objects
+
+    if not path.is_file():
+        raise LayerSkipError(f"--prompts_file {path} does not exist")
+    prompts = []
+    for number, record in read_objects(path):
+        prompt = record.get("prompt", record.get("messages"))
+        if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
+            raise LayerSkipError(f"{path}:{number} has no 'prompt' string or 'messages' list")
+        prompts.append(prompt)
+    if not prompts:
+        raise LayerSkipError(f"--prompts_file {path} holds no prompts")
+    return prompts
+
+
+def run_prompts_file(loaded: Any, config: Any, args: argparse.Namespace) -> None:
+    """Every prompt of --prompts_file through one batch (--batch_size at once): each result as it finishes."""
+    import time
+
+    import layerskip
+
+    if args.batch_size < 1:
+        raise LayerSkipError(f"--batch_size must be at least 1, got {args.batch_size}")
+    prompts = read_prompts_file(Path(args.prompts_file))
+    ids = [layerskip.encode_prompt(loaded, prompt, chat=args.chat) for prompt in prompts]
+
+    def show(index: int, result: Any) -> None:
+        if args.output == "text":
+            print(f"[{index}] " + (result.text if result.text is not None else ",".join(map(str, result.token_ids))))
+        else:
+            print(json.dumps({"index": index, "model": loaded.name, **result.as_dict()}, ensure_ascii=False), flush=True)
+
+    start = time.perf_counter()
+    results = layerskip.api.generate_batch(loaded, ids, config, batch_size=args.batch_size, on_result=show)
+    seconds = time.perf_counter() - start
+    tokens = sum(result.stats.new_tokens for result in results)
+    print(f"{len(results)} prompts, {tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s in all, "
+          f"batch size {min(args.batch_size, len(results))}", file=sys.stderr)
 
 
 def run_correctness(args: argparse.Namespace) -> int:
