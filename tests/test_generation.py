@@ -446,3 +446,24 @@ def test_generate_takes_a_list_of_prompts_and_returns_what_each_gives_alone(defa
             assert result.settings == alone.settings and result.stats.new_tokens == len(result.token_ids)
     with pytest.raises(LayerSkipError, match="batch_size must be at least 1"):
         layerskip.generate(default_model, prompts, batch_size=0)
+
+
+def test_a_cancelled_sequence_frees_its_slot_and_leaves_nothing_behind(tiny):
+    """Cancel a sequence mid-way (trees leave masks), and the next one in its slot decodes as in a fresh engine."""
+    strategy = SelfSpeculative(2, 2, draft_candidates=3)
+    engine = BatchEngine(tiny.model, slots=2, capacity=48)
+    with torch.inference_mode():
+        keep = engine.add(BATCH_PROMPTS[0], strategy, Sampler(sample=False), max_new_tokens=30)
+        cancelled = engine.add(BATCH_PROMPTS[3], strategy, Sampler(sample=False), max_new_tokens=30)
+        for _ in range(4):
+            engine.step()
+        engine.remove(cancelled)
+        assert engine.free == [cancelled.slot] and engine.running == [keep]
+        late = engine.add(BATCH_PROMPTS[1], strategy, Sampler(sample=False), max_new_tokens=20)
+        assert late.slot == cancelled.slot
+        while engine.running:
+            engine.step()
+    fresh = generate_ids(tiny.model, BATCH_PROMPTS[1], strategy, Sampler(sample=False), max_new_tokens=20)
+    assert_same_greedy_tokens(tiny, BATCH_PROMPTS[1], fresh.token_ids, late.new_tokens)
+    assert_same_greedy_tokens(tiny, BATCH_PROMPTS[0], generate_ids(tiny.model, BATCH_PROMPTS[0], strategy,
+                              Sampler(sample=False), max_new_tokens=30).token_ids, keep.new_tokens)

@@ -134,8 +134,9 @@ class BatchEngine:
     """Up to `slots` sequences decoding together, each up to `capacity` tokens (prompt included).
 
     add() puts a sequence in a free slot (a ValueError when none is free: the caller queues); step() runs one round
-    of every sequence and returns those that finished, each removed and its slot free for the next. Nothing of a
-    sequence stays behind in its slot: every position is written before it is read.
+    of every sequence and returns those that finished, each removed and its slot free for the next; remove() takes
+    one out before it finishes. Nothing of a sequence stays behind in its slot: every position is written before
+    it is read.
     """
 
     def __init__(self, model: Transformer, *, slots: int, capacity: int):
@@ -156,8 +157,6 @@ class BatchEngine:
         stopping = StoppingCriteria(eos_token_ids=eos_token_ids, stop_token_ids=stop_token_ids, stop_words=stop_words,
                                     max_new_tokens=max_new_tokens, max_length=max_length, tokenizer=tokenizer)
         cache = self.cache if self.cache.keys.shape[1] == 1 else self.cache.row(slot)
-        if self.cache.attendable is not None:
-            self.cache.set_attendable(0, self.capacity, True, slot)  # a tree's masks of the slot's last sequence
         ctx = DecodeContext(model=self.model, tokens=list(prompt_ids), max_length=max_length, sampler=sampler,
                             eos_token_ids=frozenset(eos_token_ids), cache=cache,
                             on_draft=streamer.on_draft if streamer is not None else None)
@@ -165,6 +164,12 @@ class BatchEngine:
                             tokenizer=tokenizer)
         self.running.append(sequence)
         return sequence
+
+    def remove(self, sequence: SequenceState) -> None:
+        """Take a running sequence out of the batch (a cancelled request); its slot is free for the next."""
+        self.running.remove(sequence)
+        sequence.steps.close()
+        self.free.append(sequence.slot)
 
     def step(self) -> list[SequenceState]:
         """One round of every running sequence; the ones that finished (their result() is ready)."""
