@@ -161,7 +161,7 @@ class BatchEngine:
                             eos_token_ids=frozenset(eos_token_ids), cache=cache,
                             on_draft=streamer.on_draft if streamer is not None else None)
         sequence = SequenceState(ctx, strategy, stopping, slot=slot, streamer=streamer, stop_words=stop_words,
-                            tokenizer=tokenizer)
+                                 tokenizer=tokenizer)
         self.running.append(sequence)
         return sequence
 
