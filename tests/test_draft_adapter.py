@@ -11,9 +11,10 @@ import torch
 
 import layerskip
 from layerskip.errors import LayerSkipError
-from layerskip.generation import BatchEngine, Sampler, SelfSpeculative, Streamer
+from layerskip.generation import BatchEngine, Sampler, SelfSpeculative, Streamer, generate_ids
 from layerskip.loading.draft_adapter import CONFIG_FILE, read_draft_adapter, save_draft_adapter
 from layerskip.model.draft_adapter import DraftAdapter, DraftAdapterConfig
+from layerskip.model.kernels.prepare import prepare_adapter
 from conftest import assert_same_greedy_tokens
 
 PROMPTS = [[3, 14, 15, 92, 65], [2, 71, 82, 81, 82, 84, 59, 4, 52], [9]]
@@ -257,3 +258,26 @@ def test_generate_command_takes_an_adapter_and_compares_with_plain_decoding(tiny
                  "--prompt_ids", "3"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "is not a draft adapter folder" in err
+
+
+@pytest.mark.parametrize("kind, context", SHAPES)
+def test_a_batch_through_one_adapter_decodes_each_row_as_alone(tiny, kind, context):
+    """The adapter's layer runs once for all the batch's rows, each in its own row of the adapter's cache."""
+    adapter = random_adapter(tiny.config, 2, kind, context, seed=2)
+    prepare_adapter(adapter, tiny.model)
+    strategy = SelfSpeculative(2, 2, draft_adapter=adapter, draft_candidates=2)
+    prompts, limits = PROMPTS + [[60, 61, 62, 63], [7, 7]], [20, 9, 25, 14, 6]
+    with torch.inference_mode():
+        alone = [generate_ids(tiny.model, prompt, strategy, Sampler(sample=False), max_new_tokens=limit).token_ids
+                 for prompt, limit in zip(prompts, limits)]
+        engine = BatchEngine(tiny.model, slots=3, capacity=40)
+        queue, sequences = list(range(len(prompts))), {}
+        while queue or engine.running:
+            while queue and engine.free:
+                index = queue.pop(0)
+                sequences[index] = engine.add(prompts[index], strategy, Sampler(sample=False),
+                                              max_new_tokens=limits[index])
+            engine.step()
+    for index, prompt in enumerate(prompts):
+        assert_same_greedy_tokens(tiny, prompt, alone[index], sequences[index].new_tokens)
+    assert sum(sequence.stats.drafted_tokens for sequence in sequences.values()) > 0

@@ -20,7 +20,7 @@ import torch
 
 from layerskip.generation.sampling import Sampler
 from layerskip.generation.stopping import StoppingCriteria, cut_at_stop_words
-from layerskip.generation.strategies import DecodeContext, Head, Layers, Request, Round, Strategy
+from layerskip.generation.strategies import Adapt, DecodeContext, Head, Layers, Request, Round, Strategy
 from layerskip.generation.streaming import Streamer
 from layerskip.loading.tokenizer import Tokenizer
 from layerskip.model import KVCache, Transformer
@@ -146,6 +146,7 @@ class BatchEngine:
         self.cache = KVCache(model.config, self.capacity, batch_size=slots, dtype=weight.dtype, device=weight.device)
         self.free = list(range(slots))
         self.running: list[SequenceState] = []
+        self.adapter_caches: dict[int, KVCache | None] = {}  # each draft adapter's own cache, a row per slot
 
     def add(self, prompt_ids: Sequence[int], strategy: Strategy, sampler: Sampler, *, max_new_tokens: int,
             eos_token_ids: Sequence[int] = (), stop_token_ids: Sequence[int] = (), stop_words: Sequence[str] = (),
@@ -194,11 +195,15 @@ class BatchEngine:
 
     @staticmethod
     def next_group(waiting: list[SequenceState]) -> list[SequenceState]:
-        """The sequences whose requests run together next: head calls of one slice size first (they let their
-        sequences move on to their next layers), else the layer range that starts lowest."""
+        """The sequences whose requests run together next: head calls of one slice size first, then draft adapter
+        calls of one adapter (both let their sequences move on to their next layers), else the layer range that
+        starts lowest."""
         heads = [s for s in waiting if isinstance(s.request, Head)]
         if heads:
             return [s for s in heads if s.request.vocab_size == heads[0].request.vocab_size]
+        adapting = [s for s in waiting if isinstance(s.request, Adapt)]
+        if adapting:
+            return [s for s in adapting if s.request.adapter is adapting[0].request.adapter]
         first = min(waiting, key=lambda s: (s.request.start_layer, s.request.end_layer)).request
         return [s for s in waiting if (s.request.start_layer, s.request.end_layer) == (first.start_layer,
                                                                                        first.end_layer)]
@@ -212,30 +217,61 @@ class BatchEngine:
             vocab_size = requests[0].vocab_size
             logits = model.draft_head(hidden, vocab_size) if vocab_size else model.head(hidden)
             return list(logits.split(sizes))
-        first = requests[0]
-        if len(group) == 1 and self.cache.keys.shape[1] == 1:  # one sequence alone: the scalar path
-            return [model.forward_layers(first.hidden, first.start_layer, first.end_layer, first.start_pos, self.cache,
-                                         first.positions)]
         lengths = [request.hidden.shape[1] for request in requests]
-        width = max(lengths)
         # A row near the end of its slot has no room for another row's width of padding: such rows run apart.
-        apart = [row for row, request in enumerate(requests) if request.start_pos + width > self.capacity]
+        apart = [row for row, request in enumerate(requests) if request.start_pos + max(lengths) > self.capacity]
         if apart and len(group) > 1:
             together = [row for row in range(len(group)) if row not in apart]
             outputs = dict(zip(together, self.run([group[row] for row in together]))) if together else {}
             outputs.update((row, self.run([group[row]])[0]) for row in apart)
             return [outputs[row] for row in range(len(group))]
-        # Each row is padded at its end, past its own positions, where its next passes overwrite the padding before
-        # any of its queries can see it.
-        hidden = first.hidden.new_zeros((len(group), width, first.hidden.shape[2]))
-        positions = torch.empty((len(group), width), dtype=torch.long)
-        for row, request in enumerate(requests):
-            hidden[row, :lengths[row]] = request.hidden[0]
-            own = request.positions or list(range(request.start_pos, request.start_pos + lengths[row]))
-            positions[row] = torch.tensor(own + [own[-1] + 1 + i for i in range(width - lengths[row])])
-        starts = torch.tensor([request.start_pos for request in requests])
-        rows = torch.tensor([sequence.slot for sequence in group])
+        first = requests[0]
+        if isinstance(first, Adapt):
+            return self.run_adapter(group)
+        if len(group) == 1 and self.cache.keys.shape[1] == 1:  # one sequence alone: the scalar path
+            return [model.forward_layers(first.hidden, first.start_layer, first.end_layer, first.start_pos, self.cache,
+                                         first.positions)]
+        hidden, positions, starts, rows = self.padded(group, [request.hidden for request in requests],
+                                                      [request.positions for request in requests])
         out = model.forward_layers(hidden, first.start_layer, first.end_layer, starts, self.cache, positions, rows=rows)
+        return [out[row:row + 1, :length] for row, length in enumerate(lengths)]
+
+    @staticmethod
+    def padded(group: list[SequenceState], parts: list[torch.Tensor], own_positions: list[list[int] | None]) -> tuple[
+            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The group's rows [1, T_i, H] as one batch [B, T, H], each padded at its end, past its own positions,
+        where its next passes overwrite the padding before any of its queries can see it; with each row's RoPE
+        positions [B, T], first positions [B] and cache rows [B]."""
+        width = max(part.shape[1] for part in parts)
+        batch = parts[0].new_zeros((len(parts), width, parts[0].shape[2]))
+        positions = torch.empty((len(parts), width), dtype=torch.long)
+        for row, (sequence, part, own) in enumerate(zip(group, parts, own_positions)):
+            length, start = part.shape[1], sequence.request.start_pos
+            batch[row, :length] = part[0]
+            own = own or list(range(start, start + length))
+            positions[row] = torch.tensor(own + [own[-1] + 1 + i for i in range(width - length)])
+        starts = torch.tensor([sequence.request.start_pos for sequence in group])
+        return batch, positions, starts, torch.tensor([sequence.slot for sequence in group])
+
+    def run_adapter(self, group: list[SequenceState]) -> list[torch.Tensor]:
+        """One draft adapter over the group's rows, in its own cache (a row per slot, made on first use)."""
+        model, requests = self.model, [sequence.request for sequence in group]
+        adapter = requests[0].adapter
+        if id(adapter) not in self.adapter_caches:
+            self.adapter_caches[id(adapter)] = adapter.kv_cache(self.capacity, batch_size=self.cache.keys.shape[1])
+        cache = self.adapter_caches[id(adapter)]
+        if len(group) == 1 and self.cache.keys.shape[1] == 1:  # one sequence alone: the scalar path
+            request = requests[0]
+            cos, sin = model.rope(request.start_pos, request.hidden.shape[1], request.hidden.dtype)
+            return [adapter(request.hidden, request.context, cos, sin, request.start_pos, cache)]
+        lengths = [request.hidden.shape[1] for request in requests]
+        hidden, positions, starts, rows = self.padded(group, [request.hidden for request in requests],
+                                                      [None] * len(group))
+        context = None
+        if requests[0].context is not None:
+            context = self.padded(group, [request.context for request in requests], [None] * len(group))[0]
+        cos, sin = model.rope(0, int(positions.max()) + 1, hidden.dtype)
+        out = adapter(hidden, context, cos[positions], sin[positions], starts, cache, rows=rows)
         return [out[row:row + 1, :length] for row, length in enumerate(lengths)]
 
 

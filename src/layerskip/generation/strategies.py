@@ -53,7 +53,18 @@ class Head:
     vocab_size: int = 0
 
 
-Request = Layers | Head
+@dataclasses.dataclass
+class Adapt:
+    """A draft adapter over one sequence's exit states [1, T, H] (and `context`, when it reads one) at positions
+    [start_pos, start_pos + T) of its own cache; the result is the states for the head [1, T, H]."""
+
+    adapter: DraftAdapter
+    hidden: torch.Tensor
+    context: torch.Tensor | None
+    start_pos: int
+
+
+Request = Layers | Head | Adapt
 
 
 @dataclasses.dataclass
@@ -115,37 +126,38 @@ class Autoregressive(Strategy):
 
 
 class AdapterDrafts:
-    """A draft adapter's state for one sequence: its KV cache (kind layer), the final-layer states verification
-    produced (its context input; row p holds position p-1's, row 0 stays zero), and how far its cache was built
-    from verified context.
+    """A draft adapter's state for one sequence: the final-layer states verification produced (its context input;
+    row p holds position p-1's, row 0 stays zero), how far its KV cache (kind layer; the engine keeps it) was built
+    from verified context, and its output at the last position it ran.
 
     Drafted positions run with the adapter's own output as context; once verification accepts them, the next
-    round's first call rebuilds them from the true final states, in one pass of accepted + 1 rows.
+    round's first call rebuilds them from the true final states, in one pass of accepted + 1 rows. Its calls are
+    generators that yield the `Adapt` request and return the adapter's output there.
     """
 
     def __init__(self, ctx: DecodeContext, adapter: DraftAdapter):
-        self.model, self.adapter = ctx.model, adapter
-        self.cache = adapter.kv_cache(ctx.max_length)
+        self.adapter = adapter
         self.contexts = ctx.exit_buffer(ctx.max_length + 1) if adapter.config.context else None
         self.built = 0                             # positions [0, built) of its cache saw verified context
         self.last: torch.Tensor | None = None      # its output at the last position it ran
 
-    def first(self, exits: ExitHiddenBuffer, end: int) -> torch.Tensor:
+    def first(self, exits: ExitHiddenBuffer, end: int) -> Generator[Adapt, torch.Tensor, torch.Tensor]:
         """Its state for the head at position end - 1, the round's first draft, from verified context."""
         start = self.built if self.adapter.has_cache else end - 1
         self.built = end
-        return self.run(exits.read(start, end), start)
+        return (yield from self.run(exits.read(start, end), start))
 
-    def next(self, exit_hidden: torch.Tensor, position: int) -> torch.Tensor:
+    def next(self, exit_hidden: torch.Tensor, position: int) -> Generator[Adapt, torch.Tensor, torch.Tensor]:
         """At a drafted position: the context is its own output at the position before."""
-        return self.run(exit_hidden, position, self.last)
+        return (yield from self.run(exit_hidden, position, self.last))
 
-    def run(self, exit_hidden: torch.Tensor, start: int, context: torch.Tensor | None = None) -> torch.Tensor:
-        length = exit_hidden.shape[1]
-        if self.contexts is not None and context is None:
-            context = self.contexts.read(start, start + length)
-        cos, sin = self.model.rope(start, length, exit_hidden.dtype)
-        self.last = self.adapter(exit_hidden, context, cos, sin, start, self.cache)[:, -1:]
+    def run(self, exit_hidden: torch.Tensor, start: int,
+            context: torch.Tensor | None = None) -> Generator[Adapt, torch.Tensor, torch.Tensor]:
+        if self.contexts is None:
+            context = None
+        elif context is None:
+            context = self.contexts.read(start, start + exit_hidden.shape[1])
+        self.last = (yield Adapt(self.adapter, exit_hidden, context, start))[:, -1:]
         return self.last
 
     def verified(self, start: int, final_hidden: torch.Tensor) -> None:
@@ -223,7 +235,7 @@ class SelfSpeculative(Strategy):
                     break  # this pass only fed the last draft (and its alternatives) through [0, E) for verification
                 state = hidden[:, -1:]
                 if adapted is not None:
-                    state = adapted.next(hidden, position - 1) if drafts else adapted.first(exits, position)
+                    state = yield from (adapted.next(hidden, position - 1) if drafts else adapted.first(exits, position))
                 logits = yield Head(state[0, -1:], self.draft_vocab_size)
                 token, probs = ctx.sampler.choose(logits)
                 drafts.append(token)

@@ -120,9 +120,11 @@ class DraftAdapter(nn.Module):
         return KVCache(self.layer_config, capacity, batch_size=batch_size, dtype=weight.dtype, device=weight.device)
 
     def forward(self, exit_hidden: torch.Tensor, context: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+                start_pos: int | torch.Tensor = 0, cache: KVCache | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         """States for the shared head at positions [start_pos, start_pos + T), from the exit states there and (with
-        `context`) the final layer's states of the positions one before; cos/sin: the model's RoPE there."""
+        `context`) the final layer's states of the positions one before; cos/sin: the model's RoPE there. A batch
+        of sequences passes per-row `start_pos` and the `rows` of its cache, as Transformer.forward_layers."""
         x = exit_hidden
         if self.fuse is not None:
             if context is None:
@@ -131,9 +133,9 @@ class DraftAdapter(nn.Module):
             fused = run_prepared(self.prepared.get("fuse"), joined)
             x = fused if fused is not None else self.fuse(joined)
         if self.fused_layer is not None and not torch.is_grad_enabled():
-            return self.fused_layer(x, 0, 1, start_pos, cache, cos, sin)
+            return self.fused_layer(x, 0, 1, start_pos, cache, cos, sin, rows)
         if self.layer is not None:
-            return self.layer(x, cos, sin, start_pos, cache)
+            return self.layer(x, cos, sin, start_pos, cache, rows)
         return x + self.mlp(self.mlp_norm(x))
 
 
