@@ -271,13 +271,8 @@ def test_a_batch_through_one_adapter_decodes_each_row_as_alone(tiny, kind, conte
         alone = [generate_ids(tiny.model, prompt, strategy, Sampler(sample=False), max_new_tokens=limit).token_ids
                  for prompt, limit in zip(prompts, limits)]
         engine = BatchEngine(tiny.model, slots=3, capacity=40)
-        queue, sequences = list(range(len(prompts))), {}
-        while queue or engine.running:
-            while queue and engine.free:
-                index = queue.pop(0)
-                sequences[index] = engine.add(prompts[index], strategy, Sampler(sample=False),
-                                              max_new_tokens=limits[index])
-            engine.step()
+        sequences = dict(engine.each(range(len(prompts)), lambda index: engine.add(
+            prompts[index], strategy, Sampler(sample=False), max_new_tokens=limits[index])))
     for index, prompt in enumerate(prompts):
         assert_same_greedy_tokens(tiny, prompt, alone[index], sequences[index].new_tokens)
     assert sum(sequence.stats.drafted_tokens for sequence in sequences.values()) > 0

@@ -366,17 +366,14 @@ def decode_in_batch(loaded, prompts: list[list[int]], strategies_and_samplers, *
     """Each prompt's new tokens through one engine of `slots` slots; prompts beyond the first `slots` join as slots
     free up, between steps, while the others are mid-way."""
     engine = BatchEngine(loaded.model, slots=slots, capacity=max(map(len, prompts)) + max(max_new_tokens))
-    queue = list(range(len(prompts)))
-    started = {}
+
+    def add(index: int):
+        return engine.add(prompts[index], *strategies_and_samplers(index), max_new_tokens=max_new_tokens[index],
+                          eos_token_ids=loaded.eos_token_ids)
+
     with torch.inference_mode():
-        while queue or engine.running:
-            while queue and engine.free:
-                index = queue.pop(0)
-                strategy, sampler = strategies_and_samplers(index)
-                started[index] = engine.add(prompts[index], strategy, sampler, max_new_tokens=max_new_tokens[index],
-                                            eos_token_ids=loaded.eos_token_ids)
-            engine.step()
-    return [started[index].new_tokens for index in range(len(prompts))]
+        finished = dict(engine.each(range(len(prompts)), add))
+    return [finished[index].new_tokens for index in range(len(prompts))]
 
 
 BATCH_PROMPTS = [[3, 14, 15, 92, 65], [2, 71, 82], [9], [60, 61, 62, 63, 64, 65, 66, 67], [5, 5, 5, 5], [33, 44]]

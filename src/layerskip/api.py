@@ -56,8 +56,6 @@ def generate(loaded: LoadedModel, prompt: str | Messages | list[str | Messages] 
     config = GenerationConfig.from_options(options).resolved(loaded.config.num_hidden_layers, loaded.defaults,
                                                              loaded.config.vocab_size)
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], dict):
-        if batch_size < 1:
-            raise LayerSkipError(f"batch_size must be at least 1, got {batch_size}")
         return generate_batch(loaded, [encode_prompt(loaded, text, chat=chat) for text in prompt], config,
                               batch_size=batch_size)
     return generate_with_config(loaded, encode_prompt(loaded, prompt, prompt_ids=prompt_ids, chat=chat), config,
@@ -92,19 +90,17 @@ def generate_batch(loaded: LoadedModel, prompts: list[list[int]], config: Genera
     """One result per prompt (token ids), decoding up to `batch_size` at once; a finished prompt's slot takes the
     next, and `on_result(index, result)` hears of each as it finishes. Each prompt samples from its own generator
     seeded with config.seed, as it would alone."""
+    if batch_size < 1:
+        raise LayerSkipError(f"batch_size must be at least 1, got {batch_size}")
     stops, strategy = stop_settings(loaded, config), strategy_for(loaded, config)
     engine = BatchEngine(loaded.model, slots=min(batch_size, len(prompts)),
                          capacity=max(map(len, prompts)) + config.max_steps)
-    queue, owners, results = list(range(len(prompts))), {}, {}
-    while queue or engine.running:
-        while queue and engine.free:
-            index = queue.pop(0)
-            owners[engine.add(prompts[index], strategy, config.sampler(loaded.device), **stops)] = index
-        for sequence in engine.step():
-            index = owners.pop(sequence)
-            results[index] = sequence.result()
-            if on_result is not None:
-                on_result(index, results[index])
+    results = {}
+    for index, sequence in engine.each(range(len(prompts)), lambda index: engine.add(
+            prompts[index], strategy, config.sampler(loaded.device), **stops)):
+        results[index] = sequence.result()
+        if on_result is not None:
+            on_result(index, results[index])
     return [results[index] for index in range(len(prompts))]
 
 

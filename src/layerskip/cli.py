@@ -367,8 +367,6 @@ def run_prompts_file(loaded: Any, config: Any, args: argparse.Namespace) -> None
 
     import layerskip
 
-    if args.batch_size < 1:
-        raise LayerSkipError(f"--batch_size must be at least 1, got {args.batch_size}")
     prompts = read_prompts_file(Path(args.prompts_file))
     ids = [layerskip.encode_prompt(loaded, prompt, chat=args.chat) for prompt in prompts]
 

@@ -4,8 +4,8 @@ Each sequence is a strategy's coroutine (strategies.py) over its own tokens, wit
 conditions and statistics. Its rows sit at their own positions in one shared KV cache (a row per slot), so
 sequences of different lengths, accepting different numbers of drafts, share every pass without copies. A step
 runs one round of every sequence: it collects their requests, runs the requests of the same kind together (head
-calls first, then layer ranges from the lowest), and sends each sequence its share, until every sequence has
-yielded its round; then it commits each round's tokens up to the first stop condition.
+calls first, then draft adapter calls, then layer ranges from the lowest), and sends each sequence its share,
+until every sequence has yielded its round; then it commits each round's tokens up to the first stop condition.
 
 `generate_ids` is one sequence through it.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -141,7 +141,7 @@ class BatchEngine:
 
     def __init__(self, model: Transformer, *, slots: int, capacity: int):
         weight = model.embed_tokens.weight
-        self.model = model
+        self.model, self.slots = model, slots
         self.capacity = min(capacity, model.config.max_position_embeddings)
         self.cache = KVCache(model.config, self.capacity, batch_size=slots, dtype=weight.dtype, device=weight.device)
         self.free = list(range(slots))
@@ -152,12 +152,12 @@ class BatchEngine:
             eos_token_ids: Sequence[int] = (), stop_token_ids: Sequence[int] = (), stop_words: Sequence[str] = (),
             tokenizer: Tokenizer | None = None, streamer: Streamer | None = None) -> SequenceState:
         if not self.free:
-            raise ValueError(f"all {self.cache.keys.shape[1]} slots of the batch are in use")
+            raise ValueError(f"all {self.slots} slots of the batch are in use")
         slot = self.free.pop(0)
         max_length = min(len(prompt_ids) + max_new_tokens, self.capacity)
         stopping = StoppingCriteria(eos_token_ids=eos_token_ids, stop_token_ids=stop_token_ids, stop_words=stop_words,
                                     max_new_tokens=max_new_tokens, max_length=max_length, tokenizer=tokenizer)
-        cache = self.cache if self.cache.keys.shape[1] == 1 else self.cache.row(slot)
+        cache = self.cache if self.slots == 1 else self.cache.row(slot)
         ctx = DecodeContext(model=self.model, tokens=list(prompt_ids), max_length=max_length, sampler=sampler,
                             eos_token_ids=frozenset(eos_token_ids), cache=cache,
                             on_draft=streamer.on_draft if streamer is not None else None)
@@ -171,6 +171,17 @@ class BatchEngine:
         self.running.remove(sequence)
         sequence.steps.close()
         self.free.append(sequence.slot)
+
+    def each(self, indices: Iterable[int], add: Callable[[int], SequenceState]) -> Iterator[tuple[int, SequenceState]]:
+        """Decode a queue of sequences (`add(index)` puts one in the batch) as slots free up: (index, sequence) for
+        each, as it finishes."""
+        queue, owners = list(indices), {}
+        while queue or self.running:
+            while queue and self.free:
+                index = queue.pop(0)
+                owners[add(index)] = index
+            for sequence in self.step():
+                yield owners.pop(sequence), sequence
 
     def step(self) -> list[SequenceState]:
         """One round of every running sequence; the ones that finished (their result() is ready)."""
@@ -228,51 +239,55 @@ class BatchEngine:
         first = requests[0]
         if isinstance(first, Adapt):
             return self.run_adapter(group)
-        if len(group) == 1 and self.cache.keys.shape[1] == 1:  # one sequence alone: the scalar path
+        if self.slots == 1:  # one sequence alone: the scalar path
             return [model.forward_layers(first.hidden, first.start_layer, first.end_layer, first.start_pos, self.cache,
                                          first.positions)]
-        hidden, positions, starts, rows = self.padded(group, [request.hidden for request in requests],
-                                                      [request.positions for request in requests])
-        out = model.forward_layers(hidden, first.start_layer, first.end_layer, starts, self.cache, positions, rows=rows)
+        positions, starts, rows = self.placement(group, [request.positions for request in requests])
+        out = model.forward_layers(self.padded([request.hidden for request in requests]), first.start_layer,
+                                   first.end_layer, starts, self.cache, positions, rows=rows)
         return [out[row:row + 1, :length] for row, length in enumerate(lengths)]
 
     @staticmethod
-    def padded(group: list[SequenceState], parts: list[torch.Tensor], own_positions: list[list[int] | None]) -> tuple[
-            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The group's rows [1, T_i, H] as one batch [B, T, H], each padded at its end, past its own positions,
-        where its next passes overwrite the padding before any of its queries can see it; with each row's RoPE
-        positions [B, T], first positions [B] and cache rows [B]."""
-        width = max(part.shape[1] for part in parts)
-        batch = parts[0].new_zeros((len(parts), width, parts[0].shape[2]))
-        positions = torch.empty((len(parts), width), dtype=torch.long)
-        for row, (sequence, part, own) in enumerate(zip(group, parts, own_positions)):
-            length, start = part.shape[1], sequence.request.start_pos
-            batch[row, :length] = part[0]
+    def padded(parts: list[torch.Tensor]) -> torch.Tensor:
+        """Rows [1, T_i, H] as one batch [B, T, H], each padded at its end, past its own positions, where its next
+        passes overwrite the padding before any of its queries can see it."""
+        batch = parts[0].new_zeros((len(parts), max(part.shape[1] for part in parts), parts[0].shape[2]))
+        for row, part in enumerate(parts):
+            batch[row, :part.shape[1]] = part[0]
+        return batch
+
+    @staticmethod
+    def placement(group: list[SequenceState], own_positions: list[list[int] | None]) -> tuple[
+            torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where the group's padded rows go: each row's RoPE positions [B, T] (its own, or its slots; the padding
+        continues them), first positions [B] and cache rows [B]."""
+        lengths = [sequence.request.hidden.shape[1] for sequence in group]
+        width = max(lengths)
+        positions = torch.empty((len(group), width), dtype=torch.long)
+        for row, (sequence, length, own) in enumerate(zip(group, lengths, own_positions)):
+            start = sequence.request.start_pos
             own = own or list(range(start, start + length))
             positions[row] = torch.tensor(own + [own[-1] + 1 + i for i in range(width - length)])
         starts = torch.tensor([sequence.request.start_pos for sequence in group])
-        return batch, positions, starts, torch.tensor([sequence.slot for sequence in group])
+        return positions, starts, torch.tensor([sequence.slot for sequence in group])
 
     def run_adapter(self, group: list[SequenceState]) -> list[torch.Tensor]:
         """One draft adapter over the group's rows, in its own cache (a row per slot, made on first use)."""
         model, requests = self.model, [sequence.request for sequence in group]
         adapter = requests[0].adapter
         if id(adapter) not in self.adapter_caches:
-            self.adapter_caches[id(adapter)] = adapter.kv_cache(self.capacity, batch_size=self.cache.keys.shape[1])
+            self.adapter_caches[id(adapter)] = adapter.kv_cache(self.capacity, batch_size=self.slots)
         cache = self.adapter_caches[id(adapter)]
-        if len(group) == 1 and self.cache.keys.shape[1] == 1:  # one sequence alone: the scalar path
+        if self.slots == 1:  # one sequence alone: the scalar path
             request = requests[0]
             cos, sin = model.rope(request.start_pos, request.hidden.shape[1], request.hidden.dtype)
             return [adapter(request.hidden, request.context, cos, sin, request.start_pos, cache)]
-        lengths = [request.hidden.shape[1] for request in requests]
-        hidden, positions, starts, rows = self.padded(group, [request.hidden for request in requests],
-                                                      [None] * len(group))
-        context = None
-        if requests[0].context is not None:
-            context = self.padded(group, [request.context for request in requests], [None] * len(group))[0]
-        cos, sin = model.rope(0, int(positions.max()) + 1, hidden.dtype)
-        out = adapter(hidden, context, cos[positions], sin[positions], starts, cache, rows=rows)
-        return [out[row:row + 1, :length] for row, length in enumerate(lengths)]
+        hidden = self.padded([request.hidden for request in requests])
+        context = self.padded([request.context for request in requests]) if requests[0].context is not None else None
+        positions, starts, rows = self.placement(group, [None] * len(group))
+        cos, sin = model.rope_at(positions, hidden.dtype)
+        out = adapter(hidden, context, cos, sin, starts, cache, rows=rows)
+        return [out[row:row + 1, :request.hidden.shape[1]] for row, request in enumerate(requests)]
 
 
 @torch.inference_mode()

@@ -4,8 +4,9 @@ A strategy reads the committed tokens (prompt + everything accepted so far) at t
 round and yields a `Round`; the engine commits the round's tokens (or fewer, when a stop condition
 fires mid-round). Strategies never mutate the token list and never see stop conditions.
 
-Within a round a strategy asks for the model's two large products by yielding a request, `Layers` or `Head`,
-and is sent the result: the engine (engine.py) runs the same request of many sequences as one batched pass.
+Within a round a strategy asks for the model's large products by yielding a request (`Layers`, `Head`, or
+`Adapt` for a draft adapter) and is sent the result: the engine (engine.py) runs the same request of many
+sequences as one batched pass.
 """
 
 from __future__ import annotations

@@ -218,11 +218,10 @@ class Transformer(nn.Module):
             table = self._rope_table = (angles.cos().to(dtype), angles.sin().to(dtype))
         return table[0][start:end], table[1][start:end]
 
-    def rope_at(self, positions: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for the given positions, in order (tree drafts: several rows share one position)."""
-        cos, sin = self.rope(0, max(positions) + 1, dtype)
-        index = torch.tensor(positions, device=cos.device)
-        return cos[index], sin[index]
+    def rope_at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at each of `positions` ([T], or [B, T] per batch row): tree drafts' rows share a position."""
+        cos, sin = self.rope(0, int(positions.max()) + 1, dtype)
+        return cos[positions], sin[positions]
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(token_ids)
@@ -239,15 +238,13 @@ class Transformer(nn.Module):
         a list for the pass's rows, or a tensor [B, T] per batch row): tree drafts put the candidates for one
         position in consecutive slots, masked from each other through `cache.attendable`.
         """
-        if isinstance(positions, torch.Tensor) or isinstance(start_pos, torch.Tensor):
-            offsets = positions if isinstance(positions, torch.Tensor) else \
-                start_pos[:, None] + torch.arange(hidden.shape[1], device=start_pos.device)
-            cos, sin = self.rope(0, int(offsets.max()) + 1, hidden.dtype)
-            cos, sin = cos[offsets], sin[offsets]
-        elif positions is None:
-            cos, sin = self.rope(start_pos, hidden.shape[1], hidden.dtype)
+        if positions is not None:
+            cos, sin = self.rope_at(torch.as_tensor(positions, device=self.inv_freq.device), hidden.dtype)
+        elif isinstance(start_pos, torch.Tensor):
+            cos, sin = self.rope_at(start_pos[:, None] + torch.arange(hidden.shape[1], device=start_pos.device),
+                                    hidden.dtype)
         else:
-            cos, sin = self.rope_at(positions, hidden.dtype)
+            cos, sin = self.rope(start_pos, hidden.shape[1], hidden.dtype)
         if self.fused_layers is not None and not torch.is_grad_enabled():
             return self.fused_layers(hidden, start_layer, end_layer, start_pos, cache, cos, sin, rows)
         for layer in self.layers[start_layer:end_layer]:

@@ -46,16 +46,10 @@ def generate_replies(model: Transformer, prompts: dict[int, list[int]], *, slots
     """(index, reply) for every prompt, as each finishes: `slots` at a time through the batch engine, shortest
     prompts first; a reply ends with its end token if it ended."""
     engine = BatchEngine(model, slots=slots, capacity=max(map(len, prompts.values())) + max_new_tokens)
-    queue = sorted(prompts, key=lambda index: (len(prompts[index]), index))
-    owners = {}
-    while queue or engine.running:
-        while queue and engine.free:
-            index = queue.pop(0)
-            sequence = engine.add(prompts[index], Autoregressive(), sampler_for(index), max_new_tokens=max_new_tokens,
-                                  eos_token_ids=end_ids)
-            owners[sequence] = index
-        for sequence in engine.step():
-            yield owners.pop(sequence), sequence.new_tokens
+    order = sorted(prompts, key=lambda index: (len(prompts[index]), index))
+    for index, sequence in engine.each(order, lambda index: engine.add(
+            prompts[index], Autoregressive(), sampler_for(index), max_new_tokens=max_new_tokens, eos_token_ids=end_ids)):
+        yield index, sequence.new_tokens
 
 
 def load_reply_model(model_spec: str | None, device: str = "auto") -> tuple[Any, int]:
