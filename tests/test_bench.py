@@ -57,6 +57,28 @@ def test_records_are_written_as_they_go_and_resume_continues(default_model, tmp_
     assert saved["arguments"] == {"x": 1} and saved["environment"]["torch"] == torch.__version__
 
 
+def test_a_batched_benchmark_decodes_as_one_at_a_time_and_counts_each_batch_once(default_model, tmp_path):
+    config = dataclasses.replace(GREEDY, generation_strategy="self_speculative", exit_layer=2, num_speculations=2)
+    single = run_benchmark(default_model, LayerSkipEngine(default_model, config), SAMPLES, tmp_path / "one",
+                           arguments={})
+    engine = CountingEngine(LayerSkipEngine(default_model, config))
+    summary = run_benchmarks(default_model, {"b": (engine, tmp_path / "two")}, SAMPLES, arguments={},
+                             batch_size=2)["b"]
+    assert engine.calls == 3  # warm-up, then batches [a, b] and [c]
+    records = {r["id"]: r for r in read_records(tmp_path / "two" / "records.jsonl")}
+    alone = {r["id"]: r for r in read_records(tmp_path / "one" / "records.jsonl")}
+    assert [records[key]["batch"] for key in "abc"] == ["a", "a", "c"]
+    for key, sample in zip("abc", SAMPLES):
+        ids = layerskip.encode_prompt(default_model, sample.prompt)
+        assert_same_greedy_tokens(default_model, ids, default_model.tokenizer.encode(alone[key]["generation"]),
+                                  default_model.tokenizer.encode(records[key]["generation"]))
+    seconds = max(records["a"]["stats"]["seconds"], records["b"]["stats"]["seconds"]) + records["c"]["stats"]["seconds"]
+    metrics = summary["metrics"]
+    assert metrics["total_time"] == pytest.approx(seconds) and metrics["new_tokens"] == single["metrics"]["new_tokens"]
+    assert metrics["mean_latency"] == pytest.approx(sum(r["stats"]["seconds"] for r in records.values()) / 3)
+    assert "acceptance_rate" in metrics and metrics["accepted_length_counts"]
+
+
 def test_compared_engines_run_interleaved_and_resume_separately(default_model, tmp_path):
     log = []
     ours = CountingEngine(LayerSkipEngine(default_model, GREEDY), log, "ours")
@@ -176,8 +198,8 @@ def test_hf_engine_matches_ours_on_a_tiny_model(tiny_checkpoint):
     prompt = [3, 14, 15, 92, 65]
     for config in (GREEDY, GenerationConfig(sample=False, max_steps=6, ignore_eos=True,
                                             generation_strategy="self_speculative", exit_layer=2, num_speculations=3)):
-        ours = LayerSkipEngine(loaded, config).generate(prompt)
-        peer = HFEngine(loaded, config).generate(prompt)
+        [ours] = LayerSkipEngine(loaded, config).generate([prompt])
+        [peer] = HFEngine(loaded, config).generate([prompt])
         assert_same_greedy_tokens(loaded, prompt, peer.token_ids, ours.token_ids, row_invariant=False)  # HF: MKL
         assert peer.stats["new_tokens"] == config.max_steps
 

@@ -128,6 +128,8 @@ def test_correctness_reports_a_planted_difference(tmp_path, monkeypatch, capsys)
     assert main(common) == 0
     clean = json.loads((tmp_path / "correctness.json").read_text())
     assert clean["errors"] == 0 and clean["samples"] == 2
+    assert main(common + ["--batch_size", "2"]) == 0  # both samples' self-speculation in one batch
+    assert json.loads((tmp_path / "correctness.json").read_text())["settings"]["batch_size"] == 2
 
     original = strategies.SelfSpeculative.rounds
 
@@ -149,6 +151,7 @@ def test_correctness_reports_a_planted_difference(tmp_path, monkeypatch, capsys)
         assert not record["identical"] and 2 <= record["first_difference"] <= 8
         assert record["autoregressive"] != record["self_speculative"]
     assert "2 of 2 samples differ" in capsys.readouterr().out
+    assert main(common + ["--batch_size", "2"]) == 1  # the corrupted rows are caught in a batch too
 
     # An interruption after the first sample: --resume keeps its record and checks only the second one.
     records = tmp_path / "correctness.jsonl"

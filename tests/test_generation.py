@@ -464,3 +464,26 @@ def test_a_cancelled_sequence_frees_its_slot_and_leaves_nothing_behind(tiny):
     assert_same_greedy_tokens(tiny, BATCH_PROMPTS[1], fresh.token_ids, late.new_tokens)
     assert_same_greedy_tokens(tiny, BATCH_PROMPTS[0], generate_ids(tiny.model, BATCH_PROMPTS[0], strategy,
                               Sampler(sample=False), max_new_tokens=30).token_ids, keep.new_tokens)
+
+
+def test_a_batch_over_max_speculative_batch_decodes_greedy_rows_without_drafts(tiny):
+    """Greedy rows draft only while at most max_speculative_batch sequences run, with the same output; a sampled
+    row keeps drafting (its seeded samples must not depend on the batch), its rounds exactly as alone."""
+    strategy = SelfSpeculative(2, 3)
+    limits, samplers = [20, 4, 4, 20], [lambda: Sampler(sample=False)] * 3 + [
+        lambda: Sampler(sample=True, temperature=0.9, seed=3)]
+    engine = BatchEngine(tiny.model, slots=4, capacity=48, max_speculative_batch=2)
+    with torch.inference_mode():
+        alone = [generate_ids(tiny.model, prompt, strategy, make(), max_new_tokens=limit)
+                 for prompt, make, limit in zip(BATCH_PROMPTS, samplers, limits)]
+        batch = dict(engine.each(range(4), lambda i: engine.add(BATCH_PROMPTS[i], strategy, samplers[i](),
+                                                                max_new_tokens=limits[i])))
+    for index in range(3):
+        assert_same_greedy_tokens(tiny, BATCH_PROMPTS[index], alone[index].token_ids, batch[index].new_tokens)
+    assert batch[1].stats.drafted_tokens == batch[2].stats.drafted_tokens == 0  # 4 ran: no drafts
+    assert 0 < batch[0].stats.drafted_tokens < alone[0].stats.drafted_tokens  # drafts once 2 were left
+    if tiny.model.row_invariant:
+        sampled = batch[3]
+        assert sampled.new_tokens == alone[3].token_ids
+        assert (sampled.stats.rounds, sampled.stats.drafted_tokens) == (alone[3].stats.rounds,
+                                                                       alone[3].stats.drafted_tokens)

@@ -72,8 +72,8 @@ def test_adapter_folder_loads_its_base_with_the_adapter_merged(tiny_checkpoint, 
     assert (logits_of(loaded, IDS) - expected).abs().max() < 1e-4
     greedy = GenerationConfig(sample=False, max_steps=6, ignore_eos=True)
     prompt = IDS[0, :5].tolist()
-    assert_same_greedy_tokens(loaded, prompt, HFEngine(loaded, greedy).generate(prompt).token_ids,
-                              LayerSkipEngine(loaded, greedy).generate(prompt).token_ids, row_invariant=False)
+    assert_same_greedy_tokens(loaded, prompt, HFEngine(loaded, greedy).generate([prompt])[0].token_ids,
+                              LayerSkipEngine(loaded, greedy).generate([prompt])[0].token_ids, row_invariant=False)
 
 
 def test_adapter_without_a_base_model_is_a_clear_error(tiny_checkpoint, tmp_path):

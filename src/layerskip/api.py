@@ -47,7 +47,8 @@ def encode_prompt(loaded: LoadedModel, prompt: str | Messages | None, *, prompt_
 
 def generate(loaded: LoadedModel, prompt: str | Messages | list[str | Messages] | None = None, *,
              prompt_ids: Sequence[int] | None = None, chat: bool | None = None, streamer: Streamer | None = None,
-             batch_size: int = 8, **options: Any) -> GenerationResult | list[GenerationResult]:
+             batch_size: int = 8, max_speculative_batch: int | None = None,
+             **options: Any) -> GenerationResult | list[GenerationResult]:
     """Generate a continuation. `options` are GenerationConfig fields (generation_strategy, exit_layer, ...).
 
     A list of prompts (strings or conversations) decodes as a batch of up to `batch_size` at once and returns one
@@ -57,7 +58,7 @@ def generate(loaded: LoadedModel, prompt: str | Messages | list[str | Messages] 
                                                              loaded.config.vocab_size)
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], dict):
         return generate_batch(loaded, [encode_prompt(loaded, text, chat=chat) for text in prompt], config,
-                              batch_size=batch_size)
+                              batch_size=batch_size, max_speculative_batch=max_speculative_batch)
     return generate_with_config(loaded, encode_prompt(loaded, prompt, prompt_ids=prompt_ids, chat=chat), config,
                                 streamer=streamer)
 
@@ -85,16 +86,28 @@ def generate_with_config(loaded: LoadedModel, prompt_ids: list[int], config: Gen
 
 
 @torch.inference_mode()
+def speculative_batch_limit(loaded: LoadedModel, max_speculative_batch: int | None) -> int:
+    """BatchEngine's max_speculative_batch: the given one, else the model's stored one (measured by
+    benchmarks/bench_batch.py on its host), else 0 (greedy sequences draft in batches of any size)."""
+    limit = int(loaded.defaults.get("max_speculative_batch", 0)) if max_speculative_batch is None \
+        else max_speculative_batch
+    if limit < 0:
+        raise LayerSkipError(f"max_speculative_batch must be >= 0 (0: no limit), got {limit}")
+    return limit
+
+
 def generate_batch(loaded: LoadedModel, prompts: list[list[int]], config: GenerationConfig, *, batch_size: int = 8,
+                   max_speculative_batch: int | None = None,
                    on_result: Callable[[int, GenerationResult], None] | None = None) -> list[GenerationResult]:
     """One result per prompt (token ids), decoding up to `batch_size` at once; a finished prompt's slot takes the
     next, and `on_result(index, result)` hears of each as it finishes. Each prompt samples from its own generator
-    seeded with config.seed, as it would alone."""
+    seeded with config.seed, as it would alone. `max_speculative_batch`: see BatchEngine (None: the model's)."""
     if batch_size < 1:
         raise LayerSkipError(f"batch_size must be at least 1, got {batch_size}")
     stops, strategy = stop_settings(loaded, config), strategy_for(loaded, config)
     engine = BatchEngine(loaded.model, slots=min(batch_size, len(prompts)),
-                         capacity=max(map(len, prompts)) + config.max_steps)
+                         capacity=max(map(len, prompts)) + config.max_steps,
+                         max_speculative_batch=speculative_batch_limit(loaded, max_speculative_batch))
     results = {}
     for index, sequence in engine.each(range(len(prompts)), lambda index: engine.add(
             prompts[index], strategy, config.sampler(loaded.device), **stops)):
@@ -104,4 +117,5 @@ def generate_batch(loaded: LoadedModel, prompts: list[list[int]], config: Genera
     return [results[index] for index in range(len(prompts))]
 
 
-__all__ = ["encode_prompt", "generate", "generate_batch", "generate_with_config", "load", "strategy_for"]
+__all__ = ["encode_prompt", "generate", "generate_batch", "generate_with_config", "load", "speculative_batch_limit",
+           "strategy_for"]

@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a JSONL file of prompts ('prompt': a string, or 'messages': a conversation), decoded "
                              "as a batch; the aggregate tokens/s goes to stderr")
     prompt.add_argument("--batch_size", type=int, default=8, help="with --prompts_file: sequences decoded at once")
+    prompt.add_argument("--max_speculative_batch", type=int, default=None,
+                        help="with --prompts_file: greedy self-speculative sequences draft only while at most this "
+                             "many decode together, else decode one token a round (same output; 0: always draft; "
+                             "default: the model's stored value)")
     prompt.add_argument("--compare_autoregressive", action="store_true",
                         help="also decode the prompt autoregressively (same model and sampling) and print the speedup "
                              "and, greedy, whether the outputs are identical")
@@ -173,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         "when any sample differs. Writes <output_dir>/correctness.jsonl as it goes and correctness.json.",
         bench=False)
     correctness.add_argument("--resume", action="store_true", help="continue an interrupted run in the same --output_dir")
+    correctness.add_argument("--batch_size", type=int, default=1,
+                             help="self-speculative samples decoded together (the autoregressive reference decodes "
+                                  "one at a time), so a batch's rows are checked against each prompt alone")
     correctness.set_defaults(run=run_correctness, generation_strategy="self_speculative", max_steps=128)
 
     benchmark = dataset_command(
@@ -181,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
         "on a dataset. Writes <output_dir>/benchmark/<run>/records.jsonl as it goes and summary.json.")
     benchmark.add_argument("--compare", choices=("hf",), default=None,
                            help="also run the same configuration through HF transformers and print the ratios")
+    benchmark.add_argument("--batch_size", type=int, default=1,
+                           help="samples decoded together (the aggregate tokens/s counts a batch's time once; HF "
+                                "decodes them one at a time)")
     benchmark.set_defaults(run=run_benchmark_command)
 
     sweep = dataset_command(
@@ -377,7 +387,8 @@ def run_prompts_file(loaded: Any, config: Any, args: argparse.Namespace) -> None
             print(json.dumps({"index": index, "model": loaded.name, **result.as_dict()}, ensure_ascii=False), flush=True)
 
     start = time.perf_counter()
-    results = layerskip.api.generate_batch(loaded, ids, config, batch_size=args.batch_size, on_result=show)
+    results = layerskip.api.generate_batch(loaded, ids, config, batch_size=args.batch_size,
+                                           max_speculative_batch=args.max_speculative_batch, on_result=show)
     seconds = time.perf_counter() - start
     tokens = sum(result.stats.new_tokens for result in results)
     print(f"{len(results)} prompts, {tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s in all, "
@@ -397,7 +408,7 @@ def run_correctness(args: argparse.Namespace) -> int:
     output = Path(args.output_dir)
     report = {"model": loaded.name, "dataset": args.dataset,
               **compare(loaded, samples, config, chat=args.chat, records_path=output / "correctness.jsonl",
-                        resume=args.resume)}
+                        resume=args.resume, batch_size=args.batch_size)}
     (output / "correctness.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     for record in report["results"]:
         if not record["identical"]:
@@ -437,7 +448,7 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
     runs = {engine: (make_engine(engine, loaded, config),
                      Path(args.output_dir) / "benchmark" / run_name(args, engine, config)) for engine in engines}
     results = run_benchmarks(loaded, runs, samples, arguments=vars_for_json(args), chat=args.chat,
-                             resume=args.resume, execute_code=args.execute_code)
+                             resume=args.resume, execute_code=args.execute_code, batch_size=args.batch_size)
     summaries = {engine: result["metrics"] for engine, result in results.items()}
     for engine, (_, folder) in runs.items():
         print(f"{engine}: {json.dumps(summaries[engine])}")

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
-from layerskip.api import generate_with_config
+from layerskip.api import generate_batch
 from layerskip.generation import GenerationConfig
 from layerskip.generation.engine import synchronize
 from layerskip.loading import LoadedModel
@@ -30,7 +30,9 @@ class Outcome:
 class Engine(Protocol):
     name: str
 
-    def generate(self, prompt_ids: list[int]) -> Outcome: ...
+    def generate(self, prompts: list[list[int]]) -> list[Outcome]:
+        """One outcome per prompt, decoded together where the engine can batch (each `seconds` is that prompt's
+        own latency)."""
 
 
 class LayerSkipEngine:
@@ -39,9 +41,9 @@ class LayerSkipEngine:
     def __init__(self, loaded: LoadedModel, config: GenerationConfig):
         self.loaded, self.config = loaded, config
 
-    def generate(self, prompt_ids: list[int]) -> Outcome:
-        result = generate_with_config(self.loaded, prompt_ids, self.config)
-        return Outcome(result.token_ids, result.text or "", result.stats.as_dict())
+    def generate(self, prompts: list[list[int]]) -> list[Outcome]:
+        results = generate_batch(self.loaded, prompts, self.config, batch_size=len(prompts))
+        return [Outcome(result.token_ids, result.text or "", result.stats.as_dict()) for result in results]
 
 
 class HFEngine:
@@ -58,7 +60,11 @@ class HFEngine:
             model = PeftModel.from_pretrained(model, str(loaded.adapter)).merge_and_unload()
         self.model = model.to(loaded.device).eval()
 
-    def generate(self, prompt_ids: list[int]) -> Outcome:
+    def generate(self, prompts: list[list[int]]) -> list[Outcome]:
+        """One prompt at a time: assisted generation refuses batches."""
+        return [self.generate_one(prompt_ids) for prompt_ids in prompts]
+
+    def generate_one(self, prompt_ids: list[int]) -> Outcome:
         config, loaded = self.config, self.loaded
         options: dict[str, Any] = dict(max_new_tokens=config.max_steps, do_sample=config.sample,
                                        pad_token_id=(loaded.eos_token_ids or [0])[0])

@@ -19,6 +19,7 @@ from layerskip.api import encode_prompt
 from layerskip.bench.engines import Engine
 from layerskip.eval import metrics
 from layerskip.eval.datasets import Sample
+from layerskip.errors import LayerSkipError
 from layerskip.eval.records import open_records, read_records, write_record
 from layerskip.loading import LoadedModel
 
@@ -75,13 +76,19 @@ def environment(loaded: LoadedModel) -> dict[str, str]:
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Means over samples for quality, totals for speed (tokens/s = all new tokens / all generation time)."""
+    """Means over samples for quality, totals for speed (tokens/s = all new tokens / all generation time, a batch's
+    time counted once) and the mean latency of a sample."""
     count = len(records)
     tokens = sum(r["stats"]["new_tokens"] for r in records)
-    seconds = sum(r["stats"]["seconds"] for r in records)
+    batches: dict[Any, float] = {}  # a batch's time is its slowest sequence's: they all start together
+    for record in records:
+        batch = record.get("batch", record["id"])
+        batches[batch] = max(batches.get(batch, 0.0), record["stats"]["seconds"])
+    seconds = sum(batches.values())
     summary: dict[str, Any] = {"samples": count, "new_tokens": tokens, "total_time": seconds,
                                "tokens_per_second": tokens / seconds if seconds else 0.0,
-                               "time_per_token": seconds / tokens if tokens else 0.0}
+                               "time_per_token": seconds / tokens if tokens else 0.0,
+                               "mean_latency": sum(r["stats"]["seconds"] for r in records) / count if count else 0.0}
     for name in records[0]["scores"] if records else ():
         summary[name] = sum(r["scores"][name] for r in records) / count
     if records:
@@ -108,10 +115,13 @@ def run_benchmark(loaded: LoadedModel, engine: Engine, samples: Sequence[Sample]
 
 
 def run_benchmarks(loaded: LoadedModel, runs: dict[str, tuple[Engine, Path]], samples: Sequence[Sample], *,
-                   arguments: dict[str, Any], chat: bool = False, resume: bool = False,
-                   execute_code: bool = False) -> dict[str, dict[str, Any]]:
-    """Several engines on the same samples, interleaved sample by sample, so that a noisy machine slows
-    them alike and their speed ratio holds; each run keeps its own records.jsonl and summary.json."""
+                   arguments: dict[str, Any], chat: bool = False, resume: bool = False, execute_code: bool = False,
+                   batch_size: int = 1) -> dict[str, dict[str, Any]]:
+    """Several engines on the same samples, `batch_size` samples decoded together, interleaved batch by batch, so
+    that a noisy machine slows them alike and their speed ratio holds; each run keeps its own records.jsonl and
+    summary.json."""
+    if batch_size < 1:
+        raise LayerSkipError(f"--batch_size must be at least 1, got {batch_size}")
     records: dict[str, list[dict[str, Any]]] = {}
     for name, (engine, output_dir) in runs.items():
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -122,29 +132,36 @@ def run_benchmarks(loaded: LoadedModel, runs: dict[str, tuple[Engine, Path]], sa
     sinks = {}
     for name, (engine, output_dir) in runs.items():
         if todo:
-            engine.generate(prompts[todo[0].id])  # warm-up on a real prompt: first-call kernel set-up is not timed
+            engine.generate([prompts[todo[0].id]])  # warm-up on a real prompt: first-call kernel set-up is not timed
         sinks[name] = open_records(output_dir / "records.jsonl", records[name])
-    progress = tqdm(todo, desc=" vs ".join(runs), unit="sample")
+    progress = tqdm(total=len(todo), desc=" vs ".join(runs), unit="sample")
     try:
-        for sample in progress:
+        for first in range(0, len(todo), batch_size):
+            batch = todo[first:first + batch_size]
             live = {}
             for name, (engine, _) in runs.items():
-                if sample.id in done[name]:
+                pending = [sample for sample in batch if sample.id not in done[name]]
+                if not pending:
                     continue
-                outcome = engine.generate(prompts[sample.id])
-                scores = metrics.sample_scores(outcome.text, sample.reference)
-                if execute_code:
-                    scores["pass@1"] = float(passes_tests(sample, outcome.text))
-                record = {"id": sample.id, "prompt": sample.prompt, "generation": outcome.text,
-                          "reference": sample.reference, "scores": scores, "stats": outcome.stats}
-                write_record(sinks[name], record)
-                records[name].append(record)
+                outcomes = engine.generate([prompts[sample.id] for sample in pending])
+                for sample, outcome in zip(pending, outcomes):
+                    scores = metrics.sample_scores(outcome.text, sample.reference)
+                    if execute_code:
+                        scores["pass@1"] = float(passes_tests(sample, outcome.text))
+                    record = {"id": sample.id, "prompt": sample.prompt, "generation": outcome.text,
+                              "reference": sample.reference, "scores": scores, "stats": outcome.stats}
+                    if batch_size > 1:
+                        record["batch"] = pending[0].id  # the samples decoded together share their time
+                    write_record(sinks[name], record)
+                    records[name].append(record)
                 current = summarize(records[name])
                 live[f"{name} tok/s"] = f"{current['tokens_per_second']:.1f}"
                 if "acceptance_rate" in current:
                     live[f"{name} accept"] = f"{current['acceptance_rate']:.0%}"
+            progress.update(len(batch))
             progress.set_postfix(live)
     finally:
+        progress.close()
         for sink in sinks.values():
             sink.close()
     wanted = {sample.id for sample in samples}

@@ -8,10 +8,11 @@ from typing import Any, Iterable
 
 from tqdm import tqdm
 
-from layerskip.api import encode_prompt, generate_with_config
+from layerskip.api import encode_prompt, generate_batch, generate_with_config
 from layerskip.eval.datasets import Sample
 from layerskip.eval.records import open_records, read_records, write_record
-from layerskip.generation import GenerationConfig
+from layerskip.errors import LayerSkipError
+from layerskip.generation import GenerationConfig, GenerationResult
 from layerskip.loading import LoadedModel
 
 
@@ -24,12 +25,16 @@ def first_difference(left: list[int], right: list[int]) -> int | None:
 
 
 def compare(loaded: LoadedModel, samples: Iterable[Sample], speculative: GenerationConfig, *,
-            chat: bool | None = None, records_path: Path | None = None, resume: bool = False) -> dict[str, Any]:
-    """Per sample: identical or not, and where they part, both continuations from there.
+            chat: bool | None = None, records_path: Path | None = None, resume: bool = False,
+            batch_size: int = 1) -> dict[str, Any]:
+    """Per sample: identical or not, and where they part, both continuations from there. Self-speculative decoding
+    runs `batch_size` samples together; the autoregressive reference decodes each alone.
 
     With `records_path`, each sample's record is appended there as it finishes; `resume` keeps the
     records already there and checks only the samples they lack.
     """
+    if batch_size < 1:
+        raise LayerSkipError(f"--batch_size must be at least 1, got {batch_size}")
     speculative = dataclasses.replace(speculative, sample=False)
     autoregressive = dataclasses.replace(speculative, generation_strategy="autoregressive", exit_layer=-1,
                                          num_speculations=-1)
@@ -39,33 +44,40 @@ def compare(loaded: LoadedModel, samples: Iterable[Sample], speculative: Generat
     results = [record for record in kept if record["id"] in wanted]
     done = {record["id"] for record in results}
     sink = open_records(records_path, kept) if records_path is not None else None
-    progress = tqdm([sample for sample in samples if sample.id not in done], desc="correctness", unit="sample")
+    todo = [sample for sample in samples if sample.id not in done]
+    progress = tqdm(total=len(todo), desc="correctness", unit="sample")
     try:
-        for sample in progress:
-            record = check_sample(loaded, sample, autoregressive, speculative, chat)
-            if sink is not None:
-                write_record(sink, record)
-            results.append(record)
+        for first in range(0, len(todo), batch_size):
+            batch = todo[first:first + batch_size]
+            ids = [encode_prompt(loaded, sample.prompt, chat=chat) for sample in batch]
+            # Drafting in every round, whatever the batch's size: speculation is what this checks.
+            actual = generate_batch(loaded, ids, speculative, batch_size=len(batch), max_speculative_batch=0)
+            for sample, prompt_ids, result in zip(batch, ids, actual):
+                record = check_sample(loaded, sample.id, generate_with_config(loaded, prompt_ids, autoregressive),
+                                      result)
+                if sink is not None:
+                    write_record(sink, record)
+                results.append(record)
+            progress.update(len(batch))
             progress.set_postfix(errors=sum(not r["identical"] for r in results))
     finally:
+        progress.close()
         if sink is not None:
             sink.close()
     order = {sample.id: index for index, sample in enumerate(samples)}
     results.sort(key=lambda record: order[record["id"]])
     errors = sum(not r["identical"] for r in results)
     return {"settings": {"exit_layer": speculative.exit_layer, "num_speculations": speculative.num_speculations,
-                         "max_steps": speculative.max_steps},
+                         "max_steps": speculative.max_steps, "batch_size": batch_size},
             "samples": len(results), "errors": errors,
             "error_percentage": 100.0 * errors / len(results) if results else 0.0, "results": results}
 
 
-def check_sample(loaded: LoadedModel, sample: Sample, autoregressive: GenerationConfig,
-                 speculative: GenerationConfig, chat: bool | None) -> dict[str, Any]:
-    ids = encode_prompt(loaded, sample.prompt, chat=chat)
-    expected = generate_with_config(loaded, ids, autoregressive)
-    actual = generate_with_config(loaded, ids, speculative)
+def check_sample(loaded: LoadedModel, sample_id: str, expected: GenerationResult,
+                 actual: GenerationResult) -> dict[str, Any]:
+    """A sample's record: whether the self-speculative tokens equal the autoregressive ones, and where not."""
     position = first_difference(expected.token_ids, actual.token_ids)
-    record: dict[str, Any] = {"id": sample.id, "identical": position is None,
+    record: dict[str, Any] = {"id": sample_id, "identical": position is None,
                               "acceptance_rate": actual.stats.acceptance_rate}
     if position is not None:
         decode = loaded.tokenizer.decode if loaded.tokenizer is not None else str

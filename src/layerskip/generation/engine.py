@@ -91,7 +91,7 @@ class SequenceState:
         self.finish_reason: str | None = None
         self.started = time.perf_counter()
         self.steps = strategy.rounds(ctx)
-        self.request: Request | None = next(self.steps)  # what it waits for; None: it yielded this step's round
+        self.request: Request | None = None  # what it waits for; None: between rounds
 
     def commit(self, step: Round) -> None:
         """The round's tokens, one at a time, up to the first stop condition; and its statistics."""
@@ -137,11 +137,17 @@ class BatchEngine:
     of every sequence and returns those that finished, each removed and its slot free for the next; remove() takes
     one out before it finishes. Nothing of a sequence stays behind in its slot: every position is written before
     it is read.
+
+    With `max_speculative_batch` N > 0, greedy self-speculative sequences draft only in rounds where at most N
+    sequences decode, and take one token a round (every layer, as plain decoding) in a larger batch: there the
+    batch's rows already keep the CPU's arithmetic busy, so a verification pass of several rows a sequence costs
+    more than the drafts it accepts save (docs/BENCHMARKS.md). Greedy output is the same either way. Sampled
+    sequences always keep their strategy: switching would make a seeded sample depend on the batch it shares.
     """
 
-    def __init__(self, model: Transformer, *, slots: int, capacity: int):
+    def __init__(self, model: Transformer, *, slots: int, capacity: int, max_speculative_batch: int = 0):
         weight = model.embed_tokens.weight
-        self.model, self.slots = model, slots
+        self.model, self.slots, self.max_speculative_batch = model, slots, max_speculative_batch
         self.capacity = min(capacity, model.config.max_position_embeddings)
         self.cache = KVCache(model.config, self.capacity, batch_size=slots, dtype=weight.dtype, device=weight.device)
         self.free = list(range(slots))
@@ -185,6 +191,9 @@ class BatchEngine:
 
     def step(self) -> list[SequenceState]:
         """One round of every running sequence; the ones that finished (their result() is ready)."""
+        for sequence in self.running:
+            sequence.ctx.speculate = self.speculates(sequence.ctx.sampler, len(self.running))
+            sequence.request = next(sequence.steps)
         waiting = list(self.running)
         while waiting:
             group = self.next_group(waiting)
@@ -200,9 +209,11 @@ class BatchEngine:
         for sequence in finished:
             self.running.remove(sequence)
             self.free.append(sequence.slot)
-        for sequence in self.running:
-            sequence.request = next(sequence.steps)
         return finished
+
+    def speculates(self, sampler: Sampler, running: int) -> bool:
+        """Whether a sequence's next round may draft, with `running` sequences in the batch."""
+        return not self.max_speculative_batch or running <= self.max_speculative_batch or sampler.sample
 
     @staticmethod
     def next_group(waiting: list[SequenceState]) -> list[SequenceState]:

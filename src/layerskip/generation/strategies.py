@@ -79,6 +79,7 @@ class DecodeContext:
     eos_token_ids: frozenset[int]
     cache: KVCache | CacheRow | None = None  # the sequence's KV cache (its row of the engine's), for masks and moves
     on_draft: Callable[[list[int]], None] | None = None
+    speculate: bool = True            # the engine's say for the next round: False, a speculative round drafts nothing
 
     def token_tensor(self, tokens: list[int]) -> torch.Tensor:
         return torch.tensor([tokens], dtype=torch.long, device=self.model.inv_freq.device)
@@ -220,7 +221,7 @@ class SelfSpeculative(Strategy):
         done = 0  # positions [0, done) have been through every layer and are final
         while True:
             committed = len(ctx.tokens)
-            budget = min(self.num_speculations, ctx.max_length - committed - 1)
+            budget = min(self.num_speculations, ctx.max_length - committed - 1) if ctx.speculate else 0
             if adapted is not None and done == 0:
                 budget = 0  # the prompt goes through every layer first: the adapter's context needs its final states
             drafts: list[int] = []
