@@ -85,7 +85,6 @@ def generate_with_config(loaded: LoadedModel, prompt_ids: list[int], config: Gen
                         streamer=streamer, **stop_settings(loaded, config))
 
 
-@torch.inference_mode()
 def speculative_batch_limit(loaded: LoadedModel, max_speculative_batch: int | None) -> int:
     """BatchEngine's max_speculative_batch: the given one, else the model's stored one (measured by
     benchmarks/bench_batch.py on its host), else 0 (greedy sequences draft in batches of any size)."""
@@ -96,6 +95,7 @@ def speculative_batch_limit(loaded: LoadedModel, max_speculative_batch: int | No
     return limit
 
 
+@torch.inference_mode()
 def generate_batch(loaded: LoadedModel, prompts: list[list[int]], config: GenerationConfig, *, batch_size: int = 8,
                    max_speculative_batch: int | None = None,
                    on_result: Callable[[int, GenerationResult], None] | None = None) -> list[GenerationResult]:
