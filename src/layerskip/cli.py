@@ -252,6 +252,24 @@ def build_parser() -> argparse.ArgumentParser:
                              help="drafts per round k for the simulated acceptance")
     exits.set_defaults(run=run_exits)
 
+    serve = commands.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server (chat and text completions, streaming, metrics)",
+        description="Serve the model over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) plus "
+                    "/health and /metrics (Prometheus), decoding every request in one continuous batch. The "
+                    "generation flags are the defaults a request's own fields override.")
+    add_model_arguments(serve)
+    add_generation_arguments(serve)
+    server = serve.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--max_batch_size", type=int, default=8, help="requests decoding together")
+    server.add_argument("--max_queue", type=int, default=64,
+                        help="requests waiting beyond a full batch; more are refused with 429")
+    server.add_argument("--max_model_len", type=int, default=None,
+                        help="prompt + new tokens of one request (default: 2048, or the model's context if shorter)")
+    server.add_argument("--api_key", default=None, help="require 'Authorization: Bearer <key>' on /v1")
+    serve.set_defaults(run=run_serve)
+
     from layerskip.training.command import add_training_commands  # cheap: torch loads only when a command runs
 
     add_training_commands(commands)  # `layerskip train --config r.yaml [key=value ...]`, `layerskip merge-lora`
@@ -538,6 +556,15 @@ def run_exits(args: argparse.Namespace) -> int:
     for report in reports:
         print(format_report(report) + "\n")
     print(f"table: {output / 'exits.csv'}, plot: {output / 'exits.png'}", file=sys.stderr)
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from layerskip.serve import ServerSettings, serve
+
+    settings = ServerSettings(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+                              max_queue=args.max_queue, max_model_len=args.max_model_len, api_key=args.api_key)
+    serve(load_model(args), generation_options(args), settings)
     return 0
 
 

@@ -1,0 +1,9 @@
+"""`layerskip serve`: an OpenAI-compatible HTTP server on continuously batched self-speculative decoding.
+
+protocol.py is the wire format, scheduler.py the decoding loop (one thread owning the model and the batch),
+metrics.py the Prometheus metrics, app.py the FastAPI routes and `serve`.
+"""
+
+from layerskip.serve.app import ServerSettings, create_app, serve
+
+__all__ = ["ServerSettings", "create_app", "serve"]
