@@ -82,6 +82,7 @@ inline uint16_t load_u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); 
 // Software prefetch distance along the weight stream: far enough ahead to keep the memory busy while a group of
 // rows computes (measured: 4-8 KiB).
 constexpr int kPrefetchBytes = 4096;
+constexpr int64_t kL2BlockBytes = 256 << 10;  // weights a thread keeps in L2 over the row groups of a long pass
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -815,13 +816,23 @@ static FR_INLINE void tail_rows(const Run& run, int64_t rows, int64_t r0, int64_
 // V::kRows, then one group of the rest: so up to kRows rows stream the weight row once, from memory, in a single
 // pass.  The grouping only decides which (row, feature) elements run side by side; each element's arithmetic is
 // the same whatever the group.
+//
+// A long pass (a prompt: more than two groups of rows) would stream each weight row from memory once per group,
+// and each group's rows from L2 once per feature. There a thread takes its features in blocks that stay in L2
+// (kL2BlockBytes of weights) and runs every group of rows over one block before the next: the weights come from
+// memory once, the group's rows stay in L1. The same (row, feature) elements with the same arithmetic: only
+// their order changes, so the results are bit-identical to the decoding order.
 template <class Run>
 static void drive(const Run& run, int64_t R, int64_t N, int64_t row_bytes) {
+  const int64_t block = R > 2 * V::kRows ? std::max<int64_t>(1, kL2BlockBytes / std::max<int64_t>(1, row_bytes)) : 1;
   at::parallel_for(0, N, tile_grain(row_bytes), [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t b0 = n0; b0 < n1; b0 += block) {
+      const int64_t b1 = std::min(n1, b0 + block);
       int64_t r = 0;
-      for (; r + V::kRows <= R; r += V::kRows) run.template tile<V::kRows>(r, n);
-      if (r < R) tail_rows<V::kRows - 1>(run, R - r, r, n);
+      for (; r + V::kRows <= R; r += V::kRows)
+        for (int64_t n = b0; n < b1; ++n) run.template tile<V::kRows>(r, n);
+      if (r < R)
+        for (int64_t n = b0; n < b1; ++n) tail_rows<V::kRows - 1>(run, R - r, r, n);
     }
   });
 }

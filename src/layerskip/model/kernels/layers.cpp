@@ -18,6 +18,10 @@
 namespace fewrow {
 namespace {
 
+// Rows per task of the per-row steps (norms, SiLU): a prompt's rows split across threads, a decoding step's few
+// stay on one (each row's arithmetic is the same either way).
+constexpr int64_t kRowGrain = 16;
+
 // y = x W^T (+ bias) for one prepared weight matrix.
 at::Tensor apply(const PreparedWeight& w, const at::Tensor& x) {
   at::Tensor y;
@@ -37,13 +41,15 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const float* in = x.data_ptr<float>();
   const float* w = weight.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = in + r * width;
-    float sum = 0.f;
-    for (int64_t i = 0; i < width; ++i) sum += xr[i] * xr[i];
-    const float inv = 1.f / std::sqrt(sum / float(width) + float(eps));
-    for (int64_t i = 0; i < width; ++i) o[r * width + i] = w[i] * (xr[i] * inv);
-  }
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = in + r * width;
+      float sum = 0.f;
+      for (int64_t i = 0; i < width; ++i) sum += xr[i] * xr[i];
+      const float inv = 1.f / std::sqrt(sum / float(width) + float(eps));
+      for (int64_t i = 0; i < width; ++i) o[r * width + i] = w[i] * (xr[i] * inv);
+    }
+  });
   return out;
 }
 
@@ -129,11 +135,13 @@ at::Tensor forward_layers(const at::Tensor& hidden, const LayerStack& stack, int
     at::Tensor gated = at::empty({B * T, inner}, x.options());
     const float* gu = gate_up.data_ptr<float>();
     float* g = gated.data_ptr<float>();
-    for (int64_t r = 0; r < B * T; ++r)
-      for (int64_t i = 0; i < inner; ++i) {
-        const float a = gu[r * 2 * inner + i];
-        g[r * inner + i] = a / (1.f + std::exp(-a)) * gu[r * 2 * inner + inner + i];
-      }
+    at::parallel_for(0, B * T, kRowGrain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t i = 0; i < inner; ++i) {
+          const float a = gu[r * 2 * inner + i];
+          g[r * inner + i] = a / (1.f + std::exp(-a)) * gu[r * 2 * inner + inner + i];
+        }
+    });
     x.add_(apply(layer.down, gated));
   }
   return x.view({B, T, width});
