@@ -8,6 +8,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import json
+import logging
 import socket
 import threading
 import time
@@ -16,14 +17,13 @@ from typing import Any, Iterator
 import httpx
 import openai
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 import layerskip
 from conftest import assert_same_greedy_tokens
 from layerskip.cli import build_parser, generation_options, main
 from layerskip.generation import GenerationConfig, GenerationResult
-from layerskip.serve import ServerSettings, create_app
+from layerskip.serve import Server, ServerSettings, create_app
 
 MAX_MODEL_LEN = 256
 # The server's generation defaults as `layerskip serve --sample false` parses them.
@@ -35,7 +35,7 @@ CHAT = "/v1/chat/completions"
 class Live:
     url: str
     app: Any
-    server: uvicorn.Server
+    server: Server
 
     @property
     def scheduler(self) -> Any:
@@ -54,12 +54,12 @@ class Live:
 
 
 @contextlib.contextmanager
-def live_server(loaded: Any, options: dict[str, Any] = GREEDY, *, graceful_shutdown: int | None = None,
-                **settings: Any) -> Iterator[Live]:
-    """The app under uvicorn in a thread, on a free loopback port, until the block ends."""
-    app = create_app(loaded, options, ServerSettings(**{"max_model_len": MAX_MODEL_LEN, **settings}))
+def live_server(loaded: Any, options: dict[str, Any] = GREEDY, **settings: Any) -> Iterator[Live]:
+    """The server in a thread, on a free loopback port, until the block ends; its log goes to pytest's."""
+    settings = ServerSettings(**{"max_model_len": MAX_MODEL_LEN, **settings})
+    app = create_app(loaded, options, settings)
     sock = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=graceful_shutdown))
+    server = Server(app, settings, log_level="warning", log_config=None)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -389,21 +389,24 @@ def test_a_failed_round_fails_its_requests_and_the_server_goes_on(default_model)
         assert server.metrics()[("layerskip_requests_finished_total", (("finish_reason", "error"),))] == 1
 
 
-def test_shutdown_cancels_a_stream_that_outlives_the_grace_period(default_model, caplog):
-    """should_exit (what Ctrl-C and SIGTERM set) with a stream that cannot finish: after the grace period its
-    connection is cut and its job cancelled, the decoding loop ends, and nothing logs an error."""
-    with live_server(default_model, graceful_shutdown=1) as server:
-        with rounds_held(server):
-            stream = server.client().chat.completions.create(model=default_model.name, messages=message(),
-                                                             stream=True)
-            assert next(stream).choices[0].delta.role == "assistant"
+def test_shutdown_ends_a_stream_that_outlives_the_grace_period(default_model, caplog):
+    """should_exit (what Ctrl-C and SIGTERM set) with a stream that cannot finish: after the grace period the
+    decoding loop ends it with a 503 error event and [DONE], the server stops, and nothing logs an error."""
+    with live_server(default_model, shutdown_grace_seconds=0.5) as server, rounds_held(server) as go:
+        body = {"messages": message(), "max_tokens": 8, "stream": True}
+        with httpx.stream("POST", server.url + CHAT, json=body, timeout=60) as stream:
+            lines = stream.iter_lines()
+            assert json.loads(next(lines).removeprefix("data: "))["choices"][0]["delta"]["role"] == "assistant"
             server.server.should_exit = True
-            with pytest.raises((openai.APIError, httpx.HTTPError)):
-                list(stream)
+            wait_for(lambda: server.scheduler.stopping, "the grace period to pass")
+            go.set()  # the held round ends; the loop, stopping, ends the request instead of decoding on
+            events = [line for line in lines if line]
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert "shutting down" in error["message"] and error["type"] == "server_error" and events[-1] == "data: [DONE]"
     scheduler, registry = server.scheduler, server.app.state.metrics.registry
     assert not scheduler.thread.is_alive() and not scheduler.running and not scheduler.waiting
     assert registry.get_sample_value("layerskip_requests_finished_total", {"finish_reason": "cancelled"}) == 1
-    assert [record for record in caplog.records if record.levelname == "ERROR"] == []
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
 
 
 @pytest.mark.parametrize("flag,value,message", [("--max_batch_size", "0", "--max_batch_size must be at least 1"),

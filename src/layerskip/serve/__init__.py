@@ -4,6 +4,6 @@ protocol.py is the wire format, scheduler.py the decoding loop (one thread ownin
 metrics.py the Prometheus metrics, app.py the FastAPI routes and `serve`.
 """
 
-from layerskip.serve.app import ServerSettings, create_app, serve
+from layerskip.serve.app import Server, ServerSettings, create_app, serve
 
-__all__ = ["ServerSettings", "create_app", "serve"]
+__all__ = ["Server", "ServerSettings", "create_app", "serve"]

@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import secrets
 import socket
+import sys
 import time
 from typing import Any, AsyncIterator
 
@@ -34,7 +36,7 @@ from layerskip.serve.protocol import APIError, ChatCompletionRequest, Completion
 from layerskip.serve.scheduler import Delta, Finished, Job, Refused, Scheduler
 
 DEFAULT_MAX_MODEL_LEN = 2048  # a KV cache row per slot of this many tokens, unless the model's context is shorter
-GRACEFUL_SHUTDOWN_SECONDS = 10  # running requests may finish this long after Ctrl-C / SIGTERM, then are cancelled
+CANCEL_BACKSTOP_SECONDS = 5  # after the grace period and the loop's own ending, uvicorn cancels what still runs
 RETRY_AFTER_SECONDS = 1
 API_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 
@@ -50,6 +52,7 @@ class ServerSettings:
     max_model_len: int | None = None  # prompt + new tokens of a request; None: DEFAULT_MAX_MODEL_LEN or the context
     api_key: str | None = None   # required as `Authorization: Bearer <key>` on /v1 when set
     max_body_bytes: int = 1 << 20
+    shutdown_grace_seconds: float = 10.0  # running requests may finish this long after Ctrl-C / SIGTERM
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -351,9 +354,33 @@ def listen(host: str, port: int) -> socket.socket:
         raise LayerSkipError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server for an app of create_app. On shutdown (Ctrl-C, SIGTERM, should_exit) running requests get
+    the grace period to finish; then the decoding loop ends them itself, so each gets a 503 (a stream: an error
+    event and [DONE]) instead of uvicorn cancelling its task (a traceback in the log)."""
+
+    def __init__(self, app: FastAPI, settings: ServerSettings, **config: Any):
+        grace = settings.shutdown_grace_seconds
+        super().__init__(uvicorn.Config(app, timeout_graceful_shutdown=math.ceil(grace) + CANCEL_BACKSTOP_SECONDS,
+                                        **config))
+        self.scheduler, self.grace = app.state.scheduler, grace
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        async def end_requests_after_grace() -> None:
+            await asyncio.sleep(self.grace)
+            await asyncio.to_thread(self.scheduler.stop)
+
+        ending = asyncio.create_task(end_requests_after_grace())
+        try:
+            await super().shutdown(sockets)  # returns once every connection closed
+        finally:
+            ending.cancel()
+
+
 def serve(loaded: LoadedModel, options: dict[str, Any], settings: ServerSettings) -> None:
-    """Serve until Ctrl-C or SIGTERM; running requests get GRACEFUL_SHUTDOWN_SECONDS to finish."""
+    """Serve until Ctrl-C or SIGTERM."""
     app = create_app(loaded, options, settings)
     sock = listen(settings.host, settings.port)
-    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
-    uvicorn.Server(config).run(sockets=[sock])
+    host, port = sock.getsockname()[:2]
+    print(f"layerskip: serving {loaded.name} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+    Server(app, settings, log_level="info").run(sockets=[sock])
