@@ -56,10 +56,10 @@ class Live:
 @contextlib.contextmanager
 def live_server(loaded: Any, options: dict[str, Any] = GREEDY, **settings: Any) -> Iterator[Live]:
     """The server in a thread, on a free loopback port, until the block ends; its log goes to pytest's."""
-    settings = ServerSettings(**{"max_model_len": MAX_MODEL_LEN, **settings})
-    app = create_app(loaded, options, settings)
+    checked = ServerSettings(**{"max_model_len": MAX_MODEL_LEN, **settings})
+    app = create_app(loaded, options, checked)
     sock = socket.create_server(("127.0.0.1", 0))
-    server = Server(app, settings, log_level="warning", log_config=None)
+    server = Server(app, checked, log_level="warning", log_config=None)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:

@@ -104,24 +104,29 @@ class Service:
         if asked is None:
             problem = f"the prompt is {prompt_tokens} tokens, which leaves no room for new tokens in"
         else:
-            problem = f"the prompt is {prompt_tokens} tokens and max_tokens is {asked}: {prompt_tokens + asked} in all, over"
+            problem = (f"the prompt is {prompt_tokens} tokens and max_tokens is {asked}: {prompt_tokens + asked} in "
+                       "all, over")
         raise APIError(400, f"{problem} this server's context of {self.max_model_len} tokens: shorten the prompt"
                        + (" or lower max_tokens" if asked is not None else ""), param=prompt_field,
                        code="context_length_exceeded")
+
+    def prompt_ids(self, body: GenerationRequest) -> list[int]:
+        """Chat: the conversation through the model's chat template; text: the prompt as it is, or its token ids."""
+        loaded = self.loaded
+        if isinstance(body, ChatCompletionRequest):
+            if not loaded.tokenizer.has_chat_template:
+                raise APIError(400, f"model '{loaded.name}' has no chat template: use /v1/completions")
+            return api.encode_prompt(loaded, body.conversation(), chat=True)
+        if isinstance(body.prompt, str):
+            return api.encode_prompt(loaded, body.prompt, chat=False)
+        return api.encode_prompt(loaded, None, prompt_ids=body.prompt)
 
     async def complete(self, request: Request, body: GenerationRequest) -> Response:
         self.check_model(body.model)
         chat = isinstance(body, ChatCompletionRequest)
         loaded = self.loaded
         try:
-            if chat:
-                if not loaded.tokenizer.has_chat_template:
-                    raise APIError(400, f"model '{loaded.name}' has no chat template: use /v1/completions")
-                prompt_ids = api.encode_prompt(loaded, body.conversation(), chat=True)
-            elif isinstance(body.prompt, str):
-                prompt_ids = api.encode_prompt(loaded, body.prompt, chat=False)
-            else:
-                prompt_ids = api.encode_prompt(loaded, None, prompt_ids=body.prompt)
+            prompt_ids = self.prompt_ids(body)
             options = body.generation_options(self.options, self.budget(body, len(prompt_ids),
                                                                         "messages" if chat else "prompt"))
             config = GenerationConfig.from_options(options).resolved(loaded.config.num_hidden_layers, loaded.defaults,
@@ -132,9 +137,9 @@ class Service:
         except LayerSkipError as error:
             raise APIError.from_layerskip(error) from None
         except Refused as refusal:
-            headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
-            raise APIError(refusal.status, str(refusal), code="queue_full" if refusal.status == 429 else None,
-                           headers=headers) from None
+            busy = refusal.status == 429
+            raise APIError(refusal.status, str(refusal), code="queue_full" if busy else None,
+                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)} if busy else None) from None
         reply = Reply(chat=chat, model=loaded.name)
         if body.stream:
             return StreamingResponse(self.events(job, reply, body.include_usage), media_type="text/event-stream",

@@ -106,7 +106,7 @@ class Scheduler:
     def __init__(self, model: Transformer, metrics: ServerMetrics, *, slots: int, capacity: int, max_queue: int):
         self.model, self.slots, self.capacity, self.max_queue, self.metrics = model, slots, capacity, max_queue, metrics
         self.engine = BatchEngine(model, slots=slots, capacity=capacity)
-        self.changed = threading.Condition()
+        self.changed = threading.Condition(threading.RLock())  # reentrant: leave() ends jobs under it too
         self.waiting: collections.deque[Job] = collections.deque()  # under the lock
         self.active = 0                                              # waiting or running; under the lock
         self.stopping = False
@@ -154,36 +154,44 @@ class Scheduler:
 
     def run(self) -> None:
         with torch.inference_mode():
-            while True:
-                with self.changed:
-                    self.changed.wait_for(lambda: self.waiting or self.running or self.stopping)
-                    if self.stopping:
-                        break
-                    for job in [job for job in self.waiting if job.cancelled]:
-                        self.waiting.remove(job)
-                        self.end(job, Stopped(499, "cancelled"), "cancelled")
-                    joining = [self.waiting.popleft() for _ in range(min(len(self.waiting), len(self.engine.free)))]
-                for sequence, job in list(self.running.items()):
-                    if job.cancelled:
-                        self.engine.remove(sequence)
-                        self.leave(sequence, Stopped(499, "cancelled"), "cancelled")
-                for job in joining:
-                    self.join(job)
+            while self.between_rounds():
                 if self.running:
                     self.step()
-            for sequence in list(self.running):
-                self.engine.remove(sequence)
-                self.leave(sequence, Stopped(503, "the server is shutting down"), "cancelled")
+            shutting_down = Stopped(503, "the server is shutting down")
             with self.changed:
+                for sequence in list(self.running):
+                    self.engine.remove(sequence)
+                    self.leave(sequence, shutting_down, "cancelled")
                 while self.waiting:
-                    self.end(self.waiting.popleft(), Stopped(503, "the server is shutting down"), "cancelled")
+                    self.end(self.waiting.popleft(), shutting_down, "cancelled")
+
+    def between_rounds(self) -> bool:
+        """Drop cancelled jobs, then fill free slots from the queue (waiting while there is nothing to do);
+        False once the loop is stopping."""
+        cancelled = Stopped(499, "cancelled")
+        with self.changed:
+            self.changed.wait_for(lambda: self.waiting or self.running or self.stopping)
+            if self.stopping:
+                return False
+            for job in [job for job in self.waiting if job.cancelled]:
+                self.waiting.remove(job)
+                self.end(job, cancelled, "cancelled")
+            for sequence, job in list(self.running.items()):
+                if job.cancelled:
+                    self.engine.remove(sequence)
+                    self.leave(sequence, cancelled, "cancelled")
+            joining = [self.waiting.popleft() for _ in range(min(len(self.waiting), len(self.engine.free)))]
+        for job in joining:
+            self.join(job)
+        return True
 
     def join(self, job: Job) -> None:
         try:
             sequence = self.engine.add(job.prompt_ids, job.strategy, job.sampler, streamer=job, **job.stops)
         except Exception as error:  # a bug, not the request's fault: that request fails, the others go on
             log.exception("a request could not join the batch")
-            self.end(job, Stopped(500, f"decoding failed: {error}"), "error")
+            with self.changed:
+                self.end(job, Stopped(500, f"decoding failed: {error}"), "error")
             return
         self.running[sequence] = job
 
@@ -205,7 +213,7 @@ class Scheduler:
             self.leave(sequence, Finished(result), FINISH_REASONS[result.finish_reason])
 
     def leave(self, sequence: SequenceState, event: Finished | Stopped, reason: str) -> None:
-        """A sequence out of the batch: its tokens counted, its job ended."""
+        """A sequence out of the batch: its tokens counted, its job ended (the lock is reentrant)."""
         job = self.running.pop(sequence)
         stats = sequence.stats
         self.metrics.left_batch(prompt_tokens=stats.prompt_tokens, new_tokens=len(sequence.new_tokens),
