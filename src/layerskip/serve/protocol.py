@@ -61,7 +61,7 @@ class StreamOptions(StrictBody):
 class ChatMessage(StrictBody):
     role: str
     content: str
-    name: str | None = None
+    name: str | None = None  # accepted, not used: chat templates have no place for it
 
     @field_validator("role")
     @classmethod
