@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from layerskip.generation import Autoregressive, Sampler, SelfSpeculative, Verdict, generate_ids
+from layerskip.generation import Autoregressive, BatchEngine, Sampler, SelfSpeculative, Verdict, generate_ids
 from layerskip.model import ModelConfig, Transformer
 
 
@@ -225,3 +225,25 @@ def test_tree_drafts_sampling_matches_plain_sampling(tiny_model):
             counts[tuple(result.token_ids)] += 1
         assert Recording.taken > RUNS // 20, strategy.describe()  # about 1 in 6 rounds
         assert chi_square_p_value(counts, exact) > SIGNIFICANCE, strategy.describe()
+
+
+def test_rows_of_a_batch_sample_from_plain_samplings_distribution(tiny_model):
+    """Speculative rows (tree drafts) in a batch of 8, beside companions with other prompts, joining as slots free
+    up: the prompt's rows follow plain sampling's distribution, in every slot."""
+    exact = exact_two_token_distribution(tiny_model)
+    strategy = SelfSpeculative(exit_layer=1, num_speculations=2, draft_candidates=2)
+    companions = [[3], [5, 6, 7, 1], [2, 2]]
+    engine = BatchEngine(tiny_model, slots=8, capacity=16)
+
+    def add(index: int):
+        prompt = PROMPT if index % 2 == 0 else companions[index // 2 % len(companions)]
+        return engine.add(prompt, strategy, Sampler(**SETTINGS, seed=index), max_new_tokens=2 + index % 3)
+
+    counts, slots = dict.fromkeys(itertools.product(range(VOCAB), repeat=2), 0), set()
+    with torch.inference_mode():
+        for index, sequence in engine.each(range(2 * RUNS), add):
+            if index % 2 == 0:
+                counts[tuple(sequence.new_tokens[:2])] += 1
+                slots.add(sequence.slot)
+    assert slots == set(range(8)) and sum(counts.values()) == RUNS
+    assert chi_square_p_value(counts, exact) > SIGNIFICANCE

@@ -141,6 +141,11 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+MAX_SPECULATIVE_BATCH_HELP = ("greedy self-speculative sequences draft only while at most this many decode together, "
+                              "else take one token a round (the same output; 0: always draft; default: the model's "
+                              "stored value, measured by benchmarks/bench_batch.py)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="layerskip", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
@@ -162,10 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a JSONL file of prompts ('prompt': a string, or 'messages': a conversation), decoded "
                              "as a batch; the aggregate tokens/s goes to stderr")
     prompt.add_argument("--batch_size", type=int, default=8, help="with --prompts_file: sequences decoded at once")
-    prompt.add_argument("--max_speculative_batch", type=int, default=None,
-                        help="with --prompts_file: greedy self-speculative sequences draft only while at most this "
-                             "many decode together, else decode one token a round (same output; 0: always draft; "
-                             "default: the model's stored value)")
+    prompt.add_argument("--max_speculative_batch", type=int, default=None, help=MAX_SPECULATIVE_BATCH_HELP)
     prompt.add_argument("--compare_autoregressive", action="store_true",
                         help="also decode the prompt autoregressively (same model and sampling) and print the speedup "
                              "and, greedy, whether the outputs are identical")
@@ -268,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max_model_len", type=int, default=None,
                         help="prompt + new tokens of one request (default: 2048, or the model's context if shorter)")
     server.add_argument("--api_key", default=None, help="require 'Authorization: Bearer <key>' on /v1")
+    server.add_argument("--max_speculative_batch", type=int, default=None, help=MAX_SPECULATIVE_BATCH_HELP)
     serve.set_defaults(run=run_serve)
 
     from layerskip.training.command import add_training_commands  # cheap: torch loads only when a command runs
@@ -563,7 +566,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from layerskip.serve import ServerSettings, serve
 
     settings = ServerSettings(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
-                              max_queue=args.max_queue, max_model_len=args.max_model_len, api_key=args.api_key)
+                              max_queue=args.max_queue, max_model_len=args.max_model_len, api_key=args.api_key,
+                              max_speculative_batch=args.max_speculative_batch)
     serve(load_model(args), generation_options(args), settings)
     return 0
 

@@ -13,20 +13,23 @@ from layerskip.model.draft_adapter import DraftAdapter
 @torch.inference_mode()
 def measure_step_costs(model, exit_layer: int, speculations: int, vocab_size: int = 0, context: int = 64,
                        repeats: int = 15, draft_adapter: DraftAdapter | None = None,
-                       candidates: int = 1) -> tuple[float, float]:
+                       candidates: int = 1, batch: int = 1) -> tuple[float, float]:
     """(c_d, c_v): a draft step (through `draft_adapter`, when given) and a k-draft verification, in units of
     one full decoding step. With `candidates` m > 1 (tree drafts) the verification is a tree round's: the last
     position's m candidates through [0, E), then k + m rows through [E, L) and the head.
 
+    With `batch` B, every pass runs B sequences at once and the unit is a plain decoding step of the B: the cost
+    model for a batch, speedup = tokens per round / (k c_d + c_v), with the costs the batch's rows bring.
+
     The three passes are timed in turn, repeatedly, and compared by their medians.
     """
-    cache = KVCache(model.config, context + speculations + candidates + 1)
-    model(torch.arange(context)[None] % model.config.vocab_size, cache=cache)
-    one = model.embed(torch.tensor([[7]]))
-    last = model.embed(torch.full((1, candidates), 7))
-    many = model.embed(torch.full((1, speculations + candidates), 7))
+    cache = KVCache(model.config, context + speculations + candidates + 1, batch_size=batch)
+    model(torch.arange(batch * context).view(batch, context) % model.config.vocab_size, cache=cache)
+    one = model.embed(torch.full((batch, 1), 7))
+    last = model.embed(torch.full((batch, candidates), 7))
+    many = model.embed(torch.full((batch, speculations + candidates), 7))
     layers = model.num_layers
-    adapter_cache = draft_adapter.kv_cache(context + 1) if draft_adapter is not None else None
+    adapter_cache = draft_adapter.kv_cache(context + 1, batch_size=batch) if draft_adapter is not None else None
     final = torch.zeros_like(one)
 
     def draft() -> torch.Tensor:
@@ -35,13 +38,14 @@ def measure_step_costs(model, exit_layer: int, speculations: int, vocab_size: in
             cos, sin = model.rope(context, 1, hidden.dtype)
             hidden = draft_adapter(hidden, final if draft_adapter.config.context else None, cos, sin, context,
                                    adapter_cache)
+        hidden = hidden.reshape(batch, -1)
         return model.draft_head(hidden, vocab_size) if vocab_size else model.head(hidden)
 
     passes = {
-        "full": lambda: model.head(model.forward_layers(one, 0, layers, context, cache)),
+        "full": lambda: model.head(model.forward_layers(one, 0, layers, context, cache).reshape(batch, -1)),
         "draft": draft,
         "verify": lambda: (model.forward_layers(last, 0, exit_layer, context, cache),
-                           model.head(model.forward_layers(many, exit_layer, layers, context, cache))),
+                           model.head(model.forward_layers(many, exit_layer, layers, context, cache).flatten(0, 1))),
     }
     times: dict[str, list[float]] = {name: [] for name in passes}
     for _ in range(repeats):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -19,7 +18,7 @@ from layerskip.errors import LayerSkipError
 from layerskip.eval.datasets import Sample
 from layerskip.generation import GenerationConfig
 from layerskip.loading import LoadedModel
-from layerskip.loading.hf_folder import GENERATION_DEFAULTS_FILE
+from layerskip.loading.hf_folder import update_generation_defaults
 
 QUALITY = ("rouge1", "rouge2", "rougeL", "bleu", "exact_match")
 COLUMNS = ("exit_layer", "num_speculations", "draft_confidence", "draft_candidates", "acceptance_rate", "tokens_per_second",
@@ -127,19 +126,14 @@ def save_defaults(folder: Path, best: dict[str, Any], base: GenerationConfig, da
     `min_speedup`: the best of many noisy timings against one autoregressive timing is biased upwards,
     so a bare win of 1.01x is more likely noise than speed.
     """
-    path = folder / GENERATION_DEFAULTS_FILE
-    stored = json.loads(path.read_text()) if path.is_file() else {}
     speedup = float(best["speedup_vs_autoregressive"])
-    stored.update({
+    return update_generation_defaults(folder, {
         "generation_strategy": "self_speculative" if speedup >= min_speedup else "autoregressive",
         "exit_layer": int(best["exit_layer"]), "num_speculations": int(best["num_speculations"]),
         "draft_vocab_size": base.draft_vocab_size, "draft_confidence": point_key(best)[2],
         "draft_candidates": point_key(best)[3],
         "sweep": {"dataset": dataset, "speedup_vs_autoregressive": round(speedup, 3),
                   "acceptance_rate": round(float(best["acceptance_rate"]), 4)}})
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(stored, indent=1) + "\n")
-    return stored
 
 
 def draw_heatmap(rows: Sequence[dict[str, Any]], path: Path) -> None:

@@ -136,6 +136,14 @@ def generation_defaults(folder: Path) -> dict[str, Any]:
     return read_json(path) if path.is_file() else {}
 
 
+def update_generation_defaults(folder: Path, updates: dict[str, Any]) -> dict[str, Any]:
+    """Store decoding settings with a model (a sweep's best point, a benchmark's batch limit), other keys kept."""
+    stored = {**generation_defaults(folder), **updates}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / GENERATION_DEFAULTS_FILE).write_text(json.dumps(stored, indent=1) + "\n")
+    return stored
+
+
 @contextlib.contextmanager
 def atomic_folder(target: Path) -> Iterator[Path]:
     """Yield a staging folder; on success it replaces `target` in one rename (a failure leaves target as it was)."""

@@ -51,6 +51,7 @@ class ServerSettings:
     max_queue: int = 64          # requests waiting beyond a full batch; more get 429
     max_model_len: int | None = None  # prompt + new tokens of a request; None: DEFAULT_MAX_MODEL_LEN or the context
     api_key: str | None = None   # required as `Authorization: Bearer <key>` on /v1 when set
+    max_speculative_batch: int | None = None  # BatchEngine's; None: the model's stored value
     max_body_bytes: int = 1 << 20
     shutdown_grace_seconds: float = 10.0  # running requests may finish this long after Ctrl-C / SIGTERM
 
@@ -293,7 +294,8 @@ def create_app(loaded: LoadedModel, options: dict[str, Any], settings: ServerSet
                                                     loaded.config.vocab_size)  # bad defaults fail now, not per request
     metrics = ServerMetrics()
     scheduler = Scheduler(loaded.model, metrics, slots=settings.max_batch_size, capacity=max_model_len,
-                          max_queue=settings.max_queue)
+                          max_queue=settings.max_queue,
+                          max_speculative_batch=api.speculative_batch_limit(loaded, settings.max_speculative_batch))
     service = Service(loaded, options, scheduler, max_model_len)
 
     @contextlib.asynccontextmanager

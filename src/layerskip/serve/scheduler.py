@@ -103,9 +103,11 @@ class Scheduler:
     """Continuous batching of jobs over one BatchEngine of `slots` sequences of up to `capacity` tokens each;
     at most `max_queue` jobs wait beyond a full batch."""
 
-    def __init__(self, model: Transformer, metrics: ServerMetrics, *, slots: int, capacity: int, max_queue: int):
+    def __init__(self, model: Transformer, metrics: ServerMetrics, *, slots: int, capacity: int, max_queue: int,
+                 max_speculative_batch: int = 0):
         self.model, self.slots, self.capacity, self.max_queue, self.metrics = model, slots, capacity, max_queue, metrics
-        self.engine = BatchEngine(model, slots=slots, capacity=capacity)
+        self.max_speculative_batch = max_speculative_batch
+        self.engine = self.new_engine()
         self.changed = threading.Condition(threading.RLock())  # reentrant: leave() ends jobs under it too
         self.waiting: collections.deque[Job] = collections.deque()  # under the lock
         self.active = 0                                              # waiting or running; under the lock
@@ -113,6 +115,10 @@ class Scheduler:
         self.running: dict[SequenceState, Job] = {}                  # the decoding thread's
         self.thread = threading.Thread(target=self.run, name="layerskip-decoding", daemon=True)
         metrics.watch(queue_depth=lambda: len(self.waiting), running=lambda: len(self.running))
+
+    def new_engine(self) -> BatchEngine:
+        return BatchEngine(self.model, slots=self.slots, capacity=self.capacity,
+                           max_speculative_batch=self.max_speculative_batch)
 
     def start(self) -> None:
         self.thread.start()
@@ -204,7 +210,7 @@ class Scheduler:
             log.exception("a decoding round failed; its requests fail, the server goes on")
             for sequence in list(self.running):
                 self.leave(sequence, Stopped(500, f"decoding failed: {error}"), "error")
-            self.engine = BatchEngine(self.model, slots=self.slots, capacity=self.capacity)
+            self.engine = self.new_engine()
             return
         for sequence in finished:
             result = sequence.result()
