@@ -157,7 +157,7 @@ def test_linear_rows_are_invariant(ext, fmt):
     n, k = invariance_case(fmt)
     packed, _ = weights(fmt, n, k)
     generator = torch.Generator().manual_seed(2)
-    rows = torch.randn(40, k, generator=generator)  # beyond 2 groups of rows: a prompt's order (fewrow.cpp: drive)
+    rows = torch.randn(40, k, generator=generator)  # several groups of rows: the blocked order (fewrow.cpp: drive)
     for _ in every_isa(ext):
         run = kernel(ext, fmt)
         alone = torch.cat([run(rows[i:i + 1], packed) for i in range(len(rows))])

@@ -817,14 +817,14 @@ static FR_INLINE void tail_rows(const Run& run, int64_t rows, int64_t r0, int64_
 // pass.  The grouping only decides which (row, feature) elements run side by side; each element's arithmetic is
 // the same whatever the group.
 //
-// A long pass (a prompt: more than two groups of rows) would stream each weight row from memory once per group,
-// and each group's rows from L2 once per feature. There a thread takes its features in blocks that stay in L2
+// A pass of more than one group of rows (a prompt, a large batch) would read each group's rows from L2 once per
+// feature, or a weight row from memory once per group. There a thread takes its features in blocks that stay in L2
 // (kL2BlockBytes of weights) and runs every group of rows over one block before the next: the weights come from
 // memory once, the group's rows stay in L1. The same (row, feature) elements with the same arithmetic: only
 // their order changes, so the results are bit-identical to the decoding order.
 template <class Run>
 static void drive(const Run& run, int64_t R, int64_t N, int64_t row_bytes) {
-  const int64_t block = R > 2 * V::kRows ? std::max<int64_t>(1, kL2BlockBytes / std::max<int64_t>(1, row_bytes)) : 1;
+  const int64_t block = R > V::kRows ? std::max<int64_t>(1, kL2BlockBytes / std::max<int64_t>(1, row_bytes)) : 1;
   at::parallel_for(0, N, tile_grain(row_bytes), [&](int64_t n0, int64_t n1) {
     for (int64_t b0 = n0; b0 < n1; b0 += block) {
       const int64_t b1 = std::min(n1, b0 + block);
