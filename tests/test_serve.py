@@ -415,3 +415,48 @@ def test_shutdown_ends_a_stream_that_outlives_the_grace_period(default_model, ca
 def test_serve_flags_out_of_range(capsys, flag, value, message):
     assert main(["serve", flag, value]) == 2
     assert capsys.readouterr().err.strip() == f"layerskip: error: {message}, got {value}"
+
+
+def test_serve_decodes_on_the_calling_thread_and_stops_on_a_signal(default_model, monkeypatch):
+    """serve() as the command runs it: HTTP on a thread, the decoding loop on this (the main) thread; SIGINT ends
+    both cleanly and puts the process's own handler back."""
+    import os
+    import signal
+
+    from layerskip.serve import serve
+    from layerskip.serve.scheduler import Scheduler
+
+    decoding_threads = set()
+    step = Scheduler.step
+
+    def recorded(self: Scheduler) -> None:
+        decoding_threads.add(threading.current_thread())
+        step(self)
+
+    monkeypatch.setattr(Scheduler, "step", recorded)
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    replies: list[Any] = []
+
+    def client() -> None:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            time.sleep(0.05)
+        replies.append(httpx.post(url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 4}, timeout=120))
+        replies.append(threading.current_thread() is not threading.main_thread())
+        os.kill(os.getpid(), signal.SIGINT)
+
+    before = signal.getsignal(signal.SIGINT)
+    caller = threading.Thread(target=client, daemon=True)
+    caller.start()
+    serve(default_model, GREEDY, ServerSettings(port=port, max_model_len=MAX_MODEL_LEN))
+    caller.join(timeout=60)
+    response, off_main = replies
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4 and off_main
+    assert signal.getsignal(signal.SIGINT) is before and decoding_threads == {threading.main_thread()}

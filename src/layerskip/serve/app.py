@@ -13,8 +13,10 @@ import dataclasses
 import json
 import math
 import secrets
+import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any, AsyncIterator
 
@@ -283,10 +285,12 @@ class LimitBody:
         await self.app(scope, replay, send)
 
 
-def create_app(loaded: LoadedModel, options: dict[str, Any], settings: ServerSettings = ServerSettings()) -> FastAPI:
+def create_app(loaded: LoadedModel, options: dict[str, Any], settings: ServerSettings = ServerSettings(), *,
+               decoding_thread: bool = True) -> FastAPI:
     """The server's ASGI app for a loaded model. `options`: the generation defaults (GenerationConfig options, as
     `layerskip generate` takes them); each request's own settings override them. The decoding loop runs from the
-    app's startup to its shutdown."""
+    app's startup to its shutdown, on a thread of its own; without `decoding_thread` the caller runs it
+    (app.state.scheduler.run()), as serve() does."""
     if loaded.tokenizer is None:
         raise LayerSkipError(f"model '{loaded.name}' ships no tokenizer: the server needs one to read and write text")
     max_model_len = model_len(loaded, settings)
@@ -300,7 +304,8 @@ def create_app(loaded: LoadedModel, options: dict[str, Any], settings: ServerSet
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        scheduler.start()
+        if decoding_thread:
+            scheduler.start()
         yield
         await asyncio.to_thread(scheduler.stop)
 
@@ -385,9 +390,28 @@ class Server(uvicorn.Server):
 
 
 def serve(loaded: LoadedModel, options: dict[str, Any], settings: ServerSettings) -> None:
-    """Serve until Ctrl-C or SIGTERM."""
-    app = create_app(loaded, options, settings)
+    """Serve until Ctrl-C or SIGTERM: HTTP on a thread of its own, the decoding loop on this thread, the one that
+    loaded the model (Scheduler says why)."""
+    app = create_app(loaded, options, settings, decoding_thread=False)
+    scheduler: Scheduler = app.state.scheduler
     sock = listen(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
-    print(f"layerskip: serving {loaded.name} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
-    Server(app, settings, log_level="info").run(sockets=[sock])
+    server = Server(app, settings, log_level="info")
+
+    def run_http() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:
+            scheduler.stop()  # the HTTP side is gone (shut down, or failed to start): so is the loop
+
+    http = threading.Thread(target=run_http, name="layerskip-http")
+    handlers = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        http.start()
+        print(f"layerskip: serving {loaded.name} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr,
+              flush=True)
+        scheduler.run()
+        http.join()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
