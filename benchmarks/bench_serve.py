@@ -45,6 +45,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--clients", default="1,2,4,8,16", help="concurrent clients per point")
     parser.add_argument("--requests", type=int, default=4, help="requests each client sends, one after another")
     parser.add_argument("--max_tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every point this many times against the same server: the table shows the last "
+                             "run's points, and the server's RSS after each run shows whether memory grows")
     parser.add_argument("--output_dir", default="logs/bench_serve")
     return parser.parse_args()
 
@@ -170,14 +173,18 @@ def main() -> None:
         for strategy in STRATEGIES:  # warm: first-call allocations of each strategy
             asyncio.run(run_point(url, prompts, strategy, 1, 1, 4))
         rss_start = process.memory_info().rss
-        points = []
-        for strategy in STRATEGIES:
-            for clients in counts:
-                results, seconds = asyncio.run(run_point(url, prompts, strategy, clients, args.requests,
-                                                         args.max_tokens))
-                points.append(summary(strategy, clients, results, seconds, process.memory_info().rss))
-                print(f"{strategy}, {clients} clients: {points[-1]['tokens_per_second']:.1f} tokens/s, "
-                      f"{points[-1]['errors']} errors", file=sys.stderr)
+        points, rss_after = [], []
+        for repeat in range(args.repeats):
+            for strategy in STRATEGIES:
+                for clients in counts:
+                    results, seconds = asyncio.run(run_point(url, prompts, strategy, clients, args.requests,
+                                                             args.max_tokens))
+                    points.append({"repeat": repeat, **summary(strategy, clients, results, seconds,
+                                                               process.memory_info().rss)})
+                    print(f"run {repeat + 1}, {strategy}, {clients} clients: "
+                          f"{points[-1]['tokens_per_second']:.1f} tokens/s, {points[-1]['errors']} errors",
+                          file=sys.stderr)
+            rss_after.append(process.memory_info().rss)
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -185,7 +192,10 @@ def main() -> None:
         writer = csv.DictWriter(file, fieldnames=list(points[0]))
         writer.writeheader()
         writer.writerows(points)
-    report = table(points, args, rss_start)
+    report = table([point for point in points if point["repeat"] == args.repeats - 1], args, rss_start)
+    report += ("\n\nServer RSS after each run of all points: "
+               + ", ".join(f"{rss / 2 ** 20:.0f} MB" for rss in rss_after)
+               + f"; errors in all runs: {sum(point['errors'] for point in points)}.")
     print(report)
     (out / "table.md").write_text(report + "\n")
 

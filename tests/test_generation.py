@@ -487,3 +487,34 @@ def test_a_batch_over_max_speculative_batch_decodes_greedy_rows_without_drafts(t
         assert sampled.new_tokens == alone[3].token_ids
         assert (sampled.stats.rounds, sampled.stats.drafted_tokens) == (alone[3].stats.rounds,
                                                                        alone[3].stats.drafted_tokens)
+
+
+def test_rows_of_very_different_lengths_run_in_separate_passes(tiny, monkeypatch):
+    """A prompt joining the batch is not padded onto the others' one-token rows: the cheapest contiguous split of
+    the rows by length (a pass costs max(2 F, F + padded rows)), and the rows still decode as alone."""
+    assert BatchEngine.passes([1] * 16) == [list(range(16))]  # one pass: reading the weights dominates
+    assert BatchEngine.passes([46] + [1] * 15) == [[0], list(range(1, 16))]
+    assert BatchEngine.passes([4, 3, 4, 1, 2]) == [[0, 2, 1, 4, 3]]  # a speculative round's rows stay together
+    assert BatchEngine.passes([40, 38, 1, 1, 30, 1], overhead=6) == [[0, 1], [4], [2, 3, 5]]
+    strategy, shapes = Autoregressive(), []
+    forward = tiny.model.forward_layers
+
+    def recorded(hidden, *args, **kwargs):
+        shapes.append(tuple(hidden.shape[:2]))
+        return forward(hidden, *args, **kwargs)
+
+    engine = BatchEngine(tiny.model, slots=3, capacity=64)
+    with torch.inference_mode():
+        running = [engine.add(BATCH_PROMPTS[i], strategy, Sampler(sample=False), max_new_tokens=12) for i in (1, 2)]
+        for _ in range(3):
+            engine.step()
+        monkeypatch.setattr(tiny.model, "forward_layers", recorded)
+        late = engine.add(list(range(3, 33)), strategy, Sampler(sample=False), max_new_tokens=6)
+        engine.step()
+        assert sorted(shapes) == [(1, 30), (2, 1)]  # not one pass of [3, 30]
+        while engine.running:
+            engine.step()
+    for sequence, prompt in zip(running + [late], [BATCH_PROMPTS[1], BATCH_PROMPTS[2], list(range(3, 33))]):
+        alone = generate_ids(tiny.model, prompt, strategy, Sampler(sample=False),
+                             max_new_tokens=len(sequence.new_tokens))
+        assert_same_greedy_tokens(tiny, prompt, alone.token_ids, sequence.new_tokens)

@@ -130,6 +130,12 @@ class SequenceState:
         return result
 
 
+# What a pass over the weights costs beyond its rows, in rows: R rows of float32 cost about max(1, 0.5 + 0.085 R)
+# one-row passes on the 2-core development host (reading the weights; then their arithmetic), that is
+# max(2 F, F + R) rows with F = 6. More on a GPU, fewer for 4-bit weights.
+PASS_OVERHEAD_ROWS = 6
+
+
 class BatchEngine:
     """Up to `slots` sequences decoding together, each up to `capacity` tokens (prompt included).
 
@@ -247,6 +253,10 @@ class BatchEngine:
             outputs = dict(zip(together, self.run([group[row] for row in together]))) if together else {}
             outputs.update((row, self.run([group[row]])[0]) for row in apart)
             return [outputs[row] for row in range(len(group))]
+        passes = self.passes(lengths) if len(group) > 1 else [list(range(len(group)))]
+        if len(passes) > 1:
+            outputs = {row: out for rows in passes for row, out in zip(rows, self.run([group[row] for row in rows]))}
+            return [outputs[row] for row in range(len(group))]
         first = requests[0]
         if isinstance(first, Adapt):
             return self.run_adapter(group)
@@ -257,6 +267,26 @@ class BatchEngine:
         out = model.forward_layers(self.padded([request.hidden for request in requests]), first.start_layer,
                                    first.end_layer, starts, self.cache, positions, rows=rows)
         return [out[row:row + 1, :length] for row, length in enumerate(lengths)]
+
+    @staticmethod
+    def passes(lengths: list[int], overhead: int = PASS_OVERHEAD_ROWS) -> list[list[int]]:
+        """The group's rows (their indices) as one padded pass each list: every row is padded to the longest of its
+        pass, so a prompt joining the batch would make each one-token row of the others cost a prompt's rows.
+        Contiguous runs of the rows sorted by length, the cheapest by the cost of a pass of R padded rows,
+        max(2 overhead, overhead + R); ties keep fewer passes."""
+        order = sorted(range(len(lengths)), key=lambda row: -lengths[row])
+        best, cut = [0] + [None] * len(order), [0] * (len(order) + 1)
+        for end in range(1, len(order) + 1):
+            for start in range(end):
+                padded_rows = (end - start) * lengths[order[start]]
+                cost = best[start] + max(2 * overhead, overhead + padded_rows)
+                if best[end] is None or cost < best[end]:
+                    best[end], cut[end] = cost, start
+        passes, end = [], len(order)
+        while end:
+            passes.append(order[cut[end]:end])
+            end = cut[end]
+        return passes[::-1]
 
     @staticmethod
     def padded(parts: list[torch.Tensor]) -> torch.Tensor:
