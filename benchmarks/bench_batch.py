@@ -68,6 +68,8 @@ def main() -> None:
     loaded = layerskip.load(args.model, quantize=args.quantize)
     sizes = [int(size) for size in args.batch_sizes.split(",")]
     records = [record for _, record in read_objects(Path(args.prompts))]
+    if len(records) < max(sizes):
+        raise SystemExit(f"{args.prompts} holds {len(records)} prompts, fewer than the largest batch, {max(sizes)}")
     prompts = [layerskip.encode_prompt(loaded, record["prompt"], chat=True) for record in records][:max(sizes)]
     configs = {name: layerskip.GenerationConfig(generation_strategy=name, sample=False, ignore_eos=True,
                                                 max_steps=args.max_steps).resolved(loaded.config.num_hidden_layers,
@@ -76,15 +78,20 @@ def main() -> None:
     speculative = configs["self_speculative"]
     layerskip.api.generate_batch(loaded, prompts[:2], speculative, batch_size=2)  # warm
     runs_path = out / "runs.jsonl"
-    done = read_records(runs_path)
-    measured = {(r["point"], r["batch_size"], r["repeat"]) for r in done if "point" in r}
+    stored_limit = layerskip.api.speculative_batch_limit(loaded, None)
+    limits = {name: stored_limit if limit is None else limit for name, (_, limit) in POINTS.items()}
+    # A resumed run keeps only what was measured with the same tokens and limits (--save_defaults changes one).
+    done = [r for r in read_records(runs_path) if r.get("max_steps") == args.max_steps
+            and r.get("max_speculative_batch") == limits.get(r.get("point"))]
+    measured = {(r["point"], r["batch_size"], r["repeat"]) for r in done}
     jobs = [(repeat, name, size) for repeat in range(args.repeats) for name in POINTS for size in sizes
             if (name, size, repeat) not in measured]
     with open_records(runs_path, done) as sink:
         for repeat, name, size in tqdm(jobs, desc="batches", unit="point"):
-            strategy, limit = POINTS[name]
-            record = {"point": name, "batch_size": size, "repeat": repeat,
-                      **measure(loaded, prompts, configs[strategy], size, limit)}
+            strategy, _ = POINTS[name]
+            record = {"point": name, "batch_size": size, "repeat": repeat, "max_steps": args.max_steps,
+                      "max_speculative_batch": limits[name],
+                      **measure(loaded, prompts, configs[strategy], size, limits[name])}
             write_record(sink, record)
             done.append(record)
     best = {}
@@ -99,9 +106,8 @@ def main() -> None:
     speed = {key: record["tokens"] / record["seconds"] for key, record in best.items()}
     base_speed = speed[("autoregressive", sizes[0])]
     settings = layerskip.strategy_for(loaded, speculative).describe()
-    limit = layerskip.api.speculative_batch_limit(loaded, None)
     lines = [f"Model {loaded.name}, {loaded.model.weight_format} weights; self-speculative settings {settings}, "
-             f"stored max_speculative_batch {limit}. Machine: {platform.processor() or platform.machine()}, "
+             f"stored max_speculative_batch {stored_limit}. Machine: {platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}; {args.max_steps} greedy tokens a "
              f"sequence, prefill included, best of {args.repeats}.", "",
              "| point | batch | aggregate tokens/s | vs autoregressive at batch 1 | vs autoregressive at this batch | "

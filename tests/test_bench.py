@@ -31,6 +31,7 @@ class CountingEngine:
 
     def __init__(self, inner, log=None, label=""):
         self.inner, self.name, self.calls, self.log, self.label = inner, inner.name, 0, log, label
+        self.batches = inner.batches
 
     def generate(self, prompt_ids):
         self.calls += 1
@@ -67,7 +68,7 @@ def test_a_batched_benchmark_decodes_as_one_at_a_time_and_counts_each_batch_once
     assert engine.calls == 3  # warm-up, then batches [a, b] and [c]
     records = {r["id"]: r for r in read_records(tmp_path / "two" / "records.jsonl")}
     alone = {r["id"]: r for r in read_records(tmp_path / "one" / "records.jsonl")}
-    assert [records[key]["batch"] for key in "abc"] == ["a", "a", "c"]
+    assert [records[key].get("batch") for key in "abc"] == ["a", "a", None]
     for key, sample in zip("abc", SAMPLES):
         ids = layerskip.encode_prompt(default_model, sample.prompt)
         assert_same_greedy_tokens(default_model, ids, default_model.tokenizer.encode(alone[key]["generation"]),
@@ -77,6 +78,14 @@ def test_a_batched_benchmark_decodes_as_one_at_a_time_and_counts_each_batch_once
     assert metrics["total_time"] == pytest.approx(seconds) and metrics["new_tokens"] == single["metrics"]["new_tokens"]
     assert metrics["mean_latency"] == pytest.approx(sum(r["stats"]["seconds"] for r in records.values()) / 3)
     assert "acceptance_rate" in metrics and metrics["accepted_length_counts"]
+    # An engine that decodes a list one prompt after another (HF's): its rows' times add up.
+    sequential = CountingEngine(LayerSkipEngine(default_model, config))
+    sequential.batches = False
+    summary = run_benchmarks(default_model, {"s": (sequential, tmp_path / "three")}, SAMPLES, arguments={},
+                             batch_size=2)["s"]
+    records = read_records(tmp_path / "three" / "records.jsonl")
+    assert all("batch" not in record for record in records)
+    assert summary["metrics"]["total_time"] == pytest.approx(sum(r["stats"]["seconds"] for r in records))
 
 
 def test_compared_engines_run_interleaved_and_resume_separately(default_model, tmp_path):
@@ -235,3 +244,13 @@ def test_benchmark_errors(capsys):
     assert main(["benchmark", "--dataset", "top_v2", "--execute_code"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "--execute_code applies to --dataset human_eval only" in err
+    # batch flags, refused before anything loads
+    assert main(["benchmark", "--dataset", "top_v2", "--batch_size", "0"]) == 2
+    assert main(["correctness", "--dataset", "top_v2", "--batch_size", "-1"]) == 2
+    assert main(["benchmark", "--dataset", "top_v2", "--max_speculative_batch", "-2"]) == 2
+    assert main(["generate", "--prompt", "x", "--max_speculative_batch", "2"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["layerskip: error: --batch_size must be at least 1, got 0",
+                     "layerskip: error: --batch_size must be at least 1, got -1",
+                     "layerskip: error: --max_speculative_batch must be >= 0 (0: no limit), got -2",
+                     "layerskip: error: --max_speculative_batch applies to batches: give --prompts_file"]

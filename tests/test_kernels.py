@@ -172,6 +172,21 @@ def test_linear_rows_are_invariant(ext, fmt):
         assert torch.equal(one, alone) and torch.equal(two, alone)
 
 
+@pytest.mark.parametrize("fmt", ["f32", "q8_0"])
+def test_a_long_pass_across_several_weight_blocks_equals_its_rows_alone(ext, fmt):
+    """Enough weight rows that each thread's share spans several of the L2 blocks a long pass walks (fewrow.cpp:
+    drive, 256 KiB of weights a block): every feature once, each row as alone, close to the reference."""
+    n, k = 2304, 256  # f32: 1 KiB a weight row, 256 rows a block, several blocks per thread
+    packed, w = weights(fmt, n, k, seed=5)
+    rows = torch.randn(24, k, generator=torch.Generator().manual_seed(6))
+    for _ in every_isa(ext):
+        run = kernel(ext, fmt)
+        together = run(rows, packed)
+        assert torch.equal(together, torch.cat([run(rows[i:i + 1], packed) for i in range(len(rows))]))
+        if fmt == "f32":
+            assert_close_to(together, rows.double() @ w.double().T, 1e-5)
+
+
 def sdpa_reference(q, k, v, start_pos, attendable):
     """SDPA with the boolean mask the kernel means: causal, attendable keys, and always the query's own position."""
     batch, heads, length, _ = q.shape

@@ -389,6 +389,28 @@ def test_a_failed_round_fails_its_requests_and_the_server_goes_on(default_model)
         assert server.metrics()[("layerskip_requests_finished_total", (("finish_reason", "error"),))] == 1
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_failed_decoding_loop_ends_its_requests_and_says_so(default_model):
+    """A bug outside a round kills the loop: its request gets a 500, /health a 503, and new requests are refused
+    (503) instead of waiting on a dead loop."""
+    with live_server(default_model, max_batch_size=2) as server:
+        scheduler = server.scheduler
+        between_rounds = scheduler.between_rounds
+
+        def broken() -> bool:
+            if scheduler.running:
+                raise RuntimeError("a bug between rounds")
+            return between_rounds()
+
+        scheduler.between_rounds = broken
+        failed = server.post(CHAT, {"messages": message(), "max_tokens": 30})
+        assert failed.status_code == 500 and "a bug between rounds" in failed.json()["error"]["message"]
+        wait_for(lambda: not scheduler.looping, "the loop to end")
+        assert httpx.get(server.url + "/health", timeout=30).status_code == 503
+        refused = server.post(CHAT, {"messages": message(), "max_tokens": 4})
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "server_error"
+
+
 def test_shutdown_ends_a_stream_that_outlives_the_grace_period(default_model, caplog):
     """should_exit (what Ctrl-C and SIGTERM set) with a stream that cannot finish: after the grace period the
     decoding loop ends it with a 503 error event and [DONE], the server stops, and nothing logs an error."""
@@ -424,16 +446,22 @@ def test_serve_decodes_on_the_calling_thread_and_stops_on_a_signal(default_model
     import signal
 
     from layerskip.serve import serve
+    from layerskip.serve.app import Service
     from layerskip.serve.scheduler import Scheduler
 
-    decoding_threads = set()
-    step = Scheduler.step
+    decoding_threads, http_threads = set(), set()
+    step, complete = Scheduler.step, Service.complete
 
     def recorded(self: Scheduler) -> None:
         decoding_threads.add(threading.current_thread())
         step(self)
 
+    async def handled(self: Service, *args: Any) -> Any:
+        http_threads.add(threading.current_thread())
+        return await complete(self, *args)
+
     monkeypatch.setattr(Scheduler, "step", recorded)
+    monkeypatch.setattr(Service, "complete", handled)
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -449,7 +477,6 @@ def test_serve_decodes_on_the_calling_thread_and_stops_on_a_signal(default_model
                     break
             time.sleep(0.05)
         replies.append(httpx.post(url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 4}, timeout=120))
-        replies.append(threading.current_thread() is not threading.main_thread())
         os.kill(os.getpid(), signal.SIGINT)
 
     before = signal.getsignal(signal.SIGINT)
@@ -457,6 +484,20 @@ def test_serve_decodes_on_the_calling_thread_and_stops_on_a_signal(default_model
     caller.start()
     serve(default_model, GREEDY, ServerSettings(port=port, max_model_len=MAX_MODEL_LEN))
     caller.join(timeout=60)
-    response, off_main = replies
-    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4 and off_main
-    assert signal.getsignal(signal.SIGINT) is before and decoding_threads == {threading.main_thread()}
+    [response] = replies
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4
+    assert decoding_threads == {threading.main_thread()} and threading.main_thread() not in http_threads
+    assert http_threads and signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_400(live, default_model, monkeypatch):
+    from jinja2 import TemplateError
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise TemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+    monkeypatch.setattr(default_model.tokenizer.hf, "apply_chat_template", refuse)
+    response = live.post(CHAT, {"messages": message(), "max_tokens": 4})
+    error = response.json()["error"]
+    assert response.status_code == 400 and "roles must alternate" in error["message"]
+    assert error["type"] == "invalid_request_error"

@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_argument("--batch_size", type=int, default=1,
                            help="samples decoded together (the aggregate tokens/s counts a batch's time once; HF "
                                 "decodes them one at a time)")
+    benchmark.add_argument("--max_speculative_batch", type=int, default=None, help=MAX_SPECULATIVE_BATCH_HELP)
     benchmark.set_defaults(run=run_benchmark_command)
 
     sweep = dataset_command(
@@ -325,10 +326,22 @@ def format_comparison(comparison: dict[str, Any]) -> str:
             f"{comparison['tokens_per_second']:.1f} tokens/s: {comparison['speedup']:.2f}x, {identical}")
 
 
+def check_batching(args: argparse.Namespace) -> None:
+    """A command's batch flags, before the model loads."""
+    if args.batch_size < 1:
+        raise LayerSkipError(f"--batch_size must be at least 1, got {args.batch_size}")
+    limit = getattr(args, "max_speculative_batch", None)
+    if limit is not None and limit < 0:
+        raise LayerSkipError(f"--max_speculative_batch must be >= 0 (0: no limit), got {limit}")
+
+
 def run_generate(args: argparse.Namespace) -> int:
     import layerskip
     from layerskip.generation import GenerationConfig, SpeculativeStreamer, TextStreamer
 
+    check_batching(args)
+    if args.prompts_file is None and args.max_speculative_batch is not None:
+        raise LayerSkipError("--max_speculative_batch applies to batches: give --prompts_file")
     loaded = load_model(args)
     config = GenerationConfig.from_options(generation_options(args)).resolved(loaded.config.num_hidden_layers,
                                                                              loaded.defaults, loaded.config.vocab_size)
@@ -417,11 +430,11 @@ def run_prompts_file(loaded: Any, config: Any, args: argparse.Namespace) -> None
 
 
 def run_correctness(args: argparse.Namespace) -> int:
-    import layerskip
     from layerskip.eval.correctness import compare
     from layerskip.generation import GenerationConfig
 
     options = {**generation_options(args), "generation_strategy": "self_speculative"}
+    check_batching(args)
     samples = load_dataset_samples(args)
     loaded = load_model(args)
     config = GenerationConfig.from_options(options).resolved(loaded.config.num_hidden_layers, loaded.defaults,
@@ -442,7 +455,6 @@ def run_correctness(args: argparse.Namespace) -> int:
 
 
 def prepare_benchmark(args: argparse.Namespace) -> tuple[Any, list[Any], Any]:
-    import layerskip
     from layerskip.generation import GenerationConfig
 
     if args.execute_code and args.dataset != "human_eval":
@@ -464,9 +476,10 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
     from layerskip.bench.engines import make_engine
     from layerskip.bench.runner import run_benchmarks
 
+    check_batching(args)
     loaded, samples, config = prepare_benchmark(args)
     engines = [args.engine] + ([args.compare] if args.compare and args.compare != args.engine else [])
-    runs = {engine: (make_engine(engine, loaded, config),
+    runs = {engine: (make_engine(engine, loaded, config, args.max_speculative_batch),
                      Path(args.output_dir) / "benchmark" / run_name(args, engine, config)) for engine in engines}
     results = run_benchmarks(loaded, runs, samples, arguments=vars_for_json(args), chat=args.chat,
                              resume=args.resume, execute_code=args.execute_code, batch_size=args.batch_size)

@@ -29,6 +29,7 @@ class Outcome:
 
 class Engine(Protocol):
     name: str
+    batches: bool  # decodes a list of prompts together (its rows share their time), else one after another
 
     def generate(self, prompts: list[list[int]]) -> list[Outcome]:
         """One outcome per prompt, decoded together where the engine can batch (each `seconds` is that prompt's
@@ -36,18 +37,19 @@ class Engine(Protocol):
 
 
 class LayerSkipEngine:
-    name = "layerskip"
+    name, batches = "layerskip", True
 
-    def __init__(self, loaded: LoadedModel, config: GenerationConfig):
-        self.loaded, self.config = loaded, config
+    def __init__(self, loaded: LoadedModel, config: GenerationConfig, max_speculative_batch: int | None = None):
+        self.loaded, self.config, self.max_speculative_batch = loaded, config, max_speculative_batch
 
     def generate(self, prompts: list[list[int]]) -> list[Outcome]:
-        results = generate_batch(self.loaded, prompts, self.config, batch_size=len(prompts))
+        results = generate_batch(self.loaded, prompts, self.config, batch_size=len(prompts),
+                                 max_speculative_batch=self.max_speculative_batch)
         return [Outcome(result.token_ids, result.text or "", result.stats.as_dict()) for result in results]
 
 
 class HFEngine:
-    name = "hf"
+    name, batches = "hf", False
 
     def __init__(self, loaded: LoadedModel, config: GenerationConfig):
         from transformers import AutoModelForCausalLM
@@ -101,5 +103,6 @@ class HFEngine:
         return Outcome(new, text, {"new_tokens": len(new), "seconds": seconds})
 
 
-def make_engine(name: str, loaded: LoadedModel, config: GenerationConfig) -> Engine:
-    return HFEngine(loaded, config) if name == "hf" else LayerSkipEngine(loaded, config)
+def make_engine(name: str, loaded: LoadedModel, config: GenerationConfig,
+                max_speculative_batch: int | None = None) -> Engine:
+    return HFEngine(loaded, config) if name == "hf" else LayerSkipEngine(loaded, config, max_speculative_batch)

@@ -144,14 +144,17 @@ def run_benchmarks(loaded: LoadedModel, runs: dict[str, tuple[Engine, Path]], sa
                 if not pending:
                     continue
                 outcomes = engine.generate([prompts[sample.id] for sample in pending])
+                scored = []
                 for sample, outcome in zip(pending, outcomes):
                     scores = metrics.sample_scores(outcome.text, sample.reference)
                     if execute_code:
                         scores["pass@1"] = float(passes_tests(sample, outcome.text))
                     record = {"id": sample.id, "prompt": sample.prompt, "generation": outcome.text,
                               "reference": sample.reference, "scores": scores, "stats": outcome.stats}
-                    if batch_size > 1:
+                    if engine.batches and len(pending) > 1:
                         record["batch"] = pending[0].id  # the samples decoded together share their time
+                    scored.append(record)
+                for record in scored:  # the batch's records together, once all are scored
                     write_record(sinks[name], record)
                     records[name].append(record)
                 current = summarize(records[name])

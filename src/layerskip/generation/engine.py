@@ -20,7 +20,7 @@ import torch
 
 from layerskip.generation.sampling import Sampler
 from layerskip.generation.stopping import StoppingCriteria, cut_at_stop_words
-from layerskip.generation.strategies import Adapt, DecodeContext, Head, Layers, Request, Round, Strategy
+from layerskip.generation.strategies import Adapt, DecodeContext, Head, Request, Round, Strategy
 from layerskip.generation.streaming import Streamer
 from layerskip.loading.tokenizer import Tokenizer
 from layerskip.model import KVCache, Transformer
@@ -132,8 +132,9 @@ class SequenceState:
 
 # What a pass over the weights costs beyond its rows, in rows: R rows of float32 cost about max(1, 0.5 + 0.085 R)
 # one-row passes on the 2-core development host (reading the weights; then their arithmetic), that is
-# max(2 F, F + R) rows with F = 6. More on a GPU, fewer for 4-bit weights.
-PASS_OVERHEAD_ROWS = 6
+# max(2 F, F + R) rows with F = 6. Fewer for 4-bit weights; far more on a GPU, where the figure is a guess until
+# measured there (issue 18).
+PASS_OVERHEAD_ROWS = {"cpu": 6, "cuda": 256}
 
 
 class BatchEngine:
@@ -154,6 +155,7 @@ class BatchEngine:
     def __init__(self, model: Transformer, *, slots: int, capacity: int, max_speculative_batch: int = 0):
         weight = model.embed_tokens.weight
         self.model, self.slots, self.max_speculative_batch = model, slots, max_speculative_batch
+        self.pass_overhead = PASS_OVERHEAD_ROWS.get(weight.device.type, PASS_OVERHEAD_ROWS["cuda"])
         self.capacity = min(capacity, model.config.max_position_embeddings)
         self.cache = KVCache(model.config, self.capacity, batch_size=slots, dtype=weight.dtype, device=weight.device)
         self.free = list(range(slots))
@@ -253,7 +255,7 @@ class BatchEngine:
             outputs = dict(zip(together, self.run([group[row] for row in together]))) if together else {}
             outputs.update((row, self.run([group[row]])[0]) for row in apart)
             return [outputs[row] for row in range(len(group))]
-        passes = self.passes(lengths) if len(group) > 1 else [list(range(len(group)))]
+        passes = self.passes(lengths, self.pass_overhead) if len(group) > 1 else [list(range(len(group)))]
         if len(passes) > 1:
             outputs = {row: out for rows in passes for row, out in zip(rows, self.run([group[row] for row in rows]))}
             return [outputs[row] for row in range(len(group))]
@@ -269,7 +271,7 @@ class BatchEngine:
         return [out[row:row + 1, :length] for row, length in enumerate(lengths)]
 
     @staticmethod
-    def passes(lengths: list[int], overhead: int = PASS_OVERHEAD_ROWS) -> list[list[int]]:
+    def passes(lengths: list[int], overhead: int = PASS_OVERHEAD_ROWS["cpu"]) -> list[list[int]]:
         """The group's rows (their indices) as one padded pass each list: every row is padded to the longest of its
         pass, so a prompt joining the batch would make each one-token row of the others cost a prompt's rows.
         Contiguous runs of the rows sorted by length, the cheapest by the cost of a pass of R padded rows,

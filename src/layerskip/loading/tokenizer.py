@@ -40,8 +40,14 @@ class Tokenizer:
         return list(self.hf.encode(text, add_special_tokens=True))
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a conversation rendered by the model's chat template, ready for the reply."""
-        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        """Token ids of a conversation rendered by the model's chat template, ready for the reply; a LayerSkipError
+        when the template refuses the conversation (some require alternating roles)."""
+        from jinja2 import TemplateError
+
+        try:
+            text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError as error:
+            raise LayerSkipError(f"the model's chat template refused the conversation: {error}") from None
         return list(self.hf.encode(text, add_special_tokens=False))
 
     def decode(self, token_ids: list[int]) -> str:

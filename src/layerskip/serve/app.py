@@ -68,6 +68,8 @@ class ServerSettings:
             raise LayerSkipError(f"--max_model_len must be at least 2, got {self.max_model_len}")
         if self.api_key is not None and not self.api_key:
             raise LayerSkipError("--api_key must not be empty")
+        if self.max_speculative_batch is not None and self.max_speculative_batch < 0:
+            raise LayerSkipError(f"--max_speculative_batch must be >= 0 (0: no limit), got {self.max_speculative_batch}")
 
 
 def model_len(loaded: LoadedModel, settings: ServerSettings) -> int:
@@ -411,7 +413,8 @@ def serve(loaded: LoadedModel, options: dict[str, Any], settings: ServerSettings
         print(f"layerskip: serving {loaded.name} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr,
               flush=True)
         scheduler.run()
-        http.join()
     finally:
+        server.should_exit = True  # a loop that failed takes the HTTP side down with it
+        http.join()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

@@ -168,19 +168,27 @@ class Scheduler:
             self.changed.notify()
 
     def run(self) -> None:
+        """The loop, until stop(). Should it fail outside a round (a bug), it stops taking jobs, ends the ones it
+        holds with a 500, and re-raises: /health then says so, and no request waits on a dead loop."""
         self.looping = True
-        with torch.inference_mode():
-            while self.between_rounds():
-                if self.running:
-                    self.step()
-            shutting_down = Stopped(503, "the server is shutting down")
+        ending = Stopped(503, "the server is shutting down")
+        try:
+            with torch.inference_mode():
+                while self.between_rounds():
+                    if self.running:
+                        self.step()
+        except BaseException as error:
+            ending = Stopped(500, f"the decoding loop failed: {error}")
+            raise
+        finally:
             with self.changed:
+                self.stopping = True
                 for sequence in list(self.running):
                     self.engine.remove(sequence)
-                    self.leave(sequence, shutting_down, "cancelled")
+                    self.leave(sequence, ending, "cancelled" if ending.status == 503 else "error")
                 while self.waiting:
-                    self.end(self.waiting.popleft(), shutting_down, "cancelled")
-        self.looping = False
+                    self.end(self.waiting.popleft(), ending, "cancelled" if ending.status == 503 else "error")
+            self.looping = False
 
     def between_rounds(self) -> bool:
         """Drop cancelled jobs, then fill free slots from the queue (waiting while there is nothing to do);
@@ -221,11 +229,19 @@ class Scheduler:
             log.exception("a decoding round failed; its requests fail, the server goes on")
             for sequence in list(self.running):
                 self.leave(sequence, Stopped(500, f"decoding failed: {error}"), "error")
+            finished = None
+        if finished is None:  # past the handler, whose traceback holds the old engine: one KV cache at a time
+            self.engine = None
             self.engine = self.new_engine()
             return
         for sequence in finished:
-            result = sequence.result()
             job = self.running[sequence]
+            try:
+                result = sequence.result()
+            except Exception as error:  # a bug in one sequence's ending: that request fails, the others go on
+                log.exception("a request's result could not be made")
+                self.leave(sequence, Stopped(500, f"decoding failed: {error}"), "error")
+                continue
             self.metrics.e2e_latency.observe(time.perf_counter() - job.arrived)
             self.leave(sequence, Finished(result), FINISH_REASONS[result.finish_reason])
 
