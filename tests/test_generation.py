@@ -518,3 +518,28 @@ def test_rows_of_very_different_lengths_run_in_separate_passes(tiny, monkeypatch
         alone = generate_ids(tiny.model, prompt, strategy, Sampler(sample=False),
                              max_new_tokens=len(sequence.new_tokens))
         assert_same_greedy_tokens(tiny, prompt, alone.token_ids, sequence.new_tokens)
+
+
+def test_greedy_tree_drafts_branch_only_while_a_sequence_decodes_alone(tiny, monkeypatch):
+    """In a batch a greedy sequence's last draft position carries one candidate (each candidate is a row), alone
+    it branches; the output is the same. A sampled sequence branches in any batch."""
+    strategy = SelfSpeculative(2, 2, draft_candidates=3)
+    calls = []
+    alternatives = Sampler.alternatives
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.sample)
+        return alternatives(self, *args, **kwargs)
+
+    monkeypatch.setattr(Sampler, "alternatives", counted)
+    alone = generate_ids(tiny.model, BATCH_PROMPTS[0], strategy, Sampler(sample=False), max_new_tokens=12)
+    assert calls and not any(calls)
+    calls.clear()
+    samplers = [Sampler(sample=False), Sampler(sample=False), Sampler(sample=True, seed=1)]
+    engine = BatchEngine(tiny.model, slots=3, capacity=48)
+    with torch.inference_mode():
+        batch = dict(engine.each(range(3), lambda i: engine.add(BATCH_PROMPTS[i], strategy, samplers[i],
+                                                                max_new_tokens=12 if i < 2 else 30)))
+    assert_same_greedy_tokens(tiny, BATCH_PROMPTS[0], alone.token_ids, batch[0].new_tokens)
+    # The sampled row branched; the greedy rows, never alone (the sampled one outlasts them), never did.
+    assert True in calls and False not in calls

@@ -148,8 +148,10 @@ class BatchEngine:
     With `max_speculative_batch` N > 0, greedy self-speculative sequences draft only in rounds where at most N
     sequences decode, and take one token a round (every layer, as plain decoding) in a larger batch: there the
     batch's rows already keep the CPU's arithmetic busy, so a verification pass of several rows a sequence costs
-    more than the drafts it accepts save (docs/BENCHMARKS.md). Greedy output is the same either way. Sampled
-    sequences always keep their strategy: switching would make a seeded sample depend on the batch it shares.
+    more than the drafts it accepts save (docs/BENCHMARKS.md). For the same reason a greedy sequence's tree
+    drafts (--draft_candidates) branch only while it decodes alone: in a batch each candidate is one more row.
+    Greedy output is the same either way. Sampled sequences always keep their strategy: switching would make a
+    seeded sample depend on the batch it shares.
     """
 
     def __init__(self, model: Transformer, *, slots: int, capacity: int, max_speculative_batch: int = 0):
@@ -199,8 +201,11 @@ class BatchEngine:
 
     def step(self) -> list[SequenceState]:
         """One round of every running sequence; the ones that finished (their result() is ready)."""
+        running = len(self.running)
         for sequence in self.running:
-            sequence.ctx.speculate = self.speculates(sequence.ctx.sampler, len(self.running))
+            sampler = sequence.ctx.sampler
+            sequence.ctx.speculate = self.speculates(sampler, running)
+            sequence.ctx.branch = sampler.sample or running == 1
             sequence.request = next(sequence.steps)
         waiting = list(self.running)
         while waiting:

@@ -80,6 +80,7 @@ class DecodeContext:
     cache: KVCache | CacheRow | None = None  # the sequence's KV cache (its row of the engine's), for masks and moves
     on_draft: Callable[[list[int]], None] | None = None
     speculate: bool = True            # the engine's say for the next round: False, a speculative round drafts nothing
+    branch: bool = True               # and False: its last draft position carries one candidate only
 
     def token_tensor(self, tokens: list[int]) -> torch.Tensor:
         return torch.tensor([tokens], dtype=torch.long, device=self.model.inv_freq.device)
@@ -244,7 +245,7 @@ class SelfSpeculative(Strategy):
                 draft_probs.append(probs)
                 pending = [token]
                 finished = len(drafts) == budget or token in ctx.eos_token_ids or not self.confident(token, probs, logits)
-                if finished and self.draft_candidates > 1:
+                if finished and self.draft_candidates > 1 and ctx.branch:
                     room = ctx.max_length - position - 1  # alternative i sits in slot position + i
                     alternatives = ctx.sampler.alternatives(logits, probs, token, min(self.draft_candidates - 1, room))
                     pending = [token] + alternatives
