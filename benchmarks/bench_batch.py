@@ -4,7 +4,8 @@ autoregressive and self-speculative (the model's stored settings), in one run.
 Three points per batch size: autoregressive; self-speculative as shipped (greedy sequences draft only while at most
 the model's stored max_speculative_batch decode together); and self-speculative drafting at every batch size. For
 the last, the cost model extended to batches: speedup over autoregressive decoding at batch B = tokens per round /
-(k c_d(B) + c_v(B)), with c_d and c_v timed as passes of B sequences, in units of a plain step of the B.
+(k c_d(B) + c_v(B)), with c_d and c_v timed as passes of B sequences, in units of a plain step of the B (with one
+candidate a sequence in a batch, as the engine drafts there).
 
 Each repetition runs every (point, batch size) in turn over the same prompts (greedy, EOS ignored, so every
 sequence decodes --max_steps tokens), so machine noise hits all points alike; the table gives the best
@@ -99,9 +100,10 @@ def main() -> None:
         key = (record.get("point"), record["batch_size"])
         if key not in best or record["tokens"] / record["seconds"] > best[key]["tokens"] / best[key]["seconds"]:
             best[key] = record
+    # In a batch a greedy sequence's tree drafts carry one candidate (BatchEngine), so its rounds are timed so.
     costs = {size: measure_step_costs(loaded.model, speculative.exit_layer, speculative.num_speculations,
                                       speculative.draft_vocab_size, draft_adapter=loaded.draft_adapter,
-                                      candidates=speculative.draft_candidates, batch=size)
+                                      candidates=speculative.draft_candidates if size == 1 else 1, batch=size)
              for size in tqdm(sizes, desc="step costs", unit="batch")}
     speed = {key: record["tokens"] / record["seconds"] for key, record in best.items()}
     base_speed = speed[("autoregressive", sizes[0])]
