@@ -6,7 +6,9 @@ The server runs as its own process (`layerskip serve --sample false --ignore_eos
 every client sends --requests chat requests one after another, streaming, each naming the strategy in its body.
 Reported per point: aggregate generated tokens/s, p50/p99 time to first token (request sent to first text) and
 inter-token latency (a request's time per token after its first), errors, and the server's RSS after the point;
-the table gives each point's ratios to the fewest clients of the same strategy (1 by default). Writes
+the table gives each point's ratios to the fewest clients of the same strategy (1 by default). With --repeats N
+every point runs N times, the strategies side by side for each client count, and the table takes each point's
+median run. Writes
 <output_dir>/points.csv, table.md and the server's log, server.log.
 
     python benchmarks/bench_serve.py --output_dir logs/bench_serve
@@ -46,8 +48,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=4, help="requests each client sends, one after another")
     parser.add_argument("--max_tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1,
-                        help="run every point this many times against the same server: the table shows the last "
-                             "run's points, and the server's RSS after each run shows whether memory grows")
+                        help="run every point this many times against the same server: the table shows each "
+                             "point's median run, and the server's RSS after each run shows whether memory grows")
     parser.add_argument("--output_dir", default="logs/bench_serve")
     return parser.parse_args()
 
@@ -138,6 +140,15 @@ def milliseconds(value: float | None) -> str:
     return "-" if value is None else f"{1000 * value:.0f} ms"
 
 
+def median_runs(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (strategy, clients), the run with the median tokens/s (every column from that one run)."""
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for point in points:
+        runs.setdefault((point["strategy"], point["clients"]), []).append(point)
+    chosen = [sorted(group, key=lambda point: point["tokens_per_second"])[len(group) // 2] for group in runs.values()]
+    return sorted(chosen, key=lambda point: (STRATEGIES.index(point["strategy"]), point["clients"]))
+
+
 def table(points: list[dict[str, Any]], args: argparse.Namespace, rss_start: int) -> str:
     fewest = min(point["clients"] for point in points)
     base_label = f"{fewest} client" + ("s" if fewest > 1 else "")
@@ -175,8 +186,8 @@ def main() -> None:
         rss_start = process.memory_info().rss
         points, rss_after = [], []
         for repeat in range(args.repeats):
-            for strategy in STRATEGIES:
-                for clients in counts:
+            for clients in counts:
+                for strategy in STRATEGIES:  # side by side, so the machine's drift hits both alike
                     results, seconds = asyncio.run(run_point(url, prompts, strategy, clients, args.requests,
                                                              args.max_tokens))
                     points.append({"repeat": repeat, **summary(strategy, clients, results, seconds,
@@ -192,7 +203,7 @@ def main() -> None:
         writer = csv.DictWriter(file, fieldnames=list(points[0]))
         writer.writeheader()
         writer.writerows(points)
-    report = table([point for point in points if point["repeat"] == args.repeats - 1], args, rss_start)
+    report = table(median_runs(points), args, rss_start)
     report += ("\n\nServer RSS after each run of all points: "
                + ", ".join(f"{rss / 2 ** 20:.0f} MB" for rss in rss_after)
                + f"; errors in all runs: {sum(point['errors'] for point in points)}.")
