@@ -64,11 +64,12 @@ def test_greedy_output_with_an_adapter_is_the_base_models(tiny, tmp_path, kind, 
 
 
 @pytest.mark.parametrize("kind, context", SHAPES)
-@pytest.mark.parametrize("speculations, candidates", [(4, 1), (1, 4)])
-def test_each_rounds_first_draft_sees_only_verified_states(tiny, kind, context, speculations, candidates):
+@pytest.mark.parametrize("speculations, candidates, prefill_chunk", [(4, 1, 0), (1, 4, 0), (2, 2, 3)])
+def test_each_rounds_first_draft_sees_only_verified_states(tiny, kind, context, speculations, candidates,
+                                                           prefill_chunk):
     """The adapter's cache and context are rebuilt from the final layer's states of accepted positions (an accepted
-    tree alternative's included): every round's first draft equals the adapter run over the whole committed
-    sequence at once (float64, exact argmax: no kernel near-ties)."""
+    tree alternative's included; a prompt in chunks): every round's first draft equals the adapter run over the
+    whole committed sequence at once (float64, exact argmax: no kernel near-ties)."""
     model = layerskip.load(str(tiny.folder), dtype="float32", cpu_kernels="plain").model.double()
     model._rope_table = None
     adapter = random_adapter(tiny.config, 4, kind, context, seed=1, scale=0.05).double()
@@ -79,7 +80,7 @@ def test_each_rounds_first_draft_sees_only_verified_states(tiny, kind, context, 
         def on_draft(self, drafts: list[int]) -> None:
             firsts.append((len(sequence.ctx.tokens), drafts[0]))
 
-    engine = BatchEngine(model, slots=1, capacity=60)
+    engine = BatchEngine(model, slots=1, capacity=60, prefill_chunk=prefill_chunk)
     with torch.inference_mode():
         sequence = engine.add(PROMPTS[1], strategy, Sampler(sample=False), max_new_tokens=41, streamer=FirstDrafts())
         while not engine.step():

@@ -543,3 +543,34 @@ def test_greedy_tree_drafts_branch_only_while_a_sequence_decodes_alone(tiny, mon
     assert_same_greedy_tokens(tiny, BATCH_PROMPTS[0], alone.token_ids, batch[0].new_tokens)
     # The sampled row branched; the greedy rows, never alone (the sampled one outlasts them), never did.
     assert True in calls and False not in calls
+
+
+@pytest.mark.parametrize("strategy", [Autoregressive(), SelfSpeculative(2, 3), SelfSpeculative(1, 2, draft_candidates=3)],
+                         ids=lambda s: str(s.describe()))
+def test_a_prompt_in_chunks_decodes_as_in_one_pass(tiny, strategy):
+    """prefill_chunk: a long prompt goes through a chunk a round, beside a sequence that decodes meanwhile; both
+    give the tokens and statistics they give alone, and a chunk's round is not a round of the statistics."""
+    long_prompt, short_prompt = [(7 * i + 3) % 96 for i in range(23)], BATCH_PROMPTS[1]
+    alone = [generate_ids(tiny.model, prompt, strategy, Sampler(sample=False), max_new_tokens=10)
+             for prompt in (long_prompt, short_prompt)]
+    engine = BatchEngine(tiny.model, slots=2, capacity=48, prefill_chunk=5)
+    log: list[list[int]] = []
+
+    class Log(Streamer):
+        def on_tokens(self, committed, step):
+            log.append(committed)
+
+    with torch.inference_mode():
+        short = engine.add(short_prompt, strategy, Sampler(sample=False), max_new_tokens=10)
+        engine.step()
+        long = engine.add(long_prompt, strategy, Sampler(sample=False), max_new_tokens=10, streamer=Log())
+        steps = 0
+        while not long.new_tokens:
+            engine.step()
+            steps += 1
+        assert steps == 5 and len(short.new_tokens) > 1  # 4 chunks of 5, then the last 3 with the first token
+        while engine.running:
+            engine.step()
+    for sequence, prompt, expected in zip((long, short), (long_prompt, short_prompt), alone):
+        assert_same_greedy_tokens(tiny, prompt, expected.token_ids, sequence.new_tokens)
+    assert all(log) and long.stats.rounds == alone[0].stats.rounds

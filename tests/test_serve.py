@@ -75,7 +75,8 @@ def live_server(loaded: Any, options: dict[str, Any] = GREEDY, **settings: Any) 
 
 @pytest.fixture(scope="module")
 def live(default_model: Any) -> Iterator[Live]:
-    with live_server(default_model, max_batch_size=4, max_queue=8) as server:
+    # Prompts join in chunks of 8 tokens: every equality with generating alone covers chunked prefill too.
+    with live_server(default_model, max_batch_size=4, max_queue=8, prefill_chunk=8) as server:
         yield server
 
 
@@ -433,7 +434,10 @@ def test_shutdown_ends_a_stream_that_outlives_the_grace_period(default_model, ca
 
 @pytest.mark.parametrize("flag,value,message", [("--max_batch_size", "0", "--max_batch_size must be at least 1"),
                                                 ("--max_queue", "-1", "--max_queue must be at least 0"),
-                                                ("--port", "70000", "--port must be in [0, 65535]")])
+                                                ("--port", "70000", "--port must be in [0, 65535]"),
+                                                ("--prefill_chunk", "-4", "--prefill_chunk must be >= 0 (0: a prompt in one pass)"),
+                                                ("--max_speculative_batch", "-1",
+                                                 "--max_speculative_batch must be >= 0 (0: no limit)")])
 def test_serve_flags_out_of_range(capsys, flag, value, message):
     assert main(["serve", flag, value]) == 2
     assert capsys.readouterr().err.strip() == f"layerskip: error: {message}, got {value}"

@@ -272,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompt + new tokens of one request (default: 2048, or the model's context if shorter)")
     server.add_argument("--api_key", default=None, help="require 'Authorization: Bearer <key>' on /v1")
     server.add_argument("--max_speculative_batch", type=int, default=None, help=MAX_SPECULATIVE_BATCH_HELP)
+    server.add_argument("--prefill_chunk", type=int, default=256,
+                        help="a longer prompt joins the batch in rounds of this many tokens, so the others decode on "
+                             "meanwhile (0: in one pass)")
     serve.set_defaults(run=run_serve)
 
     from layerskip.training.command import add_training_commands  # cheap: torch loads only when a command runs
@@ -580,7 +583,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     settings = ServerSettings(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                               max_queue=args.max_queue, max_model_len=args.max_model_len, api_key=args.api_key,
-                              max_speculative_batch=args.max_speculative_batch)
+                              max_speculative_batch=args.max_speculative_batch, prefill_chunk=args.prefill_chunk)
     serve(load_model(args), generation_options(args), settings)
     return 0
 

@@ -94,7 +94,10 @@ class SequenceState:
         self.request: Request | None = None  # what it waits for; None: between rounds
 
     def commit(self, step: Round) -> None:
-        """The round's tokens, one at a time, up to the first stop condition; and its statistics."""
+        """The round's tokens, one at a time, up to the first stop condition; and its statistics. A round of a
+        prompt's chunk brings none, and counts for nothing."""
+        if not step.tokens:
+            return
         committed = []
         for token in step.tokens:
             self.ctx.tokens.append(token)
@@ -152,11 +155,17 @@ class BatchEngine:
     drafts (--draft_candidates) branch only while it decodes alone: in a batch each candidate is one more row.
     Greedy output is the same either way. Sampled sequences always keep their strategy: switching would make a
     seeded sample depend on the batch it shares.
+
+    With `prefill_chunk` C > 0 a prompt longer than C goes through in rounds of C tokens, so a long prompt that
+    joins does not stall the others' decoding for its whole prefill (a server's inter-token latency); the result
+    is the same, every row being computed as it would be in one pass.
     """
 
-    def __init__(self, model: Transformer, *, slots: int, capacity: int, max_speculative_batch: int = 0):
+    def __init__(self, model: Transformer, *, slots: int, capacity: int, max_speculative_batch: int = 0,
+                 prefill_chunk: int = 0):
         weight = model.embed_tokens.weight
         self.model, self.slots, self.max_speculative_batch = model, slots, max_speculative_batch
+        self.prefill_chunk = prefill_chunk
         self.pass_overhead = PASS_OVERHEAD_ROWS.get(weight.device.type, PASS_OVERHEAD_ROWS["cuda"])
         self.capacity = min(capacity, model.config.max_position_embeddings)
         self.cache = KVCache(model.config, self.capacity, batch_size=slots, dtype=weight.dtype, device=weight.device)
@@ -176,7 +185,8 @@ class BatchEngine:
         cache = self.cache if self.slots == 1 else self.cache.row(slot)
         ctx = DecodeContext(model=self.model, tokens=list(prompt_ids), max_length=max_length, sampler=sampler,
                             eos_token_ids=frozenset(eos_token_ids), cache=cache,
-                            on_draft=streamer.on_draft if streamer is not None else None)
+                            on_draft=streamer.on_draft if streamer is not None else None,
+                            prefill_chunk=self.prefill_chunk)
         sequence = SequenceState(ctx, strategy, stopping, slot=slot, streamer=streamer, stop_words=stop_words,
                                  tokenizer=tokenizer)
         self.running.append(sequence)

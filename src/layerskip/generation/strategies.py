@@ -81,6 +81,12 @@ class DecodeContext:
     on_draft: Callable[[list[int]], None] | None = None
     speculate: bool = True            # the engine's say for the next round: False, a speculative round drafts nothing
     branch: bool = True               # and False: its last draft position carries one candidate only
+    prefill_chunk: int = 0            # > 0: a longer prompt goes through in rounds of this many tokens, no token out
+
+    def next_prefill_chunk(self, done: int) -> list[int] | None:
+        """The next chunk of a prompt still longer than a chunk past position `done`, else None."""
+        pending = self.tokens[done:]
+        return pending[:self.prefill_chunk] if self.prefill_chunk and len(pending) > self.prefill_chunk else None
 
     def token_tensor(self, tokens: list[int]) -> torch.Tensor:
         return torch.tensor([tokens], dtype=torch.long, device=self.model.inv_freq.device)
@@ -121,6 +127,12 @@ class Autoregressive(Strategy):
         depth = self.exit_layer or model.num_layers
         done = 0  # positions [0, done) are in the KV cache
         while True:
+            chunk = ctx.next_prefill_chunk(done)
+            if chunk is not None:  # a long prompt, a chunk a round, so the batch's other sequences decode on
+                yield Layers(model.embed(ctx.token_tensor(chunk)), 0, depth, done)
+                done += len(chunk)
+                yield Round(tokens=[])
+                continue
             pending = ctx.tokens[done:]
             hidden = yield Layers(model.embed(ctx.token_tensor(pending)), 0, depth, done)
             token, _ = ctx.sampler.choose((yield Head(hidden[0, -1:])))
@@ -219,11 +231,21 @@ class SelfSpeculative(Strategy):
         model, exit_layer = ctx.model, self.exit_layer
         cache, exits = ctx.cache, ctx.exit_buffer()
         adapted = AdapterDrafts(ctx, self.draft_adapter) if self.draft_adapter is not None else None
-        done = 0  # positions [0, done) have been through every layer and are final
+        done, prompt_length = 0, len(ctx.tokens)  # positions [0, done) have been through every layer and are final
         while True:
+            chunk = ctx.next_prefill_chunk(done)
+            if chunk is not None:  # a long prompt, a chunk a round through every layer, so the others decode on
+                hidden = yield Layers(model.embed(ctx.token_tensor(chunk)), 0, exit_layer, done)
+                exits.write(done, hidden)
+                hidden = yield Layers(hidden, exit_layer, model.num_layers, done)
+                if adapted is not None:
+                    adapted.verified(done, hidden)
+                done += len(chunk)
+                yield Round(tokens=[])
+                continue
             committed = len(ctx.tokens)
             budget = min(self.num_speculations, ctx.max_length - committed - 1) if ctx.speculate else 0
-            if adapted is not None and done == 0:
+            if adapted is not None and done < prompt_length:
                 budget = 0  # the prompt goes through every layer first: the adapter's context needs its final states
             drafts: list[int] = []
             draft_probs: list[torch.Tensor | None] = []

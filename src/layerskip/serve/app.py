@@ -54,6 +54,7 @@ class ServerSettings:
     max_model_len: int | None = None  # prompt + new tokens of a request; None: DEFAULT_MAX_MODEL_LEN or the context
     api_key: str | None = None   # required as `Authorization: Bearer <key>` on /v1 when set
     max_speculative_batch: int | None = None  # BatchEngine's; None: the model's stored value
+    prefill_chunk: int = 256     # a longer prompt joins in rounds of this many tokens (0: in one), BatchEngine's
     max_body_bytes: int = 1 << 20
     shutdown_grace_seconds: float = 10.0  # running requests may finish this long after Ctrl-C / SIGTERM
 
@@ -68,6 +69,8 @@ class ServerSettings:
             raise LayerSkipError(f"--max_model_len must be at least 2, got {self.max_model_len}")
         if self.api_key is not None and not self.api_key:
             raise LayerSkipError("--api_key must not be empty")
+        if self.prefill_chunk < 0:
+            raise LayerSkipError(f"--prefill_chunk must be >= 0 (0: a prompt in one pass), got {self.prefill_chunk}")
         if self.max_speculative_batch is not None and self.max_speculative_batch < 0:
             raise LayerSkipError(f"--max_speculative_batch must be >= 0 (0: no limit), got {self.max_speculative_batch}")
 
@@ -301,7 +304,8 @@ def create_app(loaded: LoadedModel, options: dict[str, Any], settings: ServerSet
     metrics = ServerMetrics()
     scheduler = Scheduler(loaded.model, metrics, slots=settings.max_batch_size, capacity=max_model_len,
                           max_queue=settings.max_queue,
-                          max_speculative_batch=api.speculative_batch_limit(loaded, settings.max_speculative_batch))
+                          max_speculative_batch=api.speculative_batch_limit(loaded, settings.max_speculative_batch),
+                          prefill_chunk=settings.prefill_chunk)
     service = Service(loaded, options, scheduler, max_model_len)
 
     @contextlib.asynccontextmanager

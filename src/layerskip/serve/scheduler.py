@@ -110,9 +110,9 @@ class Scheduler:
     """
 
     def __init__(self, model: Transformer, metrics: ServerMetrics, *, slots: int, capacity: int, max_queue: int,
-                 max_speculative_batch: int = 0):
+                 max_speculative_batch: int = 0, prefill_chunk: int = 0):
         self.model, self.slots, self.capacity, self.max_queue, self.metrics = model, slots, capacity, max_queue, metrics
-        self.max_speculative_batch = max_speculative_batch
+        self.max_speculative_batch, self.prefill_chunk = max_speculative_batch, prefill_chunk
         self.engine = self.new_engine()
         self.changed = threading.Condition(threading.RLock())  # reentrant: leave() ends jobs under it too
         self.waiting: collections.deque[Job] = collections.deque()  # under the lock
@@ -125,7 +125,7 @@ class Scheduler:
 
     def new_engine(self) -> BatchEngine:
         return BatchEngine(self.model, slots=self.slots, capacity=self.capacity,
-                           max_speculative_batch=self.max_speculative_batch)
+                           max_speculative_batch=self.max_speculative_batch, prefill_chunk=self.prefill_chunk)
 
     def start(self) -> None:
         self.looping = True  # alive from now, before the thread reaches its loop
