@@ -60,10 +60,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace, port: int, batch: int, log: Any) -> subprocess.Popen:
-    """`layerskip serve` with room for every client in the batch; returns once /health answers."""
+def start_server(args: argparse.Namespace, port: int, batch: int, log: Any,
+                 extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`layerskip serve` (and `extra` flags) with room for every client in the batch; returns once /health
+    answers."""
     command = [sys.executable, "-m", "layerskip.cli", "serve", "--port", str(port), "--sample", "false",
-               "--ignore_eos", "--max_batch_size", str(batch), "--quantize", args.quantize]
+               "--ignore_eos", "--max_batch_size", str(batch), "--quantize", args.quantize, *extra]
     server = subprocess.Popen(command + (["--model", args.model] if args.model else []), stdout=log, stderr=log)
     deadline = time.monotonic() + STARTUP_SECONDS
     while True:
