@@ -8,7 +8,7 @@ import torch
 
 from layerskip.errors import LayerSkipError
 from layerskip.generation import BatchEngine, GenerationConfig, GenerationResult, Strategy, Streamer, generate_ids
-from layerskip.generation.config import check_token_ids
+from layerskip.generation.config import check_batching, check_token_ids
 from layerskip.loading import LoadedModel, load
 
 Messages = list[dict[str, str]]
@@ -90,8 +90,7 @@ def speculative_batch_limit(loaded: LoadedModel, max_speculative_batch: int | No
     benchmarks/bench_batch.py on its host), else 0 (greedy sequences draft in batches of any size)."""
     limit = int(loaded.defaults.get("max_speculative_batch", 0)) if max_speculative_batch is None \
         else max_speculative_batch
-    if limit < 0:
-        raise LayerSkipError(f"max_speculative_batch must be >= 0 (0: no limit), got {limit}")
+    check_batching(max_speculative_batch=limit)
     return limit
 
 
@@ -102,8 +101,7 @@ def generate_batch(loaded: LoadedModel, prompts: list[list[int]], config: Genera
     """One result per prompt (token ids), decoding up to `batch_size` at once; a finished prompt's slot takes the
     next, and `on_result(index, result)` hears of each as it finishes. Each prompt samples from its own generator
     seeded with config.seed, as it would alone. `max_speculative_batch`: see BatchEngine (None: the model's)."""
-    if batch_size < 1:
-        raise LayerSkipError(f"batch_size must be at least 1, got {batch_size}")
+    check_batching(batch_size)
     stops, strategy = stop_settings(loaded, config), strategy_for(loaded, config)
     engine = BatchEngine(loaded.model, slots=min(batch_size, len(prompts)),
                          capacity=max(map(len, prompts)) + config.max_steps,

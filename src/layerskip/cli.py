@@ -331,11 +331,9 @@ def format_comparison(comparison: dict[str, Any]) -> str:
 
 def check_batching(args: argparse.Namespace) -> None:
     """A command's batch flags, before the model loads."""
-    if args.batch_size < 1:
-        raise LayerSkipError(f"--batch_size must be at least 1, got {args.batch_size}")
-    limit = getattr(args, "max_speculative_batch", None)
-    if limit is not None and limit < 0:
-        raise LayerSkipError(f"--max_speculative_batch must be >= 0 (0: no limit), got {limit}")
+    from layerskip.generation.config import check_batching as check
+
+    check(args.batch_size, getattr(args, "max_speculative_batch", None))
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -19,8 +19,8 @@ from layerskip.api import encode_prompt
 from layerskip.bench.engines import Engine
 from layerskip.eval import metrics
 from layerskip.eval.datasets import Sample
-from layerskip.errors import LayerSkipError
 from layerskip.eval.records import open_records, read_records, write_record
+from layerskip.generation.config import check_batching
 from layerskip.loading import LoadedModel
 
 HUMAN_EVAL_TIMEOUT_SECONDS = 5.0
@@ -120,8 +120,7 @@ def run_benchmarks(loaded: LoadedModel, runs: dict[str, tuple[Engine, Path]], sa
     """Several engines on the same samples, `batch_size` samples decoded together, interleaved batch by batch, so
     that a noisy machine slows them alike and their speed ratio holds; each run keeps its own records.jsonl and
     summary.json."""
-    if batch_size < 1:
-        raise LayerSkipError(f"--batch_size must be at least 1, got {batch_size}")
+    check_batching(batch_size)
     records: dict[str, list[dict[str, Any]]] = {}
     for name, (engine, output_dir) in runs.items():
         output_dir.mkdir(parents=True, exist_ok=True)

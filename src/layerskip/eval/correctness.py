@@ -11,8 +11,8 @@ from tqdm import tqdm
 from layerskip.api import encode_prompt, generate_batch, generate_with_config
 from layerskip.eval.datasets import Sample
 from layerskip.eval.records import open_records, read_records, write_record
-from layerskip.errors import LayerSkipError
 from layerskip.generation import GenerationConfig, GenerationResult
+from layerskip.generation.config import check_batching
 from layerskip.loading import LoadedModel
 
 
@@ -33,8 +33,7 @@ def compare(loaded: LoadedModel, samples: Iterable[Sample], speculative: Generat
     With `records_path`, each sample's record is appended there as it finishes; `resume` keeps the
     records already there and checks only the samples they lack.
     """
-    if batch_size < 1:
-        raise LayerSkipError(f"--batch_size must be at least 1, got {batch_size}")
+    check_batching(batch_size)
     speculative = dataclasses.replace(speculative, sample=False)
     autoregressive = dataclasses.replace(speculative, generation_strategy="autoregressive", exit_layer=-1,
                                          num_speculations=-1)

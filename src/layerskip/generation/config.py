@@ -33,6 +33,15 @@ def check_token_ids(ids: Sequence[Any], vocab_size: int, what: str) -> list[int]
     return checked
 
 
+def check_batching(batch_size: int = 1, max_speculative_batch: int | None = None) -> None:
+    """The batch settings, or a LayerSkipError naming the one out of range: the one check that the batch API, the
+    benchmark runner, correctness, the server's settings and the CLI (before a model loads) share."""
+    if batch_size < 1:
+        raise LayerSkipError(f"--batch_size must be at least 1, got {batch_size}")
+    if max_speculative_batch is not None and max_speculative_batch < 0:
+        raise LayerSkipError(f"--max_speculative_batch must be >= 0 (0: no limit), got {max_speculative_batch}")
+
+
 @dataclasses.dataclass
 class GenerationConfig:
     generation_strategy: str | None = None  # None: the model's stored default, else autoregressive

@@ -20,7 +20,7 @@ import torch
 
 from layerskip.generation.sampling import Sampler
 from layerskip.generation.stopping import StoppingCriteria, cut_at_stop_words
-from layerskip.generation.strategies import Adapt, DecodeContext, Head, Request, Round, Strategy
+from layerskip.generation.strategies import Adapt, DecodeContext, Head, Layers, Request, Round, Strategy
 from layerskip.generation.streaming import Streamer
 from layerskip.loading.tokenizer import Tokenizer
 from layerskip.model import KVCache, Transformer
@@ -254,7 +254,7 @@ class BatchEngine:
                                                                                        first.end_layer)]
 
     def run(self, group: list[SequenceState]) -> list[torch.Tensor]:
-        """The group's requests as one pass; each sequence's part of the result."""
+        """The group's requests as few passes as pay (split()); each sequence's part of the result."""
         model, requests = self.model, [sequence.request for sequence in group]
         if isinstance(requests[0], Head):
             sizes = [request.hidden.shape[0] for request in requests]
@@ -262,18 +262,25 @@ class BatchEngine:
             vocab_size = requests[0].vocab_size
             logits = model.draft_head(hidden, vocab_size) if vocab_size else model.head(hidden)
             return list(logits.split(sizes))
+        passes = self.split(requests)
+        if len(passes) == 1:
+            return self.run_pass(group)
+        outputs = {row: out for rows in passes for row, out in zip(rows, self.run_pass([group[row] for row in rows]))}
+        return [outputs[row] for row in range(len(group))]
+
+    def split(self, requests: list[Layers | Adapt]) -> list[list[int]]:
+        """The rows (indices) of each padded pass: a row near the end of its slot, with no room for the others'
+        width of padding, alone; the rest by passes()."""
         lengths = [request.hidden.shape[1] for request in requests]
-        # A row near the end of its slot has no room for another row's width of padding: such rows run apart.
         apart = [row for row, request in enumerate(requests) if request.start_pos + max(lengths) > self.capacity]
-        if apart and len(group) > 1:
-            together = [row for row in range(len(group)) if row not in apart]
-            outputs = dict(zip(together, self.run([group[row] for row in together]))) if together else {}
-            outputs.update((row, self.run([group[row]])[0]) for row in apart)
-            return [outputs[row] for row in range(len(group))]
-        passes = self.passes(lengths, self.pass_overhead) if len(group) > 1 else [list(range(len(group)))]
-        if len(passes) > 1:
-            outputs = {row: out for rows in passes for row, out in zip(rows, self.run([group[row] for row in rows]))}
-            return [outputs[row] for row in range(len(group))]
+        together = [row for row in range(len(requests)) if row not in apart]
+        split = self.passes([lengths[row] for row in together], self.pass_overhead) if together else []
+        return [[together[index] for index in rows] for rows in split] + [[row] for row in apart]
+
+    def run_pass(self, group: list[SequenceState]) -> list[torch.Tensor]:
+        """The group's layer or adapter requests as one padded pass; each sequence's part of the result."""
+        model, requests = self.model, [sequence.request for sequence in group]
+        lengths = [request.hidden.shape[1] for request in requests]
         first = requests[0]
         if isinstance(first, Adapt):
             return self.run_adapter(group)

@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from layerskip import api
 from layerskip.errors import LayerSkipError
 from layerskip.generation import GenerationConfig
+from layerskip.generation.config import check_batching
 from layerskip.loading import LoadedModel
 from layerskip.serve.metrics import ServerMetrics
 from layerskip.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, GenerationRequest, Reply
@@ -71,8 +72,7 @@ class ServerSettings:
             raise LayerSkipError("--api_key must not be empty")
         if self.prefill_chunk < 0:
             raise LayerSkipError(f"--prefill_chunk must be >= 0 (0: a prompt in one pass), got {self.prefill_chunk}")
-        if self.max_speculative_batch is not None and self.max_speculative_batch < 0:
-            raise LayerSkipError(f"--max_speculative_batch must be >= 0 (0: no limit), got {self.max_speculative_batch}")
+        check_batching(max_speculative_batch=self.max_speculative_batch)
 
 
 def model_len(loaded: LoadedModel, settings: ServerSettings) -> int:

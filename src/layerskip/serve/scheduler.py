@@ -171,23 +171,23 @@ class Scheduler:
         """The loop, until stop(). Should it fail outside a round (a bug), it stops taking jobs, ends the ones it
         holds with a 500, and re-raises: /health then says so, and no request waits on a dead loop."""
         self.looping = True
-        ending = Stopped(503, "the server is shutting down")
+        ending, reason = Stopped(503, "the server is shutting down"), "cancelled"
         try:
             with torch.inference_mode():
                 while self.between_rounds():
                     if self.running:
                         self.step()
         except BaseException as error:
-            ending = Stopped(500, f"the decoding loop failed: {error}")
+            ending, reason = Stopped(500, f"the decoding loop failed: {error}"), "error"
             raise
         finally:
             with self.changed:
                 self.stopping = True
                 for sequence in list(self.running):
                     self.engine.remove(sequence)
-                    self.leave(sequence, ending, "cancelled" if ending.status == 503 else "error")
+                    self.leave(sequence, ending, reason)
                 while self.waiting:
-                    self.end(self.waiting.popleft(), ending, "cancelled" if ending.status == 503 else "error")
+                    self.end(self.waiting.popleft(), ending, reason)
             self.looping = False
 
     def between_rounds(self) -> bool:
