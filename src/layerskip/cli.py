@@ -9,6 +9,7 @@ import argparse
 import codecs
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
@@ -51,6 +52,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", default="none",
                         help="weight format for decoding, applied at load, LM head included: none, bf16, int8 "
                              "(Q8_0) or int4 (Q4_1); a GGUF file's own blocks of that format are used as they are")
+    parser.add_argument("--compile", action="store_true",
+                        help="decoding passes as compiled static-shape graphs (torch.compile; CUDA graphs on a GPU); "
+                             "on the CPU kept only if faster here, and a line says which")
     parser.add_argument("--draft_adapter", default=None,
                         help="a draft adapter folder (drafts read the exit through it; output is the model's own), "
                              "or none (default: the one the model names; the embedded smollm2-135m ships one)")
@@ -60,8 +64,11 @@ def load_model(args: argparse.Namespace) -> Any:
     """The model of the model flags (add_model_arguments)."""
     import layerskip
 
-    return layerskip.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                          draft_adapter=args.draft_adapter)
+    loaded = layerskip.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                            draft_adapter=args.draft_adapter, compile=args.compile)
+    if loaded.compile_report is not None:
+        print(f"layerskip: --compile {loaded.compile_report.describe()}", file=sys.stderr)
+    return loaded
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, *, grid: bool = False) -> None:
@@ -367,7 +374,7 @@ def run_generate(args: argparse.Namespace) -> int:
             if compare else None
         if args.output == "json":
             output = result.as_dict()
-            output["settings"].update(weight_format=loaded.model.weight_format, cpu_kernels=loaded.model.kernel_path)
+            output["settings"].update(loaded.runtime_settings())
             print(json.dumps({"model": loaded.name, **output, **({"comparison": comparison} if compare else {})},
                              ensure_ascii=False))
         else:
@@ -625,8 +632,14 @@ def close_progress_bars() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from layerskip.distributed import rank
+
     try:
         args = build_parser().parse_args(argv)
+        if rank() > 0:  # under torchrun every rank runs the same rounds; rank 0 speaks, and writes the reports
+            sys.stdout = sys.stderr = open(os.devnull, "w")
+            if getattr(args, "output_dir", None):  # the others keep their identical records apart, for --resume
+                args.output_dir = str(Path(args.output_dir) / f"rank_{rank()}")
         return args.run(args)
     except LayerSkipError as error:
         close_progress_bars()

@@ -5,6 +5,7 @@ Every source is first turned into a Hugging Face checkpoint folder; one code pat
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from layerskip.distributed import start_distributed, world_size
 from layerskip.errors import LayerSkipError
 from layerskip.loading.adapter import adapter_base_model, is_adapter_folder, merge_lora
 from layerskip.loading.default_model import (BASE_MODEL_ALIASES, LAYERSKIP_MODEL, base_model_folder,
@@ -25,6 +27,8 @@ from layerskip.loading.tokenizer import Tokenizer
 from layerskip.model import ModelConfig, Transformer
 from layerskip.model.draft_adapter import DraftAdapter
 from layerskip.model.kernels.prepare import CPU_KERNELS, QUANTIZE, KernelError, prepare, prepare_adapter
+from layerskip.model.parallel import Shard, TensorParallel
+from layerskip.model.static import CompileReport, enable_compiled_steps
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KERNELS_ENV = "LAYERSKIP_CPU_KERNELS"  # forces the CPU kernel path for a whole run (tests, CI, benchmarks)
@@ -45,6 +49,7 @@ class LoadedModel:
     tokenizer_error: str | None = None  # why the folder's tokenizer files could not be read (tokenizer is None)
     draft_adapter: DraftAdapter | None = None  # drafts at its exit layer read the exit states through it
     draft_adapter_path: Path | None = None
+    compile_report: CompileReport | None = None  # what compile=True did (None: not asked)
 
     @property
     def config(self) -> ModelConfig:
@@ -57,6 +62,14 @@ class LoadedModel:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
+
+    def runtime_settings(self) -> dict[str, Any]:
+        """How this model runs here, for reports: weight format, kernel path, compiled passes."""
+        settings: dict[str, Any] = {"weight_format": self.model.weight_format, "cpu_kernels": self.model.kernel_path,
+                                    "device": str(self.device)}
+        if self.compile_report is not None:
+            settings["compile"] = self.compile_report.as_dict()
+        return settings
 
 
 def resolve_model_folder(spec: str | None) -> Path:
@@ -133,8 +146,27 @@ def resolve_draft_adapter(spec: str | None, model: str | None, folders: list[Pat
     return shipped_draft_adapter(model)
 
 
+def tensor_parallel(config: ModelConfig, device: torch.device,
+                    adapter: Path | None) -> tuple[TensorParallel | None, torch.device]:
+    """Under torchrun with several processes, this rank's slices of the model (model/parallel.py) and its device;
+    else (None, device)."""
+    if world_size() == 1:
+        return None, device
+    if adapter is not None:
+        raise LayerSkipError(f"a LoRA adapter ({adapter}) is merged into whole weights, not into one rank's slices: "
+                             "merge it into a checkpoint first (layerskip's training writes merged folders too)")
+    context = start_distributed(device)
+    atexit.register(context.close)
+    try:
+        shard = Shard.plan(config, context.rank, context.world_size)
+    except ValueError as error:
+        raise LayerSkipError(f"cannot split the model for tensor parallelism: {error}") from None
+    return TensorParallel(shard, config), context.device
+
+
 def load(model: str | None = None, *, dtype: str | None = None, device: str = "auto",
-         cpu_kernels: str | None = None, quantize: str = "none", draft_adapter: str | None = None) -> LoadedModel:
+         cpu_kernels: str | None = None, quantize: str = "none", draft_adapter: str | None = None,
+         compile: bool = False) -> LoadedModel:
     """Load a model for decoding. `model`: None for the embedded default, a folder (a checkpoint, or a LoRA
     adapter whose base model is then loaded and merged), a .gguf file, or a hub id.
 
@@ -143,7 +175,9 @@ def load(model: str | None = None, *, dtype: str | None = None, device: str = "a
     $LAYERSKIP_CPU_KERNELS (default "auto"). `quantize`: the weights' format for decoding, weight-only and
     applied at load (the LM head included): "none", "bf16", "int8" (Q8_0 blocks) or "int4" (Q4_1 blocks); a
     GGUF file's blocks of that format are used as they are. `draft_adapter`: a draft adapter folder
-    (model/draft_adapter.py), "none", or None for the one the model names (the embedded original's ships)."""
+    (model/draft_adapter.py), "none", or None for the one the model names (the embedded original's ships).
+    `compile`: decoding passes as compiled static-shape graphs (model/static.py): CUDA graphs on a GPU; on the
+    CPU kept only if faster than the eager path here (`compile_report` says)."""
     cpu_kernels = resolve_cpu_kernels(cpu_kernels)
     if quantize not in QUANTIZE:
         raise LayerSkipError(f"unknown quantize '{quantize}': choose one of {', '.join(QUANTIZE)}")
@@ -154,12 +188,16 @@ def load(model: str | None = None, *, dtype: str | None = None, device: str = "a
     if is_adapter_folder(folder):  # a LoRA adapter: its base model, with the adapter merged into the weights
         adapter, folder = folder, resolve_model_folder(adapter_base_model(folder))
     config = read_config(folder)
-    state = load_state_dict(folder)
+    parallel, torch_device = tensor_parallel(config, torch_device, adapter)
+    shard = parallel.shard if parallel is not None else None
+    state = load_state_dict(folder, shard, config.head_dim)
     if adapter is not None:
         state = merge_lora(state, adapter)
-    network = build_model(config, state, dtype=torch_dtype, device=torch_device, folder=folder)
+    network = build_model(shard.local_config(config) if shard else config, state, dtype=torch_dtype,
+                          device=torch_device, folder=folder, parallel=parallel)
     try:
-        prepare(network, cpu_kernels, QUANTIZE[quantize], None if adapter is not None else stored_blocks(folder))
+        prepare(network, cpu_kernels, QUANTIZE[quantize],
+                None if adapter is not None else stored_blocks(folder, shard, config.head_dim))
     except KernelError as error:
         raise LayerSkipError(f"cannot load {model or default_model_name()} with quantize={quantize}, "
                              f"cpu_kernels={cpu_kernels}: {error}") from None
@@ -181,9 +219,11 @@ def load(model: str | None = None, *, dtype: str | None = None, device: str = "a
         network.set_draft_vocab(defaults.get("draft_vocab"))
     except ValueError as error:
         raise LayerSkipError(f"the stored decoding defaults of {adapter or folder} are broken: {error}") from None
+    report = enable_compiled_steps(network) if compile else None
     return LoadedModel(model=network, tokenizer=tokenizer, eos_token_ids=eos_ids, defaults=defaults,
                        name=model or default_model_name(), folder=folder, adapter=adapter,
-                       tokenizer_error=tokenizer_error, draft_adapter=drafts, draft_adapter_path=drafts_path)
+                       tokenizer_error=tokenizer_error, draft_adapter=drafts, draft_adapter_path=drafts_path,
+                       compile_report=report)
 
 
 __all__ = ["DTYPES", "LoadedModel", "load", "resolve_model_folder"]

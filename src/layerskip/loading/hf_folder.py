@@ -15,10 +15,12 @@ from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from layerskip.errors import LayerSkipError
 from layerskip.model import ModelConfig, Transformer
+from layerskip.model.kernels.linear import BITS_PER_WEIGHT
+from layerskip.model.parallel import Shard, TensorParallel
 from layerskip.model.transformer import rope_inverse_frequencies
 
 GENERATION_DEFAULTS_FILE = "layerskip.json"
@@ -63,28 +65,55 @@ def safetensors_files(folder: Path) -> list[Path]:
     raise LayerSkipError(f"{folder} is not a model checkpoint: it has no *.safetensors weights")
 
 
-def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """All weights of a folder, with HF's "model." prefix stripped to match our module names."""
+def read_tensors(file: Path, shard: Shard | None = None, head_dim: int = 0,
+                 bytes_per_element: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors (HF's "model." prefix stripped); with a tensor-parallel `shard`, only this
+    rank's slice of each sharded one is read. `bytes_per_element`: for GGUF block rows, whose columns are bytes."""
+    from safetensors import safe_open
+
+    state: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(file), "pt") as tensors:
+            for stored in tensors.keys():
+                name = stored.removeprefix("model.")
+                cut = shard.cut(name, head_dim) if shard is not None else None
+                if cut is None:
+                    state[name] = tensors.get_tensor(stored)
+                    if shard is not None and shard.rank and shard.reduced_bias(name):
+                        state[name] = torch.zeros_like(state[name])
+                    continue
+                dim, start, end = cut
+                if dim == 1 and bytes_per_element is not None:
+                    scale = bytes_per_element[name]
+                    if start * scale % 1 or end * scale % 1:
+                        continue  # not whole blocks: the float weights' slice is quantized instead
+                    start, end = int(start * scale), int(end * scale)
+                part = tensors.get_slice(stored)
+                state[name] = part[start:end] if dim == 0 else part[:, start:end]
+    except (SafetensorError, OSError) as error:
+        raise LayerSkipError(f"cannot read weights {file}: {error}") from None
+    return state
+
+
+def load_state_dict(folder: Path, shard: Shard | None = None, head_dim: int = 0) -> dict[str, torch.Tensor]:
+    """All weights of a folder (or this rank's slices of them), with our module names."""
     state: dict[str, torch.Tensor] = {}
     for file in safetensors_files(folder):
-        try:
-            tensors = load_file(file)
-        except (SafetensorError, OSError) as error:
-            raise LayerSkipError(f"cannot read weights {file}: {error}") from None
-        for name, tensor in tensors.items():
-            state[name.removeprefix("model.")] = tensor
+        state.update(read_tensors(file, shard, head_dim))
     return state
 
 
 def build_model(config: ModelConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype,
-                device: torch.device | str, folder: Path | None = None) -> Transformer:
+                device: torch.device | str, folder: Path | None = None,
+                parallel: TensorParallel | None = None) -> Transformer:
     """A model whose parameters are the given tensors, built without a wasted random initialisation; a
-    LayerSkipError names a missing, unexpected or misshapen tensor (and the checkpoint `folder`, when given)."""
+    LayerSkipError names a missing, unexpected or misshapen tensor (and the checkpoint `folder`, when given).
+    Under tensor parallelism `config` and `state` are this rank's (model/parallel.py)."""
     mismatch = f"the weights in {folder} do not match its config.json" if folder else "weights do not match config.json"
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     with torch.device("meta"):
-        model = Transformer(config)
+        model = Transformer(config, parallel)
     expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
@@ -166,8 +195,10 @@ def save_hf_weights(folder: Path, state: dict[str, torch.Tensor], *, tied: bool)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
-def stored_blocks(folder: Path) -> dict[str, tuple[str, torch.Tensor]] | None:
-    """The GGUF blocks kept with a converted folder: parameter name -> (format, uint8 blocks [rows, bytes])."""
+def stored_blocks(folder: Path, shard: Shard | None = None,
+                  head_dim: int = 0) -> dict[str, tuple[str, torch.Tensor]] | None:
+    """The GGUF blocks kept with a converted folder: parameter name -> (format, uint8 blocks [rows, bytes]); with a
+    tensor-parallel `shard`, this rank's slices (a slice that is not whole blocks is left out)."""
     path = folder / BLOCKS_FILE
     if not path.is_file():
         return None
@@ -175,7 +206,8 @@ def stored_blocks(folder: Path) -> dict[str, tuple[str, torch.Tensor]] | None:
 
     with safe_open(str(path), "pt") as blocks:
         formats = blocks.metadata() or {}
-        return {name: (formats[name], blocks.get_tensor(name)) for name in blocks.keys()}
+    per_element = {name: BITS_PER_WEIGHT[weight_format] / 8 for name, weight_format in formats.items()}
+    return {name: (formats[name], data) for name, data in read_tensors(path, shard, head_dim, per_element).items()}
 
 
 def save_hf_folder(folder: Path, config: ModelConfig, state: dict[str, torch.Tensor], *,

@@ -52,7 +52,10 @@ class KVCache:
                rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write positions [start, start + T) of one layer (with a tensor [B], each batch row's own; with `rows`,
         batch row b into cache row rows[b]); return those rows' keys and values for [0, end), the end of the
-        furthest row."""
+        furthest row. With `start` a tensor [B, T] of each row's slots, the write and the result have static shapes
+        (the rows' whole capacity, for a mask to cut; see model/static.py)."""
+        if isinstance(start, torch.Tensor) and start.dim() == 2:
+            return self.update_slots(layer, start, keys, values, rows)
         length = keys.shape[2]
         if isinstance(start, torch.Tensor) or rows is not None:
             firsts = start.tolist() if isinstance(start, torch.Tensor) else [start] * keys.shape[0]
@@ -68,6 +71,18 @@ class KVCache:
         if rows is not None:
             return self.keys[layer, rows, :, :end], self.values[layer, rows, :, :end]
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def update_slots(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write batch row b's T positions into slots[b] (of cache row rows[b]) by indexing, without reading the
+        positions back to Python, and return those rows' whole capacity: shapes that do not change with the
+        position, so one compiled step (one CUDA graph) serves every position."""
+        batch_rows = (rows if rows is not None else torch.arange(keys.shape[0], device=slots.device))[:, None]
+        self.keys[layer][batch_rows, :, slots] = keys.transpose(1, 2)
+        self.values[layer][batch_rows, :, slots] = values.transpose(1, 2)
+        if rows is not None:
+            return self.keys[layer, rows], self.values[layer, rows]
+        return self.keys[layer], self.values[layer]
 
 
 class CacheRow:

@@ -11,7 +11,7 @@ The three entry points that decoding strategies compose:
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from torch import nn
 from layerskip.model.cache import KVCache
 from layerskip.model.config import ModelConfig
 from layerskip.model.kernels.linear import PreparedLinear
+from layerskip.model.parallel import TensorParallel
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -103,7 +104,8 @@ class Attention(nn.Module):
         mask = None
         key_pos = torch.arange(k.shape[2], device=x.device)
         if isinstance(start_pos, torch.Tensor):  # [B, 1, group * T, S]: each batch row at its own positions
-            query_pos = (start_pos[:, None] + torch.arange(length, device=x.device)).repeat(1, group)[:, None, :, None]
+            slots = start_pos if start_pos.dim() == 2 else start_pos[:, None] + torch.arange(length, device=x.device)
+            query_pos = slots.repeat(1, group)[:, None, :, None]
             mask = key_pos <= query_pos
         elif length > 1:
             query_pos = torch.arange(start_pos, start_pos + length, device=x.device).repeat(group)[:, None]
@@ -161,21 +163,30 @@ class DecoderLayer(nn.Module):
         self.mlp = FeedForward(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Under tensor parallelism (model/parallel.py) the attention and MLP outputs are this rank's partial sums.
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] = lambda partial: partial
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor,
                 cache: KVCache | None, rows: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, cache, rows)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.reduce(self.self_attn(self.input_layernorm(x), cos, sin, start_pos, cache, rows))
+        return x + self.reduce(self.mlp(self.post_attention_layernorm(x)))
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parallel: TensorParallel | None = None):
+        """`parallel`: this rank's slices under tensor parallelism (`config` is then its layers' local one)."""
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.parallel = parallel
+        start, end = parallel.shard.vocab if parallel is not None else (0, config.vocab_size)
+        self.vocab_start = start  # the embedding's and the head's rows are token ids [start, end)
+        self.embed_tokens = nn.Embedding(end - start, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        if parallel is not None:
+            for layer in self.layers:
+                layer.reduce = parallel.all_reduce
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, end - start, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
@@ -185,6 +196,8 @@ class Transformer(nn.Module):
         self.weight_format = "float32"                     # and in which format they are
         # All layers of a pass in one call of the native kernels (passes without autograd; see forward_layers).
         self.fused_layers: FusedLayers | None = None
+        # Short passes as compiled static-shape graphs (model/static.py: CompiledSteps), when --compile kept them.
+        self.compiled_steps: Any = None
         # Token ids ranked by how often the model produces them (stored with the model, see draft_head).
         self.draft_vocab: torch.Tensor | None = None
         self._draft_heads: dict[int, tuple[torch.Tensor, torch.Tensor, PreparedLinear | None]] = {}
@@ -224,7 +237,13 @@ class Transformer(nn.Module):
         return cos[positions], sin[positions]
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.parallel is not None:
+            return self.parallel.embed(self.embed_tokens.weight, token_ids)
         return self.embed_tokens(token_ids)
+
+    def whole_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits over this model's head rows as the whole vocabulary's (gathered from every rank under TP)."""
+        return self.parallel.gather_vocab(logits) if self.parallel is not None else logits
 
     def forward_layers(self, hidden: torch.Tensor, start_layer: int, end_layer: int,
                        start_pos: int | torch.Tensor = 0, cache: KVCache | None = None,
@@ -238,6 +257,8 @@ class Transformer(nn.Module):
         a list for the pass's rows, or a tensor [B, T] per batch row): tree drafts put the candidates for one
         position in consecutive slots, masked from each other through `cache.attendable`.
         """
+        if self.compiled_steps is not None and self.compiled_steps.applies(hidden, cache):
+            return self.compiled_steps(hidden, start_layer, end_layer, start_pos, cache, positions, rows)
         if positions is not None:
             cos, sin = self.rope_at(torch.as_tensor(positions, device=self.inv_freq.device), hidden.dtype)
         elif isinstance(start_pos, torch.Tensor):
@@ -255,7 +276,7 @@ class Transformer(nn.Module):
         """The one exit head shared by every layer: final norm, then the LM head; float32 logits."""
         normed = self.norm(hidden)
         logits = run_prepared(self.prepared.get("head"), normed)
-        return (logits if logits is not None else self.lm_head(normed)).float()
+        return self.whole_vocab((logits if logits is not None else self.lm_head(normed)).float())
 
     def set_draft_vocab(self, token_ids: list[int] | None) -> None:
         """Token ids ranked by how often the model produces them, most frequent first (see draft_head)."""
@@ -278,17 +299,20 @@ class Transformer(nn.Module):
         if not 0 < vocab_size <= stored:
             raise ValueError(f"draft vocabulary size {vocab_size} is not in [1, {stored}]")
         sliced = self._draft_heads.get(vocab_size)
-        if sliced is None:
-            ids = self.draft_vocab[:vocab_size].to(self.lm_head.weight.device)
+        if sliced is None:  # the slice's rows of this model's head (all of them, unless the vocabulary is sharded)
+            ids = self.draft_vocab[:vocab_size].to(self.lm_head.weight.device) - self.vocab_start
+            ids = ids[(ids >= 0) & (ids < self.lm_head.out_features)]
             weight = self.lm_head.weight.detach()[ids]
             head = self.prepared.get("head")
-            sliced = self._draft_heads[vocab_size] = (ids, weight, head.rows(ids, weight) if head else None)
+            sliced = self._draft_heads[vocab_size] = (ids, weight, head.rows(ids, weight) if head and len(ids) else None)
         ids, weight, prepared = sliced
-        normed = self.norm(hidden)
-        logits = run_prepared(prepared, normed)
-        logits = logits if logits is not None else F.linear(normed, weight)
-        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"), dtype=torch.float32)
-        return full.index_copy_(-1, ids, logits.float())
+        full = hidden.new_full((*hidden.shape[:-1], self.lm_head.out_features), float("-inf"), dtype=torch.float32)
+        if len(ids):
+            normed = self.norm(hidden)
+            logits = run_prepared(prepared, normed)
+            logits = logits if logits is not None else F.linear(normed, weight)
+            full.index_copy_(-1, ids, logits.float())
+        return self.whole_vocab(full)
 
     def forward(self, token_ids: torch.Tensor, *, exit_layer: int | None = None, start_pos: int | torch.Tensor = 0,
                 cache: KVCache | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:

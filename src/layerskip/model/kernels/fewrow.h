@@ -44,13 +44,14 @@ struct LayerStack {
 // Layers [start_layer, end_layer) over hidden [B, T, H] at positions [start_pos, start_pos + T) (with `starts`:
 // row b at [starts[b], starts[b] + T), and cos/sin [B, T, D] for its rows), writing their keys and values into
 // the cache ([L, Bc, Hkv, capacity, D], or none; row b into cache row rows[b], or b without `rows`);
-// model/transformer.py's graph.
+// model/transformer.py's graph. `reduce` (a Python callable or None) sums the o and down products across
+// tensor-parallel ranks.
 at::Tensor forward_layers(const at::Tensor& hidden, const LayerStack& stack, int64_t start_layer, int64_t end_layer,
                           int64_t start_pos, const c10::optional<at::Tensor>& keys,
                           const c10::optional<at::Tensor>& values, const c10::optional<at::Tensor>& attendable,
                           const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads, int64_t num_kv_heads,
                           int64_t head_dim, double eps, const c10::optional<at::Tensor>& starts,
-                          const c10::optional<at::Tensor>& rows);
+                          const c10::optional<at::Tensor>& rows, const pybind11::object& reduce);
 
 // The Python bindings of layers.cpp, called from fewrow.cpp's module definition.
 void bind_layers(pybind11::module& m);

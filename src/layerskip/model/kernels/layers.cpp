@@ -73,6 +73,14 @@ void rope(float* rows, int64_t stride, int64_t count, int64_t period, int64_t he
   }
 }
 
+// Under tensor parallelism (model/parallel.py) the o and down products are this rank's partial sums: `reduce`, a
+// Python callable (or None), sums them across ranks in place.
+void all_reduce(const pybind11::object& reduce, at::Tensor& partial) {
+  if (reduce.is_none()) return;
+  pybind11::gil_scoped_acquire gil;
+  reduce(partial);
+}
+
 }  // namespace
 
 at::Tensor forward_layers(const at::Tensor& hidden, const LayerStack& stack, int64_t start_layer, int64_t end_layer,
@@ -80,7 +88,7 @@ at::Tensor forward_layers(const at::Tensor& hidden, const LayerStack& stack, int
                           const c10::optional<at::Tensor>& values, const c10::optional<at::Tensor>& attendable,
                           const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads, int64_t num_kv_heads,
                           int64_t head_dim, double eps, const c10::optional<at::Tensor>& starts,
-                          const c10::optional<at::Tensor>& row_ids) {
+                          const c10::optional<at::Tensor>& row_ids, const pybind11::object& reduce) {
   const std::vector<LayerWeights>& layers = stack.layers;
   TORCH_CHECK(hidden.dim() == 3 && hidden.scalar_type() == at::kFloat, "hidden must be float32 [B, T, H]");
   TORCH_CHECK(0 <= start_layer && start_layer <= end_layer && end_layer <= int64_t(layers.size()), "bad layer range");
@@ -129,7 +137,9 @@ at::Tensor forward_layers(const at::Tensor& hidden, const LayerStack& stack, int
     const at::Tensor attended = attention(q, k, v, 0, cached ? attendable : c10::nullopt,
                                           cached ? c10::optional<at::Tensor>(query_starts) : c10::nullopt,
                                           cached ? row_ids : c10::nullopt);
-    x.add_(apply(layer.o, attended.permute({0, 2, 1, 3}).reshape({B * T, q_size})));
+    at::Tensor projected = apply(layer.o, attended.permute({0, 2, 1, 3}).reshape({B * T, q_size}));
+    all_reduce(reduce, projected);
+    x.add_(projected);
     at::Tensor gate_up = apply(layer.gate_up, rms_norm(x, layer.post_norm, eps));  // [B*T, 2 I]
     const int64_t inner = gate_up.size(1) / 2;
     at::Tensor gated = at::empty({B * T, inner}, x.options());
@@ -142,7 +152,9 @@ at::Tensor forward_layers(const at::Tensor& hidden, const LayerStack& stack, int
           g[r * inner + i] = a / (1.f + std::exp(-a)) * gu[r * 2 * inner + inner + i];
         }
     });
-    x.add_(apply(layer.down, gated));
+    at::Tensor down = apply(layer.down, gated);
+    all_reduce(reduce, down);
+    x.add_(down);
   }
   return x.view({B, T, width});
 }
@@ -168,7 +180,8 @@ void bind_layers(pybind11::module& m) {
         py::arg("hidden"), py::arg("stack"), py::arg("start_layer"), py::arg("end_layer"), py::arg("start_pos"),
         py::arg("keys"), py::arg("values"), py::arg("attendable"), py::arg("cos"), py::arg("sin"),
         py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"),
-        py::arg("starts") = py::none(), py::arg("rows") = py::none(), py::call_guard<py::gil_scoped_release>());
+        py::arg("starts") = py::none(), py::arg("rows") = py::none(), py::arg("reduce") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
   m.attr("FORMATS") = py::dict(py::arg("float32") = int(kFloat32), py::arg("bfloat16") = int(kBFloat16),
                                py::arg("q8_0") = int(Q8_0), py::arg("q4_0") = int(Q4_0), py::arg("q4_1") = int(Q4_1));
 }

@@ -8,6 +8,7 @@ own matrices and keeps the faster (which one wins depends on the CPU).
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
@@ -66,13 +67,16 @@ def prepare_native(model: Transformer, weight_format: str, blocks: Blocks | None
                 prepared[group] = NativeLinear.from_float(extension, weight, bias, weight_format)
         module.prepared = prepared
     if model.embed_tokens.weight.dtype == torch.float32:  # the layer kernels keep a float32 KV cache
-        model.fused_layers = fused_layers(extension, list(model.layers), model.config)
+        model.fused_layers = fused_layers(extension, list(model.layers), model.config,
+                                          model.parallel.all_reduce if model.parallel is not None else None)
     model.kernel_path, model.weight_format = "native", weight_format
 
 
-def fused_layers(extension, layers: list[DecoderLayer], config: ModelConfig) -> FusedLayers:
+def fused_layers(extension, layers: list[DecoderLayer], config: ModelConfig,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> FusedLayers:
     """forward_layers over these decoder layers in one call of the native kernels (layers.cpp), over their
-    prepared weights (a model's layers, or a draft adapter's one layer)."""
+    prepared weights (a model's layers, or a draft adapter's one layer); `reduce`: the all-reduce of a
+    tensor-parallel rank's partial sums."""
 
     def weight(prepared: NativeLinear):
         return extension.PreparedWeight(extension.FORMATS[prepared.weight_format], prepared.data, prepared.bias)
@@ -91,7 +95,7 @@ def fused_layers(extension, layers: list[DecoderLayer], config: ModelConfig) -> 
             else (None, None, None)
         starts = start_pos if isinstance(start_pos, torch.Tensor) else None
         return extension.forward_layers(hidden, stack, start_layer, end_layer, 0 if starts is not None else start_pos,
-                                        keys, values, attendable, cos, sin, *shape, starts, rows)
+                                        keys, values, attendable, cos, sin, *shape, starts, rows, reduce)
 
     return run
 

@@ -1,0 +1,186 @@
+"""Decoding passes whose shapes do not change with the position, compiled with torch.compile (`--compile`).
+
+gpt-fast's recipe: a pass's positions are a tensor, each row's keys and values are written into the cache by
+indexing, and attention reads the rows' whole capacity under a mask, so a draft step, a verification or a plain
+step has the same graph at every position. A pass's rows are padded up to a power of two (the padding sits past
+the row's own slots, where later passes overwrite it before any query can see it), so a few graphs per layer
+range serve every pass: one row (a draft step, a plain step), k + 1 rows (a verification), a batch. Prompts
+longer than `max_rows` run eagerly.
+
+On CUDA the passes run as CUDA graphs (mode "reduce-overhead"): a step's hundreds of kernel launches become one
+replay, which is what makes a small model's step cost its weights' bytes. The caches are then kept across calls
+(`kv_cache`): a graph records the addresses it reads. On CPU inductor's graph competes with the eager path (our
+native kernels where they run), and `enable_compiled_steps` keeps whichever is faster on the machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from layerskip.model.cache import KVCache
+from layerskip.model.transformer import Transformer
+
+MAX_ROWS = 16          # the longest pass that runs compiled: drafts, verifications of up to 15 drafts, batches
+RECOMPILE_LIMIT = 64   # graphs per function: layer ranges x padded row counts x batch sizes
+CACHE_MIN = 256        # the smallest cache capacity of compiled passes
+
+
+def padded_rows(rows: int, first_slot: int, capacity: int) -> int:
+    """A pass of `rows` rows runs as the next power of two, when the padding fits in the cache."""
+    padded = 1 << (rows - 1).bit_length()
+    return padded if first_slot + padded <= capacity else rows
+
+
+class CompiledSteps:
+    """Transformer.forward_layers for short passes with a cache, as compiled static-shape graphs."""
+
+    def __init__(self, model: Transformer, *, mode: str | None = None, max_rows: int = MAX_ROWS):
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
+        self.model, self.max_rows = model, max_rows
+        self.cuda_graphs = mode == "reduce-overhead"
+        weight = model.embed_tokens.weight
+        self.cos, self.sin = model.rope(0, model.config.max_position_embeddings, weight.dtype)
+        self.graph = torch.compile(self.layers, mode=mode, dynamic=False)
+        self.caches: dict[tuple[int, int], KVCache] = {}
+
+    def layers(self, hidden: torch.Tensor, start_layer: int, end_layer: int, slots: torch.Tensor,
+               positions: torch.Tensor, cache: KVCache, rows: torch.Tensor | None) -> torch.Tensor:
+        """The traced graph: layers [start_layer, end_layer) with each row at its own slots [B, T]."""
+        cos, sin = self.cos[positions], self.sin[positions]
+        for layer in self.model.layers[start_layer:end_layer]:
+            hidden = layer(hidden, cos, sin, slots, cache, rows)
+        return hidden
+
+    def applies(self, hidden: torch.Tensor, cache: KVCache | None) -> bool:
+        return cache is not None and hidden.shape[1] <= self.max_rows and not torch.is_grad_enabled()
+
+    def __call__(self, hidden: torch.Tensor, start_layer: int, end_layer: int, start_pos: int | torch.Tensor,
+                 cache: KVCache, positions: list[int] | torch.Tensor | None,
+                 rows: torch.Tensor | None) -> torch.Tensor:
+        batch, length, device = hidden.shape[0], hidden.shape[1], hidden.device
+        starts = (start_pos.to(device) if isinstance(start_pos, torch.Tensor)
+                  else torch.full((batch,), start_pos, dtype=torch.long, device=device))
+        width = padded_rows(length, int(starts.max()), cache.capacity)
+        slots = starts[:, None] + torch.arange(width, device=device)
+        if positions is None:
+            rope = slots
+        else:  # a row's own positions (tree drafts share one), the padding continuing them
+            own = torch.as_tensor(positions, device=device).reshape(-1, length).expand(batch, length)
+            rope = torch.cat([own, own[:, -1:] + torch.arange(1, width - length + 1, device=device)], 1)
+        if width > length:
+            hidden = torch.cat([hidden, hidden.new_zeros((batch, width - length, hidden.shape[2]))], 1)
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        out = self.graph(hidden, start_layer, end_layer, slots, rope, cache, rows)
+        return out[:, :length].clone()  # a graph's output is overwritten by its next replay
+
+    def kv_cache(self, capacity: int, batch_size: int) -> KVCache:
+        """A cache kept for this shape: a CUDA graph reads the addresses it was recorded with, and attention reads
+        the whole capacity, so it is rounded up to a power of two (at least CACHE_MIN) for calls of similar lengths
+        to share their graphs. Every position is written before it is read: nothing of an earlier call shows."""
+        capacity = min(max(CACHE_MIN, 1 << (capacity - 1).bit_length()), self.model.config.max_position_embeddings)
+        key = (capacity, batch_size)
+        if key not in self.caches:
+            weight = self.model.embed_tokens.weight
+            cache = self.caches[key] = KVCache(self.model.config, capacity, batch_size=batch_size,
+                                               dtype=weight.dtype, device=weight.device)
+            if self.cuda_graphs:
+                torch._dynamo.mark_static_address(cache.keys)
+                torch._dynamo.mark_static_address(cache.values)
+        cache = self.caches[key]
+        cache.attendable = None
+        return cache
+
+
+@dataclasses.dataclass
+class CompileReport:
+    """What `--compile` did on this machine: whether the compiled passes were kept, and the times behind it."""
+
+    kept: bool
+    reason: str
+    eager_ms: float | None = None      # a one-row step through every layer, and a five-row verification pass
+    compiled_ms: float | None = None
+    compile_seconds: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """One line: kept or not, why, and the times."""
+        line = f"{'kept' if self.kept else 'not kept'} ({self.reason})"
+        if self.compiled_ms is not None:
+            line += f": a step and a 5-row pass take {self.compiled_ms:.1f} ms compiled"
+            line += f" against {self.eager_ms:.1f} ms eager" if self.eager_ms is not None else ""
+            line += f", after {self.compile_seconds:.0f} s of compiling"
+        return line
+
+
+def time_passes(model: Transformer, cache: KVCache, repeats: int) -> float:
+    """Milliseconds of a one-row pass and a five-row pass through every layer (median of `repeats`)."""
+    hidden = {rows: torch.randn(1, rows, model.config.hidden_size, dtype=cache.keys.dtype, device=cache.keys.device)
+              for rows in (1, 5)}
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for rows, x in hidden.items():
+            model.forward_layers(x, 0, model.num_layers, 8, cache)
+        if cache.keys.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def enable_compiled_steps(model: Transformer, *, repeats: int = 5) -> CompileReport:
+    """Compile the model's short passes. On CUDA they are kept (CUDA graphs); on CPU they replace the eager path
+    only if faster here, timed on the model's own weights. The CPU's native kernels multiply block-quantized
+    weights that a traced graph cannot hold: those stay eager."""
+    weight = model.embed_tokens.weight
+    cuda = weight.device.type == "cuda"
+    if not cuda and model.weight_format != str(weight.dtype).removeprefix("torch."):
+        return CompileReport(False, f"{model.weight_format} weights run only through the native CPU kernels")
+    scratch = KVCache(model.config, 64, dtype=weight.dtype, device=weight.device)
+    eager_ms = time_passes(model, scratch, repeats) if not cuda else None
+    stashed = stash_prepared(model) if not cuda else None
+    steps = CompiledSteps(model, mode="reduce-overhead" if cuda else None)
+    model.compiled_steps = steps
+    started = time.perf_counter()
+    scratch = steps.kv_cache(64, 1)
+    time_passes(model, scratch, 2)  # compiles the one-row and the five-row graphs
+    compile_seconds = time.perf_counter() - started
+    compiled_ms = time_passes(model, scratch, repeats)
+    if cuda or compiled_ms < eager_ms:
+        return CompileReport(True, "faster" if not cuda else "CUDA graphs", eager_ms, compiled_ms, compile_seconds)
+    model.compiled_steps = None
+    restore_prepared(model, stashed)
+    return CompileReport(False, "slower than the eager path here", eager_ms, compiled_ms, compile_seconds)
+
+
+Stash = tuple[list[tuple[Any, dict]], Any, str, str]
+
+
+def stash_prepared(model: Transformer) -> Stash:
+    """The model's prepared weights set aside, so that the traced graph runs torch's own ops on the float weights
+    (a graph cannot call into the native extension)."""
+    modules = model.prepared_modules()
+    stash = ([(module, module.prepared) for module in modules], model.fused_layers, model.kernel_path,
+             model.weight_format)
+    for module in modules:
+        module.prepared = {}
+    model.fused_layers, model.kernel_path = None, "compiled"
+    model._draft_heads.clear()
+    return stash
+
+
+def restore_prepared(model: Transformer, stash: Stash) -> None:
+    prepared, model.fused_layers, model.kernel_path, model.weight_format = stash
+    for module, weights in prepared:
+        module.prepared = weights
+    model._draft_heads.clear()
