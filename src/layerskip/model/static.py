@@ -74,11 +74,11 @@ class CompiledSteps:
         else:  # a row's own positions (tree drafts share one), the padding continuing them
             own = torch.as_tensor(positions, device=device).reshape(-1, length).expand(batch, length)
             rope = torch.cat([own, own[:, -1:] + torch.arange(1, width - length + 1, device=device)], 1)
-        if width > length:
-            hidden = torch.cat([hidden, hidden.new_zeros((batch, width - length, hidden.shape[2]))], 1)
+        rows_in = hidden.new_zeros((batch, width, hidden.shape[2]))  # fresh strides: a graph is specialised to them
+        rows_in[:, :length] = hidden
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        out = self.graph(hidden, start_layer, end_layer, slots, rope, cache, rows)
+        out = self.graph(rows_in, start_layer, end_layer, slots, rope, cache, rows)
         return out[:, :length].clone()  # a graph's output is overwritten by its next replay
 
     def kv_cache(self, capacity: int, batch_size: int) -> KVCache:

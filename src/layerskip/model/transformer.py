@@ -255,18 +255,22 @@ class Transformer(nn.Module):
         lengths; needs `cache`), and `rows` [B] names each batch row's row of the cache (a pass over some of the
         sequences a cache holds). A row's position is its slot, unless `positions` gives each row's own (for RoPE;
         a list for the pass's rows, or a tensor [B, T] per batch row): tree drafts put the candidates for one
-        position in consecutive slots, masked from each other through `cache.attendable`.
+        position in consecutive slots, masked from each other through `cache.attendable`. `start_pos` as a tensor
+        [B, T] gives every row's slot: the static-shape path of compiled passes (model/static.py), through the
+        modules, the cache read whole under a mask.
         """
         if self.compiled_steps is not None and self.compiled_steps.applies(hidden, cache):
             return self.compiled_steps(hidden, start_layer, end_layer, start_pos, cache, positions, rows)
         if positions is not None:
             cos, sin = self.rope_at(torch.as_tensor(positions, device=self.inv_freq.device), hidden.dtype)
         elif isinstance(start_pos, torch.Tensor):
-            cos, sin = self.rope_at(start_pos[:, None] + torch.arange(hidden.shape[1], device=start_pos.device),
-                                    hidden.dtype)
+            slots = start_pos if start_pos.dim() == 2 else \
+                start_pos[:, None] + torch.arange(hidden.shape[1], device=start_pos.device)
+            cos, sin = self.rope_at(slots, hidden.dtype)
         else:
             cos, sin = self.rope(start_pos, hidden.shape[1], hidden.dtype)
-        if self.fused_layers is not None and not torch.is_grad_enabled():
+        static = isinstance(start_pos, torch.Tensor) and start_pos.dim() == 2  # slots [B, T]: the modules' path
+        if self.fused_layers is not None and not torch.is_grad_enabled() and not static:
             return self.fused_layers(hidden, start_layer, end_layer, start_pos, cache, cos, sin, rows)
         for layer in self.layers[start_layer:end_layer]:
             hidden = layer(hidden, cos, sin, start_pos, cache, rows)

@@ -14,6 +14,7 @@ import torch
 
 from layerskip.model.kernels import native
 from layerskip.model.kernels import packed as onednn
+from layerskip.model.kernels.torch_quant import prepare_torch_quantized
 from layerskip.model.kernels.linear import (BITS_PER_WEIGHT, BLOCK_FORMATS, KernelError, NativeLinear, PackedLinear,
                                             PreparedLinear, fused_weight)
 from layerskip.model.cache import KVCache
@@ -22,6 +23,7 @@ from layerskip.model.draft_adapter import DraftAdapter
 from layerskip.model.transformer import DecoderLayer, FusedLayers, Transformer
 
 CPU_KERNELS = ("auto", "native", "packed", "plain")
+TORCH_FORMATS = {"q8_0": "int8", "q4_1": "int4"}  # what --quantize int8 / int4 run as through torch's kernels (GPU)
 # --quantize values and the weight format each one runs in ("int4" is Q4_1: a scale and a minimum per 32 weights).
 QUANTIZE = {"none": "float32", "bf16": "bfloat16", "int8": "q8_0", "int4": "q4_1"}
 
@@ -154,20 +156,37 @@ def packing_pays(model: Transformer, rows: tuple[int, ...] = (1, 5), repeats: in
     return median[packed_pass] < median[plain_pass]
 
 
+def prepare_off_cpu(model: Transformer, weight_format: str) -> str:
+    """A GPU's weights: the model's dtype as it is (bfloat16: --dtype bfloat16, the CUDA default), or torch's
+    int8 and int4 kernels for the quantized formats."""
+    dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    if weight_format in ("float32", "bfloat16"):
+        if weight_format == "bfloat16" and dtype != "bfloat16":
+            raise KernelError(f"on {model.embed_tokens.weight.device.type} bfloat16 weights are --dtype bfloat16 "
+                              f"(the default there), not {dtype} weights")
+        model.weight_format = dtype
+        return model.kernel_path
+    prepare_torch_quantized(model, TORCH_FORMATS[weight_format])
+    return model.kernel_path
+
+
 def prepare(model: Transformer, cpu_kernels: str = "auto", weight_format: str = "float32",
             blocks: Blocks | None = None) -> str:
     """Prepare the model's weights for decoding on its device; returns the kernel path used.
 
     Call after the weights are final (after loading and merging adapters): prepared copies do not follow later
-    changes. Off the CPU every path is torch's own ("plain"); only the native path runs other weight formats.
+    changes. Off the CPU the weights keep the model's dtype (bfloat16 by default on CUDA) and run through torch's
+    ops, the int8 and int4 formats through torch's quantized kernels (torch_quant.py); on the CPU only the
+    native path runs formats other than float32.
     """
     unprepare(model)
     weight = model.embed_tokens.weight
-    on_cpu = weight.device.type == "cpu"
-    if weight_format != "float32" and (not on_cpu or cpu_kernels in ("packed", "plain")):
-        where = "this device" if not on_cpu else f"the {cpu_kernels} CPU kernels"
-        raise KernelError(f"{weight_format} weights need the native CPU kernels, which {where} does not use")
-    if not on_cpu or cpu_kernels == "plain":
+    if weight.device.type != "cpu":
+        return prepare_off_cpu(model, weight_format)
+    if weight_format != "float32" and cpu_kernels in ("packed", "plain"):
+        raise KernelError(f"{weight_format} weights need the native CPU kernels, which the {cpu_kernels} CPU "
+                          "kernels does not use")
+    if cpu_kernels == "plain":
         return model.kernel_path
     if cpu_kernels == "native" or weight_format != "float32" or (cpu_kernels == "auto" and native.load_native()):
         if weight.dtype == torch.bfloat16 and weight_format == "float32":
