@@ -6,11 +6,10 @@ import time
 
 import torch
 
-from layerskip.model import KVCache
+from layerskip.generation.engine import synchronize
 from layerskip.model.draft_adapter import DraftAdapter
 
 
-@torch.inference_mode()
 def measure_step_costs(model, exit_layer: int, speculations: int, vocab_size: int = 0, context: int = 64,
                        repeats: int = 15, draft_adapter: DraftAdapter | None = None,
                        candidates: int = 1, batch: int = 1) -> tuple[float, float]:
@@ -20,14 +19,24 @@ def measure_step_costs(model, exit_layer: int, speculations: int, vocab_size: in
 
     With `batch` B, every pass runs B sequences at once and the unit is a plain decoding step of the B: the cost
     model for a batch, speedup = tokens per round / (k c_d + c_v), with the costs the batch's rows bring.
-
-    The three passes are timed in turn, repeatedly, and compared by their medians.
     """
-    cache = KVCache(model.config, context + speculations + candidates + 1, batch_size=batch)
-    model(torch.arange(batch * context).view(batch, context) % model.config.vocab_size, cache=cache)
-    one = model.embed(torch.full((batch, 1), 7))
-    last = model.embed(torch.full((batch, candidates), 7))
-    many = model.embed(torch.full((batch, speculations + candidates), 7))
+    seconds = step_seconds(model, exit_layer, speculations, vocab_size, context, repeats, draft_adapter, candidates,
+                           batch)
+    return seconds["draft"] / seconds["full"], seconds["verify"] / seconds["full"]
+
+
+@torch.inference_mode()
+def step_seconds(model, exit_layer: int, speculations: int, vocab_size: int = 0, context: int = 64,
+                 repeats: int = 15, draft_adapter: DraftAdapter | None = None, candidates: int = 1,
+                 batch: int = 1) -> dict[str, float]:
+    """Seconds of a full decoding step ("full"), a draft step ("draft") and a verification ("verify"), as
+    measure_step_costs defines them: the three passes timed in turn, repeatedly, medians."""
+    device = model.embed_tokens.weight.device
+    cache = model.kv_cache(context + speculations + candidates + 1, batch)
+    model(torch.arange(batch * context, device=device).view(batch, context) % model.config.vocab_size, cache=cache)
+    one = model.embed(torch.full((batch, 1), 7, device=device))
+    last = model.embed(torch.full((batch, candidates), 7, device=device))
+    many = model.embed(torch.full((batch, speculations + candidates), 7, device=device))
     layers = model.num_layers
     adapter_cache = draft_adapter.kv_cache(context + 1, batch_size=batch) if draft_adapter is not None else None
     final = torch.zeros_like(one)
@@ -50,8 +59,9 @@ def measure_step_costs(model, exit_layer: int, speculations: int, vocab_size: in
     times: dict[str, list[float]] = {name: [] for name in passes}
     for _ in range(repeats):
         for name, run_pass in passes.items():
+            synchronize(device)
             start = time.perf_counter()
             run_pass()
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
-    median = {name: sorted(values)[len(values) // 2] for name, values in times.items()}
-    return median["draft"] / median["full"], median["verify"] / median["full"]
+    return {name: sorted(values)[len(values) // 2] for name, values in times.items()}

@@ -168,9 +168,7 @@ class BatchEngine:
         self.prefill_chunk = prefill_chunk
         self.pass_overhead = PASS_OVERHEAD_ROWS.get(weight.device.type, PASS_OVERHEAD_ROWS["cuda"])
         self.capacity = min(capacity, model.config.max_position_embeddings)
-        steps = model.compiled_steps  # compiled passes keep their caches (a CUDA graph reads fixed addresses)
-        self.cache = steps.kv_cache(self.capacity, slots) if steps is not None else KVCache(
-            model.config, self.capacity, batch_size=slots, dtype=weight.dtype, device=weight.device)
+        self.cache = model.kv_cache(self.capacity, slots)
         self.free = list(range(slots))
         self.running: list[SequenceState] = []
         self.adapter_caches: dict[int, KVCache | None] = {}  # each draft adapter's own cache, a row per slot

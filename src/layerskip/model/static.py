@@ -2,10 +2,11 @@
 
 gpt-fast's recipe: a pass's positions are a tensor, each row's keys and values are written into the cache by
 indexing, and attention reads the rows' whole capacity under a mask, so a draft step, a verification or a plain
-step has the same graph at every position. A pass's rows are padded up to a power of two (the padding sits past
-the row's own slots, where later passes overwrite it before any query can see it), so a few graphs per layer
-range serve every pass: one row (a draft step, a plain step), k + 1 rows (a verification), a batch. Prompts
-longer than `max_rows` run eagerly.
+step has the same graph at every position. Two graphs per layer range serve every pass: one row (a draft step, a
+plain step), and any other row count up to `max_rows` (a verification of k + 1 rows, a batch), compiled once with
+the row count symbolic. Its rows are padded up to a power of two (the padding sits past the row's own slots, where
+later passes overwrite it before any query can see it), so that CUDA graphs, recorded per row count, stay few.
+Prompts longer than `max_rows` run eagerly.
 
 On CUDA the passes run as CUDA graphs (mode "reduce-overhead"): a step's hundreds of kernel launches become one
 replay, which is what makes a small model's step cost its weights' bytes. The caches are then kept across calls
@@ -26,7 +27,7 @@ from layerskip.model.cache import KVCache
 from layerskip.model.transformer import Transformer
 
 MAX_ROWS = 16          # the longest pass that runs compiled: drafts, verifications of up to 15 drafts, batches
-RECOMPILE_LIMIT = 64   # graphs per function: layer ranges x padded row counts x batch sizes
+RECOMPILE_LIMIT = 64   # graphs per function: layer ranges x (one row, more) x batch sizes
 CACHE_MIN = 256        # the smallest cache capacity of compiled passes
 
 
@@ -39,7 +40,8 @@ def padded_rows(rows: int, first_slot: int, capacity: int) -> int:
 class CompiledSteps:
     """Transformer.forward_layers for short passes with a cache, as compiled static-shape graphs."""
 
-    def __init__(self, model: Transformer, *, mode: str | None = None, max_rows: int = MAX_ROWS):
+    def __init__(self, model: Transformer, *, mode: str | None = None, max_rows: int = MAX_ROWS,
+                 backend: str = "inductor"):
         import torch._dynamo
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
@@ -47,7 +49,7 @@ class CompiledSteps:
         self.cuda_graphs = mode == "reduce-overhead"
         weight = model.embed_tokens.weight
         self.cos, self.sin = model.rope(0, model.config.max_position_embeddings, weight.dtype)
-        self.graph = torch.compile(self.layers, mode=mode, dynamic=False)
+        self.graph = torch.compile(self.layers, mode=mode, backend=backend)
         self.caches: dict[tuple[int, int], KVCache] = {}
 
     def layers(self, hidden: torch.Tensor, start_layer: int, end_layer: int, slots: torch.Tensor,
@@ -76,6 +78,9 @@ class CompiledSteps:
             rope = torch.cat([own, own[:, -1:] + torch.arange(1, width - length + 1, device=device)], 1)
         rows_in = hidden.new_zeros((batch, width, hidden.shape[2]))  # fresh strides: a graph is specialised to them
         rows_in[:, :length] = hidden
+        if width > 1:  # one graph for every row count above one (dynamo specialises a size of 1 anyway)
+            for tensor in (rows_in, slots, rope):
+                torch._dynamo.mark_dynamic(tensor, 1)
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         out = self.graph(rows_in, start_layer, end_layer, slots, rope, cache, rows)
@@ -138,10 +143,11 @@ def time_passes(model: Transformer, cache: KVCache, repeats: int) -> float:
 
 
 @torch.inference_mode()
-def enable_compiled_steps(model: Transformer, *, repeats: int = 5) -> CompileReport:
+def enable_compiled_steps(model: Transformer, *, repeats: int = 5, keep_slower: bool = False,
+                          backend: str = "inductor") -> CompileReport:
     """Compile the model's short passes. On CUDA they are kept (CUDA graphs); on CPU they replace the eager path
-    only if faster here, timed on the model's own weights. The CPU's native kernels multiply block-quantized
-    weights that a traced graph cannot hold: those stay eager."""
+    only if faster here (or `keep_slower`, to measure them), timed on the model's own weights. The CPU's native
+    kernels multiply block-quantized weights that a traced graph cannot hold: those stay eager."""
     weight = model.embed_tokens.weight
     cuda = weight.device.type == "cuda"
     if not cuda and model.weight_format != str(weight.dtype).removeprefix("torch."):
@@ -149,15 +155,16 @@ def enable_compiled_steps(model: Transformer, *, repeats: int = 5) -> CompileRep
     scratch = KVCache(model.config, 64, dtype=weight.dtype, device=weight.device)
     eager_ms = time_passes(model, scratch, repeats) if not cuda else None
     stashed = stash_prepared(model) if not cuda else None
-    steps = CompiledSteps(model, mode="reduce-overhead" if cuda else None)
+    steps = CompiledSteps(model, mode="reduce-overhead" if cuda and backend == "inductor" else None, backend=backend)
     model.compiled_steps = steps
     started = time.perf_counter()
     scratch = steps.kv_cache(64, 1)
     time_passes(model, scratch, 2)  # compiles the one-row and the five-row graphs
     compile_seconds = time.perf_counter() - started
     compiled_ms = time_passes(model, scratch, repeats)
-    if cuda or compiled_ms < eager_ms:
-        return CompileReport(True, "faster" if not cuda else "CUDA graphs", eager_ms, compiled_ms, compile_seconds)
+    if cuda or compiled_ms < eager_ms or keep_slower:
+        reason = "CUDA graphs" if cuda else "faster" if compiled_ms < eager_ms else "kept to be measured, though slower"
+        return CompileReport(True, reason, eager_ms, compiled_ms, compile_seconds)
     model.compiled_steps = None
     restore_prepared(model, stashed)
     return CompileReport(False, "slower than the eager path here", eager_ms, compiled_ms, compile_seconds)

@@ -219,6 +219,14 @@ class Transformer(nn.Module):
     def num_layers(self) -> int:
         return self.config.num_hidden_layers
 
+    def kv_cache(self, capacity: int, batch_size: int = 1) -> KVCache:
+        """A cache for decoding: the compiled passes' own (kept across calls, see model/static.py), else a new one
+        of the weights' dtype and device."""
+        if self.compiled_steps is not None:
+            return self.compiled_steps.kv_cache(capacity, batch_size)
+        weight = self.embed_tokens.weight
+        return KVCache(self.config, capacity, batch_size=batch_size, dtype=weight.dtype, device=weight.device)
+
     def rope(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for positions [start, start + length), from a float32 table grown on demand."""
         end = start + length
