@@ -38,7 +38,8 @@ def test_json_output_on_a_checkpoint_without_tokenizer(tiny_checkpoint, capsys):
         assert key in stats
     assert stats["new_tokens"] == 6 and 0 <= stats["acceptance_rate"] <= 1
     assert report["settings"] == {"generation_strategy": "self_speculative", "exit_layer": 2, "num_speculations": 3,
-                                  "weight_format": "float32", "cpu_kernels": layerskip.load(str(folder)).model.kernel_path}
+                                  "weight_format": "float32", "cpu_kernels": layerskip.load(str(folder)).model.kernel_path,
+                                  "device": "cpu"}
 
 
 def test_default_model_chat_prompt_streams_text_and_prints_stats(capsys):

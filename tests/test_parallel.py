@@ -4,11 +4,15 @@ embedded default (float32 and its own Q4_1 blocks); the plan's slices; one-line 
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -129,6 +133,52 @@ def test_the_cli_under_torchrun_prints_once(tiny_folder):
     expected = layerskip.generate(layerskip.load(str(tiny_folder)), prompt_ids=[1, 2, 3], max_steps=6, sample=False,
                                   generation_strategy="self_speculative", exit_layer=2, num_speculations=2)
     assert json.loads(lines[0])["token_ids"] == expected.token_ids
+
+
+def test_serve_under_torchrun_answers_as_one_process(default_model, tmp_path):
+    """Rank 0 serves and schedules, rank 1 replays its engine calls: concurrent greedy chat requests (the stored
+    strategy: draft adapter, head slice, tree drafts, in a batch) get the tokens one process decodes alone."""
+    import httpx
+
+    from conftest import assert_same_greedy_tokens
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "layerskip.cli", "serve", "--port", str(port), "--sample", "false",
+                               "--max_batch_size", "4", "--max_model_len", "256"],
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+                              stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        questions = ["Name three primary colours.", "Write a haiku about rain.", "What is two plus two?"]
+
+        def ask(question: str) -> dict:
+            body = {"model": default_model.name, "max_tokens": 24,
+                    "messages": [{"role": "user", "content": question}]}
+            return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300).json()
+
+        with concurrent.futures.ThreadPoolExecutor(len(questions)) as pool:
+            answers = list(pool.map(ask, questions))
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=120)
+        log.close()
+    for question, answer in zip(questions, answers):
+        ids = layerskip.encode_prompt(default_model, [{"role": "user", "content": question}], chat=True)
+        expected = layerskip.generate(default_model, prompt_ids=ids, max_steps=24, sample=False)
+        assert_same_greedy_tokens(default_model, ids, expected.token_ids, answer["layerskip"]["token_ids"],
+                                  row_invariant=False)
 
 
 def smollm2_config() -> ModelConfig:

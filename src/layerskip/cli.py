@@ -584,11 +584,15 @@ def run_exits(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from layerskip.distributed import world_size
     from layerskip.serve import ServerSettings, serve
+    from layerskip.serve.replicas import serve_process_group
 
     settings = ServerSettings(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                               max_queue=args.max_queue, max_model_len=args.max_model_len, api_key=args.api_key,
                               max_speculative_batch=args.max_speculative_batch, prefill_chunk=args.prefill_chunk)
+    if world_size() > 1:  # ranks wait for requests between rounds: a server's process group never times out
+        serve_process_group(args.device)
     serve(load_model(args), generation_options(args), settings)
     return 0
 

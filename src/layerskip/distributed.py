@@ -7,6 +7,7 @@ decoding (tensor parallelism, model/parallel.py) each have one code path.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 from typing import Any
 
@@ -62,8 +63,9 @@ class DistributedContext:
             dist.destroy_process_group()
 
 
-def start_distributed(torch_device: torch.device) -> DistributedContext:
-    """This process's rank and device (under torchrun, cuda:LOCAL_RANK on a GPU); starts the process group."""
+def start_distributed(torch_device: torch.device, timeout: datetime.timedelta | None = None) -> DistributedContext:
+    """This process's rank and device (under torchrun, cuda:LOCAL_RANK on a GPU); starts the process group (its
+    collectives fail after `timeout`, torch's default when None), or joins the one already started."""
     if world_size() == 1:
         return DistributedContext(0, 1, torch_device, owns_process_group=False)
     if torch_device.type == "cuda":
@@ -74,5 +76,5 @@ def start_distributed(torch_device: torch.device) -> DistributedContext:
         torch.cuda.set_device(torch_device)
     owns = not dist.is_initialized()
     if owns:
-        dist.init_process_group("nccl" if torch_device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if torch_device.type == "cuda" else "gloo", timeout=timeout)
     return DistributedContext(dist.get_rank(), dist.get_world_size(), torch_device, owns_process_group=owns)

@@ -30,10 +30,12 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from layerskip import api
+from layerskip.distributed import rank, world_size
 from layerskip.errors import LayerSkipError
 from layerskip.generation import GenerationConfig
 from layerskip.generation.config import check_batching
 from layerskip.loading import LoadedModel
+from layerskip.serve import replicas
 from layerskip.serve.metrics import ServerMetrics
 from layerskip.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, GenerationRequest, Reply
 from layerskip.serve.scheduler import Delta, Finished, Job, Refused, Scheduler
@@ -73,6 +75,13 @@ class ServerSettings:
         if self.prefill_chunk < 0:
             raise LayerSkipError(f"--prefill_chunk must be >= 0 (0: a prompt in one pass), got {self.prefill_chunk}")
         check_batching(max_speculative_batch=self.max_speculative_batch)
+
+
+def engine_settings(loaded: LoadedModel, settings: ServerSettings) -> dict[str, Any]:
+    """The BatchEngine the server decodes with (every rank's alike under tensor parallelism)."""
+    return dict(slots=settings.max_batch_size, capacity=model_len(loaded, settings),
+                max_speculative_batch=api.speculative_batch_limit(loaded, settings.max_speculative_batch),
+                prefill_chunk=settings.prefill_chunk)
 
 
 def model_len(loaded: LoadedModel, settings: ServerSettings) -> int:
@@ -141,7 +150,7 @@ class Service:
                                                                      loaded.config.vocab_size)
             stops = api.stop_settings(loaded, config)
             job = self.scheduler.submit(prompt_ids, api.strategy_for(loaded, config), config.sampler(loaded.device),
-                                        stops, stream=body.stream)
+                                        stops, stream=body.stream, config=config)
         except LayerSkipError as error:
             raise APIError.from_layerskip(error) from None
         except Refused as refusal:
@@ -302,10 +311,8 @@ def create_app(loaded: LoadedModel, options: dict[str, Any], settings: ServerSet
     GenerationConfig.from_options(options).resolved(loaded.config.num_hidden_layers, loaded.defaults,
                                                     loaded.config.vocab_size)  # bad defaults fail now, not per request
     metrics = ServerMetrics()
-    scheduler = Scheduler(loaded.model, metrics, slots=settings.max_batch_size, capacity=max_model_len,
-                          max_queue=settings.max_queue,
-                          max_speculative_batch=api.speculative_batch_limit(loaded, settings.max_speculative_batch),
-                          prefill_chunk=settings.prefill_chunk)
+    scheduler = Scheduler(loaded.model, metrics, max_queue=settings.max_queue, **engine_settings(loaded, settings),
+                          announce=replicas.announce if world_size() > 1 else None)
     service = Service(loaded, options, scheduler, max_model_len)
 
     @contextlib.asynccontextmanager
@@ -397,7 +404,11 @@ class Server(uvicorn.Server):
 
 def serve(loaded: LoadedModel, options: dict[str, Any], settings: ServerSettings) -> None:
     """Serve until Ctrl-C or SIGTERM: HTTP on a thread of its own, the decoding loop on this thread, the one that
-    loaded the model (Scheduler says why)."""
+    loaded the model (Scheduler says why). Under torchrun rank 0 serves, and the others replay its engine calls
+    (replicas.py)."""
+    if rank() > 0:
+        replicas.follow(loaded, engine_settings(loaded, settings))
+        return
     app = create_app(loaded, options, settings, decoding_thread=False)
     scheduler: Scheduler = app.state.scheduler
     sock = listen(settings.host, settings.port)

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -62,9 +62,10 @@ class Job(TextStreamer):
     """
 
     def __init__(self, prompt_ids: Sequence[int], strategy: Strategy, sampler: Sampler, stops: dict[str, Any], *,
-                 stream: bool, metrics: ServerMetrics, loop: asyncio.AbstractEventLoop):
+                 stream: bool, metrics: ServerMetrics, loop: asyncio.AbstractEventLoop, config: Any = None):
         super().__init__(stops["tokenizer"], stops["stop_words"])
         self.prompt_ids, self.strategy, self.sampler, self.stops = list(prompt_ids), strategy, sampler, stops
+        self.config = config  # the resolved GenerationConfig the rest was made from (what other ranks replay)
         self.stream, self.metrics, self.loop = stream, metrics, loop
         self.events: asyncio.Queue[Delta | Finished | Stopped] = asyncio.Queue()
         self.arrived = time.perf_counter()
@@ -110,9 +111,12 @@ class Scheduler:
     """
 
     def __init__(self, model: Transformer, metrics: ServerMetrics, *, slots: int, capacity: int, max_queue: int,
-                 max_speculative_batch: int = 0, prefill_chunk: int = 0):
+                 max_speculative_batch: int = 0, prefill_chunk: int = 0,
+                 announce: Callable[..., None] | None = None):
         self.model, self.slots, self.capacity, self.max_queue, self.metrics = model, slots, capacity, max_queue, metrics
         self.max_speculative_batch, self.prefill_chunk = max_speculative_batch, prefill_chunk
+        # Under tensor parallelism: each engine call, told to the other ranks first (replicas.py)
+        self.announce = announce or (lambda *call: None)
         self.engine = self.new_engine()
         self.changed = threading.Condition(threading.RLock())  # reentrant: leave() ends jobs under it too
         self.waiting: collections.deque[Job] = collections.deque()  # under the lock
@@ -145,11 +149,11 @@ class Scheduler:
         return self.looping and not self.stopping
 
     def submit(self, prompt_ids: Sequence[int], strategy: Strategy, sampler: Sampler, stops: dict[str, Any], *,
-               stream: bool) -> Job:
+               stream: bool, config: Any = None) -> Job:
         """Queue a job (called on the event loop, whose queue its events go to); Refused when `max_queue` jobs
-        already wait beyond a full batch, or the loop is stopping."""
+        already wait beyond a full batch, or the loop is stopping. `config`: what the rest was made from."""
         job = Job(prompt_ids, strategy, sampler, stops, stream=stream, metrics=self.metrics,
-                  loop=asyncio.get_running_loop())
+                  loop=asyncio.get_running_loop(), config=config)
         with self.changed:
             if self.stopping:
                 raise Refused(503, "the server is shutting down")
@@ -184,10 +188,11 @@ class Scheduler:
             with self.changed:
                 self.stopping = True
                 for sequence in list(self.running):
-                    self.engine.remove(sequence)
+                    self.remove(sequence)
                     self.leave(sequence, ending, reason)
                 while self.waiting:
                     self.end(self.waiting.popleft(), ending, reason)
+            self.announce("stop")
             self.looping = False
 
     def between_rounds(self) -> bool:
@@ -203,14 +208,19 @@ class Scheduler:
                 self.end(job, cancelled, "cancelled")
             for sequence, job in list(self.running.items()):
                 if job.cancelled:
-                    self.engine.remove(sequence)
+                    self.remove(sequence)
                     self.leave(sequence, cancelled, "cancelled")
             joining = [self.waiting.popleft() for _ in range(min(len(self.waiting), len(self.engine.free)))]
         for job in joining:
             self.join(job)
         return True
 
+    def remove(self, sequence: SequenceState) -> None:
+        self.announce("remove", sequence.slot)
+        self.engine.remove(sequence)
+
     def join(self, job: Job) -> None:
+        self.announce("add", job.prompt_ids, job.config)
         try:
             sequence = self.engine.add(job.prompt_ids, job.strategy, job.sampler, streamer=job, **job.stops)
         except Exception as error:  # a bug, not the request's fault: that request fails, the others go on
@@ -223,6 +233,7 @@ class Scheduler:
     def step(self) -> None:
         """One round of the batch; finished jobs get their results. A failure fails the whole batch (its state is
         unknown), and the loop goes on with a fresh engine."""
+        self.announce("step")
         try:
             finished = self.engine.step()
         except Exception as error:
@@ -231,6 +242,7 @@ class Scheduler:
                 self.leave(sequence, Stopped(500, f"decoding failed: {error}"), "error")
             finished = None
         if finished is None:  # past the handler, whose traceback holds the old engine: one KV cache at a time
+            self.announce("reset")
             self.engine = None
             self.engine = self.new_engine()
             return
