@@ -101,6 +101,28 @@ def test_compiled_passes_decode_the_eager_tokens_without_recompiling(tiny_folder
     assert set(compiled.model.compiled_steps.caches) == {(CACHE_MIN, 1)} | (set() if inductor else {(CACHE_MIN, 2)})
 
 
+@pytest.mark.parametrize("weight_format", ["int8", "int4"])
+def test_compiled_passes_run_torchs_quantized_weights(tiny_folder, weight_format):
+    """The GPU's formats (torch_quant.py) inside the traced graph, here through their CPU ops: the same tokens as
+    eager, and every prepared weight among the tensors that CUDA graphs must not copy at each replay."""
+    from conftest import assert_same_greedy_tokens
+    from layerskip.model.kernels.torch_quant import prepare_torch_quantized
+
+    eager, compiled = (layerskip.load(str(tiny_folder), cpu_kernels="plain") for _ in range(2))
+    for loaded in (eager, compiled):
+        prepare_torch_quantized(loaded.model, weight_format)
+    steps = compiled.model.compiled_steps = CompiledSteps(compiled.model, backend="aot_eager")
+    fixed = {id(tensor) for tensor in steps.fixed_tensors()}
+    prepared = [linear for module in compiled.model.prepared_modules() for linear in module.prepared.values()]
+    assert len(prepared) == 4 * 4 + 1
+    assert all(id(tensor) in fixed for linear in prepared for tensor in vars(linear).values()
+               if isinstance(tensor, torch.Tensor))
+    options = dict(max_steps=12, sample=False, ignore_eos=True, **STRATEGIES["self_speculative"])
+    expected, actual = (layerskip.generate(loaded, prompt_ids=PROMPTS[0], **options).token_ids
+                        for loaded in (eager, compiled))
+    assert_same_greedy_tokens(eager, PROMPTS[0], expected, actual, row_invariant=False)
+
+
 def test_compiling_reports_what_it_kept(tiny_folder, capsys):
     """On the CPU a block-quantized model stays eager (no traced graph holds its blocks); a float model's passes
     are compiled, timed against the eager path, and kept only if faster: either way the report says, and the CLI

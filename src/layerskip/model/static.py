@@ -49,8 +49,19 @@ class CompiledSteps:
         self.cuda_graphs = mode == "reduce-overhead"
         weight = model.embed_tokens.weight
         self.cos, self.sin = model.rope(0, model.config.max_position_embeddings, weight.dtype)
+        if self.cuda_graphs:
+            for tensor in self.fixed_tensors():
+                torch._dynamo.mark_static_address(tensor)
         self.graph = torch.compile(self.layers, mode=mode, backend=backend)
         self.caches: dict[tuple[int, int], KVCache] = {}
+
+    def fixed_tensors(self) -> list[torch.Tensor]:
+        """What the graphs read that is not a module's parameter: the RoPE tables and the prepared weights
+        (torch_quant.py's int8/int4 copies). A CUDA graph copies any other input into its own buffer at every
+        replay, which for weights would cost more than the step."""
+        prepared = [value for module in self.model.prepared_modules() for linear in module.prepared.values()
+                    for value in vars(linear).values() if isinstance(value, torch.Tensor)]
+        return [self.cos, self.sin, *prepared]
 
     def layers(self, hidden: torch.Tensor, start_layer: int, end_layer: int, slots: torch.Tensor,
                positions: torch.Tensor, cache: KVCache, rows: torch.Tensor | None) -> torch.Tensor:
