@@ -78,9 +78,9 @@ class CompiledSteps:
                  cache: KVCache, positions: list[int] | torch.Tensor | None,
                  rows: torch.Tensor | None) -> torch.Tensor:
         batch, length, device = hidden.shape[0], hidden.shape[1], hidden.device
-        starts = (start_pos.to(device) if isinstance(start_pos, torch.Tensor)
-                  else torch.full((batch,), start_pos, dtype=torch.long, device=device))
-        width = padded_rows(length, int(starts.max()), cache.capacity)
+        per_row = isinstance(start_pos, torch.Tensor)  # the engine's placement: on the CPU, read without a sync
+        width = padded_rows(length, int(start_pos.max()) if per_row else start_pos, cache.capacity)
+        starts = start_pos.to(device) if per_row else torch.full((batch,), start_pos, dtype=torch.long, device=device)
         slots = starts[:, None] + torch.arange(width, device=device)
         if positions is None:
             rope = slots
