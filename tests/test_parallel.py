@@ -123,6 +123,35 @@ def test_two_ranks_decode_the_same_tokens_as_one_process(tiny_folder, tmp_path):
             assert greedy[0] == greedy[1], case
 
 
+COMPILED_WORKER = textwrap.dedent("""
+    import json, os, sys
+    import layerskip
+    from torch._dynamo.utils import counters
+    from layerskip.model.static import CompiledSteps
+    loaded = layerskip.load(sys.argv[1], cpu_kernels="plain")
+    options = dict(prompt_ids=[1, 2, 3, 4, 5], max_steps=12, sample=False, generation_strategy="self_speculative",
+                   exit_layer=2, num_speculations=3)
+    eager = layerskip.generate(loaded, **options).token_ids
+    loaded.model.compiled_steps = CompiledSteps(loaded.model, backend="aot_eager")
+    compiled = layerskip.generate(loaded, **options).token_ids
+    with open(f"{sys.argv[2]}/rank{os.environ['RANK']}.json", "w") as out:
+        json.dump({"eager": eager, "compiled": compiled, "graphs": counters["stats"]["unique_graphs"]}, out)
+""")
+
+
+def test_compiled_passes_trace_the_collectives(tiny_folder, tmp_path):
+    """Under TP the layers' all-reduces are traced into the compiled graphs (dynamo's functional collectives):
+    as many graphs as in one process (no break at a collective), and the eager tokens."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(COMPILED_WORKER)
+    result = torchrun(str(worker), str(tiny_folder), str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["compiled"] == ranks[0]["eager"] and len(ranks[0]["eager"]) == 12
+    assert ranks[0]["graphs"] == 4  # [0, E) and [E, L), each for one row and for more
+
+
 def test_the_cli_under_torchrun_prints_once(tiny_folder):
     result = torchrun("-m", "layerskip.cli", "generate", "--model", str(tiny_folder), "--prompt_ids", "1,2,3",
                       "--max_steps", "6", "--sample", "false", "--generation_strategy", "self_speculative",
