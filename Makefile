@@ -12,7 +12,7 @@ PROMPT ?= Write a Python function that checks whether a string is a palindrome.
 DECODING_TESTS ?= tests/test_generation.py tests/test_eval.py tests/test_self_generated.py tests/test_exits.py
 CPU_KERNEL_PATHS ?= packed plain
 
-.PHONY: setup demo test test-kernel-paths bench clean
+.PHONY: setup demo test test-kernel-paths bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The prepared GPU check (benchmarks/gpu_check.py), with the machine's own PyTorch (a GPU machine keeps one with
+# CUDA under python3): no venv, nothing to install.
+gpu-check:
+	PYTHONUNBUFFERED=1 PYTHONPATH=src python3 benchmarks/gpu_check.py --output logs/gpu_check.json
 
 test-kernel-paths: setup
 	set -e; for path in $(CPU_KERNEL_PATHS); do \
