@@ -549,7 +549,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise LayerSkipError(f"--num_fewshot must be at least 0, got {args.num_fewshot}")
     selection = load_tasks([name for entry in args.tasks for name in entry.split(",") if name], args.include_path)
     lm = LayerSkipLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                     draft_adapter=args.draft_adapter,
+                     draft_adapter=args.draft_adapter, compile=args.compile,
                      batch_size=args.batch_size, generation_strategy=args.generation_strategy, exit_layer=args.exit_layer,
                      num_speculations=args.num_speculations, seed=args.seed, stop_words=args.stop_words,
                      stop_token_ids=args.stop_token_ids, ignore_eos=args.ignore_eos)
@@ -576,7 +576,7 @@ def run_exits(args: argparse.Namespace) -> int:
                                 text_field=args.text_field, seq_len=args.seq_len, num_samples=args.num_samples,
                                 gen_tokens=args.gen_tokens, num_speculations=args.num_speculations, seed=args.seed,
                                 dtype=args.dtype, device=args.device, quantize=args.quantize,
-                                draft_adapter=args.draft_adapter)
+                                draft_adapter=args.draft_adapter, compile=args.compile)
     for report in reports:
         print(format_report(report) + "\n")
     print(f"table: {output / 'exits.csv'}, plot: {output / 'exits.png'}", file=sys.stderr)

@@ -579,7 +579,7 @@ def run_exit_analysis(models: Sequence[str | None], data_paths: Sequence[str], o
                       text_field: str = "text", seq_len: int = 256, num_samples: int | None = None,
                       gen_tokens: int = 64, num_speculations: int = 4, seed: int = 42, dtype: str | None = None,
                       device: str = "auto", quantize: str = "none", draft_adapter: str | None = None,
-                      progress: bool = True) -> list[ExitReport]:
+                      compile: bool = False, progress: bool = True) -> list[ExitReport]:
     """The `layerskip exits` command: analyse each model (None: the embedded default) on the same text set,
     then write exits.csv, exits.png and the per-model measurements under `output_dir`."""
     for flag, value, least in (("--seq_len", seq_len, 2), ("--gen_tokens", gen_tokens, 0),
@@ -589,7 +589,8 @@ def run_exit_analysis(models: Sequence[str | None], data_paths: Sequence[str], o
     documents = read_documents(data_paths, text_field)
     reports = []
     for spec, label in zip(models, model_labels([spec or default_model_name() for spec in models])):
-        loaded = load(spec, dtype=dtype, device=device, quantize=quantize, draft_adapter=draft_adapter)
+        loaded = load(spec, dtype=dtype, device=device, quantize=quantize, draft_adapter=draft_adapter,
+                      compile=compile)
         chunks = make_chunks(loaded, documents, seq_len=seq_len, num_samples=num_samples, seed=seed)
         reports.append(analyze_exits(loaded, chunks, gen_tokens=gen_tokens, num_speculations=num_speculations,
                                      record_dir=output_dir / "measurements", label=label, progress=progress))

@@ -48,11 +48,13 @@ TokenRequest = tuple[Any, list[int], list[int]]   # (cache key or None, context 
 @register_model("layerskip")
 class LayerSkipLM(TemplateLM):
     """A layerskip model as lm-eval sees it. Model arguments: `pretrained` (folder, .gguf, hub id; default:
-    the embedded model), `dtype`, `device`, `quantize`, `draft_adapter`, `generation_strategy`, `exit_layer`, `num_speculations`, `seed`,
+    the embedded model), `dtype`, `device`, `quantize`, `draft_adapter`, `compile`, `generation_strategy`, `exit_layer`,
+    `num_speculations`, `seed`,
     `batch_size` (continuations scored per pass; `auto`: all of one context), `max_length`, `max_gen_toks`."""
 
     def __init__(self, pretrained: str | None = None, *, dtype: str | None = None, device: str = "auto",
-                 quantize: str = "none", draft_adapter: str | None = None, generation_strategy: str | None = None, exit_layer: int = -1, num_speculations: int = -1,
+                 quantize: str = "none", draft_adapter: str | None = None, compile: bool = False,
+                 generation_strategy: str | None = None, exit_layer: int = -1, num_speculations: int = -1,
                  seed: int = 42, stop_words: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
                  ignore_eos: bool = False, batch_size: int | str = 1, max_batch_size: int | None = None,
                  max_length: int | None = None, max_gen_toks: int = 256, **unknown: Any):
@@ -63,7 +65,8 @@ class LayerSkipLM(TemplateLM):
         self.batch_size = parse_batch_size(batch_size, max_batch_size)
         if device == "cuda:0":  # lm-eval's command line passes this even without a GPU; its hf model falls back too
             device = "auto"
-        self.loaded = load(pretrained, dtype=dtype, device=device, quantize=quantize, draft_adapter=draft_adapter)
+        self.loaded = load(pretrained, dtype=dtype, device=device, quantize=quantize, draft_adapter=draft_adapter,
+                           compile=compile)
         if self.loaded.tokenizer is None:
             raise LayerSkipError(f"model '{self.loaded.name}' ships no tokenizer, and lm-eval tasks are text")
         self.tokenizer = self.loaded.tokenizer.hf
