@@ -48,7 +48,7 @@ import torch
 from tqdm import tqdm
 
 import layerskip
-from layerskip.bench.costs import measure_step_costs
+from layerskip.bench.costs import measure_step_costs, weight_bytes
 from layerskip.loading.default_model import embedded_gguf_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,21 +123,6 @@ def read_bandwidth(megabytes: int, repeats: int = 7) -> float:
         torch.sum(data)
         times.append(time.perf_counter() - start)
     return data.numel() * 4 / statistics.median(times) / 1e9
-
-
-def weight_bytes(model) -> int | None:
-    """Bytes of weights read per decoded token: every prepared linear (the head included); None when some
-    module is not prepared for a path that knows its bytes."""
-    total = 0
-    for module in model.prepared_modules():
-        if not module.prepared:
-            return None
-        for prepared in module.prepared.values():
-            nbytes = getattr(prepared, "nbytes", None)
-            if nbytes is None:
-                return None
-            total += nbytes
-    return total
 
 
 def ppl_ids(loaded, paths: str, count: int) -> list[int]:
@@ -237,7 +222,7 @@ def main() -> None:
     metrics: dict[str, dict] = {}
     for quantize in tqdm(formats, desc="costs and perplexity", unit="format"):
         model = loaded[quantize].model
-        nbytes = weight_bytes(model)
+        nbytes = sum(weight_bytes(model))  # read per decoded token, the head included
         with torch.inference_mode():
             costs = {config: measure_step_costs(model, *config) for config in configs}
             ppl = perplexity(lambda window: model(torch.tensor([window]))[0], ids_for_ppl, args.ppl_window)

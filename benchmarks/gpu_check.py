@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from layerskip.bench.costs import step_seconds
+from layerskip.bench.costs import step_seconds, weight_bytes
 from layerskip.generation import Autoregressive, SelfSpeculative, generate_ids
 from layerskip.generation.engine import synchronize
 from layerskip.generation.sampling import Sampler
@@ -87,20 +87,6 @@ def copy_bandwidth(device: torch.device, megabytes: int, repeats: int = 5) -> fl
         synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * source.numel() / best / 1e9
-
-
-def weight_bytes(model: Transformer) -> tuple[float, float]:
-    """Bytes of weights one step reads: all decoder layers, and the head (prepared copies where a path made them)."""
-    def group_bytes(module: torch.nn.Module) -> float:
-        total = 0.0
-        for group, linears in module.linear_groups().items():
-            prepared = module.prepared.get(group)
-            total += getattr(prepared, "nbytes", None) or sum(
-                linear.weight.numel() * linear.weight.element_size() for linear in linears)
-        return total
-
-    modules = model.prepared_modules()
-    return sum(group_bytes(module) for module in modules[:-1]), group_bytes(modules[-1])
 
 
 def kv_bytes(model: Transformer, positions: int) -> float:

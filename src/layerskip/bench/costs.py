@@ -10,6 +10,21 @@ from layerskip.generation.engine import synchronize
 from layerskip.model.draft_adapter import DraftAdapter
 
 
+def weight_bytes(model) -> tuple[int, int]:
+    """Bytes of weights one decoding step reads, (every decoder layer's, the head's): the prepared copies where a
+    kernel path made them (their own format), else the modules' own weights."""
+    def group_bytes(module: torch.nn.Module) -> int:
+        total = 0
+        for group, linears in module.linear_groups().items():
+            prepared = module.prepared.get(group)
+            total += getattr(prepared, "nbytes", None) or sum(
+                linear.weight.numel() * linear.weight.element_size() for linear in linears)
+        return total
+
+    modules = model.prepared_modules()
+    return sum(group_bytes(module) for module in modules[:-1]), group_bytes(modules[-1])
+
+
 def measure_step_costs(model, exit_layer: int, speculations: int, vocab_size: int = 0, context: int = 64,
                        repeats: int = 15, draft_adapter: DraftAdapter | None = None,
                        candidates: int = 1, batch: int = 1) -> tuple[float, float]:

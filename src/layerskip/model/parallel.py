@@ -66,8 +66,7 @@ class Shard:
         """(dim, start, end) of this rank's part of parameter `name` (our names), or None for a whole copy."""
         heads = (self.heads[0] * head_dim, self.heads[1] * head_dim)
         kv = (self.kv_heads[0] * head_dim, self.kv_heads[1] * head_dim)
-        kind = name.rsplit(".", 1)
-        module, what = kind[0].rsplit(".", 1)[-1], kind[1]
+        module, what = name.split(".")[-2:]
         if module == "q_proj":
             return (0, *heads)
         if module in ("k_proj", "v_proj"):
@@ -90,7 +89,8 @@ class TensorParallel:
 
     def __init__(self, shard: Shard, config: ModelConfig):
         self.shard, self.config = shard, config  # config: the whole model's
-        self.vocab_sizes = [split(config.vocab_size, shard.world_size, r) for r in range(shard.world_size)]
+        self.vocab_ranges = [split(config.vocab_size, shard.world_size, r) for r in range(shard.world_size)]
+        self.widest_vocab = max(end - start for start, end in self.vocab_ranges)  # every rank's part padded to it
 
     @property
     def vocab_start(self) -> int:
@@ -110,8 +110,7 @@ class TensorParallel:
 
     def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Every rank's logits [..., its vocabulary rows] as the whole vocabulary's, on every rank."""
-        widest = max(end - start for start, end in self.vocab_sizes)
-        padded = F.pad(logits, (0, widest - logits.shape[-1])).contiguous()
-        parts = [torch.empty_like(padded) for _ in self.vocab_sizes]
+        padded = F.pad(logits, (0, self.widest_vocab - logits.shape[-1])).contiguous()
+        parts = [torch.empty_like(padded) for _ in self.vocab_ranges]
         dist.all_gather(parts, padded)
-        return torch.cat([part[..., :end - start] for part, (start, end) in zip(parts, self.vocab_sizes)], -1)
+        return torch.cat([part[..., :end - start] for part, (start, end) in zip(parts, self.vocab_ranges)], -1)

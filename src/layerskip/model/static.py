@@ -31,9 +31,14 @@ RECOMPILE_LIMIT = 64   # graphs per function: layer ranges x (one row, more) x b
 CACHE_MIN = 256        # the smallest cache capacity of compiled passes
 
 
+def power_of_two(n: int) -> int:
+    """The smallest power of two >= n."""
+    return 1 << (n - 1).bit_length()
+
+
 def padded_rows(rows: int, first_slot: int, capacity: int) -> int:
     """A pass of `rows` rows runs as the next power of two, when the padding fits in the cache."""
-    padded = 1 << (rows - 1).bit_length()
+    padded = power_of_two(rows)
     return padded if first_slot + padded <= capacity else rows
 
 
@@ -101,7 +106,7 @@ class CompiledSteps:
         """A cache kept for this shape: a CUDA graph reads the addresses it was recorded with, and attention reads
         the whole capacity, so it is rounded up to a power of two (at least CACHE_MIN) for calls of similar lengths
         to share their graphs. Every position is written before it is read: nothing of an earlier call shows."""
-        capacity = min(max(CACHE_MIN, 1 << (capacity - 1).bit_length()), self.model.config.max_position_embeddings)
+        capacity = min(max(CACHE_MIN, power_of_two(capacity)), self.model.config.max_position_embeddings)
         key = (capacity, batch_size)
         if key not in self.caches:
             weight = self.model.embed_tokens.weight
@@ -163,13 +168,12 @@ def enable_compiled_steps(model: Transformer, *, repeats: int = 5, keep_slower: 
     cuda = weight.device.type == "cuda"
     if not cuda and model.weight_format != str(weight.dtype).removeprefix("torch."):
         return CompileReport(False, f"{model.weight_format} weights run only through the native CPU kernels")
-    scratch = KVCache(model.config, 64, dtype=weight.dtype, device=weight.device)
-    eager_ms = time_passes(model, scratch, repeats) if not cuda else None
+    eager_ms = time_passes(model, model.kv_cache(64), repeats) if not cuda else None
     stashed = stash_prepared(model) if not cuda else None
     steps = CompiledSteps(model, mode="reduce-overhead" if cuda and backend == "inductor" else None, backend=backend)
     model.compiled_steps = steps
     started = time.perf_counter()
-    scratch = steps.kv_cache(64, 1)
+    scratch = model.kv_cache(64)  # the compiled passes' own
     time_passes(model, scratch, 2)  # compiles the one-row and the five-row graphs
     compile_seconds = time.perf_counter() - started
     compiled_ms = time_passes(model, scratch, repeats)
