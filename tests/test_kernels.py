@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from layerskip.model.kernels import native
+from layerskip.model.kernels.linear import float_panels, unpanel
 
 BLOCK_FORMATS = ("q8_0", "q4_0", "q4_1")
 FORMATS = ("f32", "bf16", *BLOCK_FORMATS)
@@ -70,15 +72,17 @@ def weights(fmt: str, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torc
     """(what the kernel takes, the float32 weights it multiplies by)."""
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
     if fmt == "f32":
-        return w, w
+        return float_panels(w, torch.float32), w
     if fmt == "bf16":
-        return w.bfloat16(), w.bfloat16().float()
+        return float_panels(w, torch.bfloat16), w.bfloat16().float()
     blocks = quantize_blocks(w, fmt)
     return blocks, dequantize_blocks(blocks, fmt).reshape(n, k)
 
 
-def kernel(ext, fmt: str):
-    return getattr(ext, f"linear_{fmt}")
+def kernel(ext, fmt: str, out_features: int):
+    """y = x W^T through the extension; the float kernels take the panels' true feature count."""
+    run = getattr(ext, f"linear_{fmt}")
+    return (lambda x, w: run(x, w, out_features)) if fmt in ("f32", "bf16") else run
 
 
 def quantized_activation(x: torch.Tensor) -> torch.Tensor:
@@ -102,17 +106,68 @@ def test_isa_paths(ext):
         ext.set_isa("sse9")
 
 
+def taken_activation(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The activation a float kernel multiplies by: x itself for float32 weights, x rounded to bfloat16 (to
+    nearest even) for bfloat16 weights, as float64."""
+    return (x.bfloat16() if fmt == "bf16" else x).double()
+
+
 @pytest.mark.parametrize("fmt", ["f32", "bf16"])
 def test_float_weights_match_linear(ext, fmt):
-    for k in (64, 100, 37):  # K not a multiple of the vector width takes the scalar tail
+    for k in (64, 100, 37):  # an odd K: bfloat16's last pair of k holds one weight
         packed, w = weights(fmt, 19, k)
         for rows in (1, 3, 9):
             x = torch.randn(rows, k)
-            reference = x.double() @ w.double().T
+            reference = taken_activation(x, fmt) @ w.double().T
+            plain = x.double() @ w.double().T
             for _ in every_isa(ext):
-                y = kernel(ext, fmt)(x, packed)
+                y = kernel(ext, fmt, 19)(x, packed)
                 assert y.shape == (rows, 19) and y.dtype == torch.float32
                 assert_close_to(y, reference, 1e-5)
+                assert_close_to(y, plain, 1e-2)  # what rounding bfloat16 activations costs: well under 1% here
+
+
+def test_float_panels_hold_the_matrix():
+    w = torch.randn(37, 5)
+    panels = float_panels(w, torch.float32)
+    assert panels.shape == (3, 5, 16)
+    assert torch.equal(panels[1, 2], w[16:32, 2]) and torch.equal(panels[2, :, 5:], torch.zeros(5, 11))
+    assert torch.equal(unpanel(panels, 37, 5), w)
+    halves = float_panels(w, torch.bfloat16)  # k pairs interleaved, K padded to 6 with zeros
+    assert halves.shape == (3, 3, 32)
+    assert torch.equal(halves[1, 1, 0::2], w[16:32, 2].bfloat16()) and torch.equal(halves[1, 1, 1::2], w[16:32, 3].bfloat16())
+    assert torch.equal(halves[0, 2, 1::2], torch.zeros(16, dtype=torch.bfloat16))
+    assert torch.equal(unpanel(halves, 37, 5), w.bfloat16())
+
+
+def fma32(a: float, b: float, c: float) -> np.float32:
+    """float32 fma: a * b + c computed exactly, rounded once to the nearest float32 (ties to even)."""
+    exact = Fraction(a) * Fraction(b) + Fraction(c)
+    near = np.float32(float(exact))  # within one float32 step of the answer: pick the nearest of it and its neighbours
+    candidates = [np.nextafter(near, np.float32(-np.inf)), near, np.nextafter(near, np.float32(np.inf))]
+    return min(candidates, key=lambda v: (abs(Fraction(float(v)) - exact), int(v.view(np.uint32)) & 1))
+
+
+@pytest.mark.parametrize("fmt", ["f32", "bf16"])
+def test_float_products_are_exact_multiply_add_chains(ext, fmt):
+    """Each output is one chain of float32 fused multiply-adds from zero (fewrow.cpp: PanelRun), bit for bit on
+    every vector path: over k in order for float32; for bfloat16, x rounded to bfloat16 and each pair of k taken
+    k + 1 first, the order of vdpbf16ps (whose products are exact, so the scalar path's separate multiply and
+    add agree too)."""
+    n, k, rows = 18, 25, 3  # an odd K: bfloat16's last pair is padded with a zero weight
+    packed, w = weights(fmt, n, k, seed=3)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(4))
+    taken = taken_activation(x, fmt).float()
+    order = list(range(k)) if fmt == "f32" else [i for pair in range(0, k, 2) for i in (pair + 1, pair) if i < k]
+    expected = np.zeros((rows, n), np.float32)
+    for r in range(rows):
+        for j in range(n):
+            for i in order:
+                expected[r, j] = fma32(float(taken[r, i]), float(w[j, i]), float(expected[r, j]))
+    for name in ext.available_isas():
+        if name != "scalar" or fmt == "bf16":  # the scalar path assumes no FMA hardware: a rounded product, a sum
+            with isa_path(ext, name):
+                assert torch.equal(kernel(ext, fmt, n)(x, packed), torch.from_numpy(expected)), name
 
 
 @pytest.mark.parametrize("fmt", BLOCK_FORMATS)
@@ -124,7 +179,7 @@ def test_block_weights_match_linear(ext, fmt):
             reference = quantized_activation(x) @ w.double().T
             plain = x.double() @ w.double().T
             for _ in every_isa(ext):
-                y = kernel(ext, fmt)(x, blocks)
+                y = kernel(ext, fmt, 23)(x, blocks)
                 assert_close_to(y, reference, 1e-5)
                 # What quantizing the activation to 8 bits costs against plain F.linear: well under 2% here.
                 assert_close_to(y, plain, 2e-2)
@@ -140,7 +195,7 @@ def test_block_mapping_is_exact(ext, fmt):
     x = torch.eye(k) * (127 * 2.0**-4)
     expected = (w.T * 127) * 2.0**-4  # float32: one rounding of 127 * w, then an exact power of two
     for _ in every_isa(ext):
-        y = kernel(ext, fmt)(x, blocks)
+        y = kernel(ext, fmt, n)(x, blocks)
         if fmt == "q4_1":
             torch.testing.assert_close(y, expected, rtol=3e-7, atol=1e-7)
         else:
@@ -159,7 +214,7 @@ def test_linear_rows_are_invariant(ext, fmt):
     generator = torch.Generator().manual_seed(2)
     rows = torch.randn(40, k, generator=generator)  # several groups of rows: the blocked order (fewrow.cpp: drive)
     for _ in every_isa(ext):
-        run = kernel(ext, fmt)
+        run = kernel(ext, fmt, n)
         alone = torch.cat([run(rows[i:i + 1], packed) for i in range(len(rows))])
         for count in (2, 3, 5, 8, 9, 16, 17, 25, 40):
             order = torch.randperm(len(rows), generator=generator)[:count]
@@ -180,7 +235,7 @@ def test_a_long_pass_across_several_weight_blocks_equals_its_rows_alone(ext, fmt
     packed, w = weights(fmt, n, k, seed=5)
     rows = torch.randn(24, k, generator=torch.Generator().manual_seed(6))
     for _ in every_isa(ext):
-        run = kernel(ext, fmt)
+        run = kernel(ext, fmt, n)
         together = run(rows, packed)
         assert torch.equal(together, torch.cat([run(rows[i:i + 1], packed) for i in range(len(rows))]))
         if fmt == "f32":

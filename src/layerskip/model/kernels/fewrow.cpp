@@ -42,6 +42,8 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "fewrow.h"  // the C++ interface that layers.cpp calls
@@ -78,6 +80,24 @@ inline float half_to_float(uint16_t h) {
 }
 
 inline uint16_t load_u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
+
+// The bfloat16 pairs that the avx512bf16 path's activations are, stored in a float buffer.
+typedef uint16_t __attribute__((__may_alias__)) alias_u16;
+typedef uint32_t __attribute__((__may_alias__)) alias_u32;
+
+// float -> bfloat16, rounding to nearest even (NaN stays a quiet NaN): the bfloat16 kernels' activations.
+inline uint16_t round_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 
 // Software prefetch distance along the weight stream: far enough ahead to keep the memory busy while a group of
 // rows computes (measured: 4-8 KiB).
@@ -132,17 +152,20 @@ struct QAct {
 namespace scalar {
 struct V {
   static constexpr int W = 1, BPV = 1, LE = 32, kAcc = 2, kRows = 4;
+  static constexpr int kFloatRows = 4;
+  static constexpr bool kBF16Dot = false;  // bfloat16 products by vdpbf16ps (the avx512bf16 path)  // float panels: rows per group, and panels per tile for a group of rb
+  static constexpr int float_panels(int /*rb*/) { return 1; }
   using F = float;
   using I = int32_t;
   static F zero() { return 0.f; }
   static F set1(float a) { return a; }
   static F load(const float* p) { return *p; }
   static void store(float* p, F a) { *p = a; }
-  static F load_bf16(const uint16_t* p) {
-    const uint32_t u = uint32_t(*p) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
+  // W features' bfloat16 weights at k and k + 1, interleaved (p[2j], p[2j + 1]), widened exactly to float32.
+  static void load_bf16_pair(const uint16_t* p, F& even, F& odd) {
+    const uint32_t lo = uint32_t(p[0]) << 16, hi = uint32_t(p[1]) << 16;
+    std::memcpy(&even, &lo, 4);
+    std::memcpy(&odd, &hi, 4);
   }
   static F add(F a, F b) { return a + b; }
   static F sub(F a, F b) { return a - b; }
@@ -212,15 +235,20 @@ struct V {
 namespace avx2 {
 struct V {
   static constexpr int W = 8, BPV = 1, LE = 4, kAcc = 2, kRows = 6;
+  // Float panels (16 registers): rb rows x 2 vectors a panel; 6 rows of one panel = 12 accumulators.
+  static constexpr int kFloatRows = 6;
+  static constexpr bool kBF16Dot = false;  // bfloat16 products by vdpbf16ps (the avx512bf16 path)
+  static constexpr int float_panels(int rb) { return rb <= 2 ? 2 : 1; }
   using F = __m256;
   using I = __m256i;
   static FR_INLINE F zero() { return _mm256_setzero_ps(); }
   static FR_INLINE F set1(float a) { return _mm256_set1_ps(a); }
   static FR_INLINE F load(const float* p) { return _mm256_loadu_ps(p); }
   static FR_INLINE void store(float* p, F a) { _mm256_storeu_ps(p, a); }
-  static FR_INLINE F load_bf16(const uint16_t* p) {
-    const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+  static FR_INLINE void load_bf16_pair(const uint16_t* p, F& even, F& odd) {  // see the scalar V
+    const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+    odd = _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32(int(0xffff0000u))));
   }
   static FR_INLINE F add(F a, F b) { return _mm256_add_ps(a, b); }
   static FR_INLINE F sub(F a, F b) { return _mm256_sub_ps(a, b); }
@@ -390,15 +418,20 @@ struct V {
 namespace avx512 {
 struct V {
   static constexpr int W = 16, BPV = 2, LE = 4, kAcc = 2, kRows = 8;
+  // Float panels (32 registers): up to 12 rows x 2 panels = 24 accumulators, or 4 x 4.
+  static constexpr int kFloatRows = 12;
+  static constexpr bool kBF16Dot = false;  // bfloat16 products by vdpbf16ps (the avx512bf16 path)
+  static constexpr int float_panels(int rb) { return rb <= 4 ? 4 : 2; }
   using F = __m512;
   using I = __m512i;
   static FR_INLINE F zero() { return _mm512_setzero_ps(); }
   static FR_INLINE F set1(float a) { return _mm512_set1_ps(a); }
   static FR_INLINE F load(const float* p) { return _mm512_loadu_ps(p); }
   static FR_INLINE void store(float* p, F a) { _mm512_storeu_ps(p, a); }
-  static FR_INLINE F load_bf16(const uint16_t* p) {
-    const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+  static FR_INLINE void load_bf16_pair(const uint16_t* p, F& even, F& odd) {  // see the scalar V
+    const __m512i u = _mm512_loadu_si512(p);
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+    odd = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(int(0xffff0000u))));
   }
   static FR_INLINE F add(F a, F b) { return _mm512_add_ps(a, b); }
   static FR_INLINE F sub(F a, F b) { return _mm512_sub_ps(a, b); }
@@ -577,12 +610,33 @@ struct V {
 #include __FILE__
 }  // namespace avx512
 #pragma GCC pop_options
+
+// AVX-512 with BF16 (Zen 4 and later, Cooper Lake, Sapphire Rapids): the avx512 path, but bfloat16 products by
+// vdpbf16ps, 32 multiply-adds an instruction. Only the bfloat16 kernel is compiled again (FEWROW_BF16_DOT).
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,avx2,fma,f16c")
+namespace avx512bf16 {
+struct V : avx512::V {
+  static constexpr bool kBF16Dot = true;
+  using P = __m512bh;  // 16 lanes of bfloat16 pairs
+  static FR_INLINE P load_pairs(const uint16_t* p) { return (P)_mm512_loadu_si512(p); }
+  static FR_INLINE P set1_pair(uint32_t pair) { return (P)_mm512_set1_epi32(int(pair)); }
+  // Per lane: acc + w_odd x_odd, rounded, then + w_even x_even, rounded (both products exact in float32), with
+  // bfloat16 subnormals read as zero.
+  static FR_INLINE F dot_pairs(F acc, P w, P x) { return _mm512_dpbf16_ps(acc, w, x); }
+};
+#define FEWROW_BF16_DOT
+#include __FILE__
+#undef FEWROW_BF16_DOT
+}  // namespace avx512bf16
+#pragma GCC pop_options
 #endif  // FEWROW_X86
 
 // ---- dispatch --------------------------------------------------------------------------------------------
 
-enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
-static const char* const kIsaNames[] = {"scalar", "avx2", "avx512"};
+enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2, avx512bf16 = 3 };
+constexpr int kIsaCount = 4;
+static const char* const kIsaNames[kIsaCount] = {"scalar", "avx2", "avx512", "avx512bf16"};
 
 static bool isa_supported(Isa i) {
 #if FEWROW_X86
@@ -595,6 +649,8 @@ static bool isa_supported(Isa i) {
       return isa_supported(Isa::avx2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
              __builtin_cpu_supports("avx512vnni");
+    case Isa::avx512bf16:
+      return isa_supported(Isa::avx512) && __builtin_cpu_supports("avx512bf16");
   }
   return false;
 #else
@@ -603,6 +659,7 @@ static bool isa_supported(Isa i) {
 }
 
 static Isa best_isa() {
+  if (isa_supported(Isa::avx512bf16)) return Isa::avx512bf16;
   if (isa_supported(Isa::avx512)) return Isa::avx512;
   if (isa_supported(Isa::avx2)) return Isa::avx2;
   return Isa::scalar;
@@ -620,6 +677,8 @@ struct Impl {
 static Impl impl() {
   switch (Isa(g_isa.load())) {
 #if FEWROW_X86
+    case Isa::avx512bf16:
+      return {avx512::linear_f32_impl, avx512bf16::linear_bf16_impl, avx512::linear_q_impl, avx512::attention_impl};
     case Isa::avx512: return {avx512::linear_f32_impl, avx512::linear_bf16_impl, avx512::linear_q_impl, avx512::attention_impl};
     case Isa::avx2: return {avx2::linear_f32_impl, avx2::linear_bf16_impl, avx2::linear_q_impl, avx2::attention_impl};
 #endif
@@ -640,24 +699,33 @@ static at::Tensor check_x(const at::Tensor& x) {
   return x.contiguous();
 }
 
-at::Tensor linear_f32(const at::Tensor& x_, const at::Tensor& w) {
-  const at::Tensor x = check_x(x_);
+// Float weights as panels holding out_features <= 16 P features (model/kernels/linear.py: float_panels): float32
+// [P, K, 16]; bfloat16 [P, ceil(K / 2), 32], k and k + 1 interleaved.
+static void check_panels(const at::Tensor& x, const at::Tensor& w, at::ScalarType dtype, int64_t out_features) {
   check_cpu(w, "w");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous(), "w must be contiguous float32 [N, K]");
-  TORCH_CHECK(w.size(1) == x.size(1), "x is [R, ", x.size(1), "] but w is [N, ", w.size(1), "]");
-  at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
-  impl().linear_f32(x.data_ptr<float>(), w.data_ptr<float>(), x.size(0), w.size(0), x.size(1), y.data_ptr<float>());
+  const bool pairs = dtype == at::kBFloat16;
+  const int64_t depth = pairs ? (x.size(1) + 1) / 2 : x.size(1), width = pairs ? 32 : 16;
+  TORCH_CHECK(w.dim() == 3 && w.size(2) == width && w.scalar_type() == dtype && w.is_contiguous(),
+              "w must be contiguous ", dtype, " panels [P, ", pairs ? "ceil(K/2), 32" : "K, 16", "]");
+  TORCH_CHECK(w.size(1) == depth, "x is [R, ", x.size(1), "] but the panels are [P, ", w.size(1), ", ", width, "]");
+  TORCH_CHECK(out_features > 16 * (w.size(0) - 1) && out_features <= 16 * w.size(0),
+              "out_features = ", out_features, " does not fit ", w.size(0), " panels of 16");
+}
+
+at::Tensor linear_f32(const at::Tensor& x_, const at::Tensor& w, int64_t out_features) {
+  const at::Tensor x = check_x(x_);
+  check_panels(x, w, at::kFloat, out_features);
+  at::Tensor y = at::empty({x.size(0), out_features}, x.options());
+  impl().linear_f32(x.data_ptr<float>(), w.data_ptr<float>(), x.size(0), out_features, x.size(1), y.data_ptr<float>());
   return y;
 }
 
-at::Tensor linear_bf16(const at::Tensor& x_, const at::Tensor& w) {
+at::Tensor linear_bf16(const at::Tensor& x_, const at::Tensor& w, int64_t out_features) {
   const at::Tensor x = check_x(x_);
-  check_cpu(w, "w");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous(), "w must be contiguous bfloat16 [N, K]");
-  TORCH_CHECK(w.size(1) == x.size(1), "x is [R, ", x.size(1), "] but w is [N, ", w.size(1), "]");
-  at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
+  check_panels(x, w, at::kBFloat16, out_features);
+  at::Tensor y = at::empty({x.size(0), out_features}, x.options());
   impl().linear_bf16(x.data_ptr<float>(), reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), x.size(0),
-                     w.size(0), x.size(1), y.data_ptr<float>());
+                     out_features, x.size(1), y.data_ptr<float>());
   return y;
 }
 
@@ -741,20 +809,20 @@ static std::string isa() { return kIsaNames[g_isa.load()]; }
 
 static std::vector<std::string> available_isas() {
   std::vector<std::string> out;
-  for (int i = 0; i < 3; ++i)
+  for (int i = 0; i < kIsaCount; ++i)
     if (isa_supported(Isa(i))) out.push_back(kIsaNames[i]);
   return out;
 }
 
 static void set_isa(const std::string& name) {
-  for (int i = 0; i < 3; ++i) {
+  for (int i = 0; i < kIsaCount; ++i) {
     if (name == kIsaNames[i]) {
       TORCH_CHECK(isa_supported(Isa(i)), "this CPU does not support the ", name, " path");
       g_isa.store(i);
       return;
     }
   }
-  TORCH_CHECK(false, "unknown ISA path '", name, "' (expected avx512, avx2 or scalar)");
+  TORCH_CHECK(false, "unknown ISA path '", name, "' (expected avx512bf16, avx512, avx2 or scalar)");
 }
 
 }  // namespace fewrow
@@ -764,9 +832,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace fewrow;
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.doc() = "Few-row, row-invariant CPU kernels for decoding (y = x W^T and few-query attention).";
-  m.def("linear_f32", &linear_f32, "x float32 [R, K] @ w float32 [N, K]^T -> [R, N]", py::arg("x"), py::arg("w"), nogil);
-  m.def("linear_bf16", &linear_bf16, "x float32 [R, K] @ w bfloat16 [N, K]^T -> [R, N]", py::arg("x"), py::arg("w"),
-        nogil);
+  m.def("linear_f32", &linear_f32, "x float32 [R, K] @ W^T -> [R, N], W float32 panels [ceil(N/16), K, 16]",
+        py::arg("x"), py::arg("w"), py::arg("out_features"), nogil);
+  m.def("linear_bf16", &linear_bf16, "x float32 [R, K] @ W^T -> [R, N], W bfloat16 panels [ceil(N/16), ceil(K/2), 32]",
+        py::arg("x"), py::arg("w"), py::arg("out_features"), nogil);
   m.def("linear_q8_0", [](const at::Tensor& x, const at::Tensor& w) { return linear_q(Q8_0, x, w); },
         "x float32 [R, K] @ Q8_0 blocks uint8 [N, K/32*34]^T -> [R, N]", py::arg("x"), py::arg("w_blocks"), nogil);
   m.def("linear_q4_0", [](const at::Tensor& x, const at::Tensor& w) { return linear_q(Q4_0, x, w); },
@@ -776,7 +845,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &attention, "few-query causal attention, q [B,H,T,D], k/v [B,Hkv,S,D] -> [B,H,T,D]",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("start_pos"), py::arg("attendable") = py::none(),
         py::arg("starts") = py::none(), py::arg("rows") = py::none(), nogil);
-  m.def("isa", &isa, "the instruction-set path in use: avx512, avx2 or scalar");
+  m.def("isa", &isa, "the instruction-set path in use: avx512bf16, avx512, avx2 or scalar");
   m.def("available_isas", &available_isas, "the paths this CPU can run, best last");
   m.def("set_isa", &set_isa, "force a path (error if this CPU lacks it)", py::arg("name"));
   bind_layers(m);  // layers.cpp: decoder layers in one call
@@ -785,6 +854,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else  // ---- FEWROW_ISA_BODY: generic kernels over V, compiled once per ISA namespace ---------------------
 
 using F = V::F;
+
+// fn(0), fn(1), ..., fn(n - 1), each index a compile-time constant: a loop unrolled whatever the compiler's limits.
+template <class Fn, int... I>
+FR_INLINE void repeat_each(Fn&& fn, std::integer_sequence<int, I...>) {
+  (fn(std::integral_constant<int, I>{}), ...);
+}
+template <int N, class Fn>
+FR_INLINE void repeat(Fn&& fn) {
+  repeat_each(fn, std::make_integer_sequence<int, N>{});
+}
 
 // Each output element keeps kAcc vector accumulators (vector step c goes to accumulator c % kAcc, so the FMA
 // latency chains overlap even for one row), summed in a fixed tree and then across lanes by V::hsum.
@@ -837,63 +916,175 @@ static void drive(const Run& run, int64_t R, int64_t N, int64_t row_bytes) {
   });
 }
 
-// ---- f32 / bf16 weights ----
+// ---- f32 / bf16 weights: panels ----
+//
+// Float weights are prepared as panels of kPanel output features, [P][K][kPanel] (model/kernels/linear.py:
+// float_panels), so one vector load holds one k of 16 features. A tile multiplies a group of rows by a few
+// panels: per k, the panels' vectors are loaded once and each row's x[r][k] is broadcast against them, so the
+// accumulators are (row, feature) lanes and no horizontal sums are needed; the loads per multiply-add fall with
+// both the rows and the panels, which keeps the FMA units busy once the rows' arithmetic outweighs the weight
+// stream (the dot-product form, one weight row at a time, reached a third of the FMA rate at 8 rows).
+//
+// Each output element is one multiply-add chain over k = 0 .. K-1 in order, started from zero: how rows are
+// grouped, how many panels a tile takes, and how threads split the panels change which elements run side by
+// side, never an element's arithmetic. So results are row-invariant, and the same on the AVX2 and AVX-512 paths.
 
-static FR_INLINE F wload(const float* p) { return V::load(p); }
-static FR_INLINE F wload(const uint16_t* p) { return V::load_bf16(p); }
-static FR_INLINE float to_f32(float v) { return v; }
-static FR_INLINE float to_f32(uint16_t v) {
-  const uint32_t u = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+constexpr int kPanel = 16;                      // output features per panel
+constexpr int kPanelVectors = kPanel / V::W;    // vectors per panel row
 
 template <class WT>
-struct FloatRun {
-  const float* x; const WT* w; float* y; int64_t N, K;
+struct PanelRun {
+  const WT* w; float* y; int64_t N, K;
 
-  template <int RB>
-  FR_INLINE void step(F (&acc)[RB][kAcc], const float* xr, const WT* wr, int64_t c, int slot) const {
-    const F wv = wload(wr + c * V::W);
-#pragma GCC unroll 8
-    for (int i = 0; i < RB; ++i) acc[i][slot] = V::fma(V::load(xr + i * K + c * V::W), wv, acc[i][slot]);
+  // acc[i][j] += x[i] * wv[j] for the group's RB rows and the tile's NV weight vectors.
+  template <int RB, int NV>
+  static FR_INLINE void multiply_add(F (&acc)[RB * NV], const F (&wv)[NV], const float* xk) {
+    repeat<RB>([&](auto i) {
+      const F xb = V::set1(xk[i]);
+      repeat<NV>([&](auto j) { acc[i * NV + j] = V::fma(xb, wv[j], acc[i * NV + j]); });
+    });
   }
 
-  // Rows r0 .. r0 + RB - 1 times weight row n.
-  template <int RB>
-  FR_INLINE void tile(int64_t r0, int64_t n) const {
-    const float* xr = x + r0 * K;
-    const WT* wr = w + n * K;
-    F acc[RB][kAcc];
-#pragma GCC unroll 16
-    for (int i = 0; i < RB * kAcc; ++i) acc[i / kAcc][i % kAcc] = V::zero();
-    const int64_t nc = K / V::W;
-    int64_t c = 0;
-    for (; c + kAcc <= nc; c += kAcc) {
-      prefetch(wr + c * V::W, kAcc * V::W * int(sizeof(WT)));
-#pragma GCC unroll 4
-      for (int a = 0; a < kAcc; ++a) step<RB>(acc, xr, wr, c + a, a);
+  // The bfloat16 tile on the avx512bf16 path: per k pair, one vdpbf16ps per (row, vector), the pair of
+  // activations (xp: [K/2][RB], k in the low half) broadcast against 16 features' weight pairs. (VV: V, made
+  // dependent so that other paths never compile this.)
+  template <int RB, int NP, class VV = V>
+  FR_INLINE void bf16_dots(F (&acc)[RB * NP * kPanelVectors], const alias_u32* xp, const WT* wp) const {
+    constexpr int NV = NP * kPanelVectors;
+    for (int64_t k = 0; k < K; k += 2) {
+      typename VV::P wv[NV];
+      repeat<NP>([&](auto p) {
+        const uint16_t* row = wp + (p * K + k) * kPanel;
+        prefetch(row, 2 * kPanel * 2);
+        wv[p] = VV::load_pairs(row);
+      });
+      const alias_u32* xk = xp + k / 2 * RB;
+      repeat<RB>([&](auto i) {
+        const typename VV::P xb = VV::set1_pair(xk[i]);
+        repeat<NV>([&](auto j) { acc[i * NV + j] = VV::dot_pairs(acc[i * NV + j], wv[j], xb); });
+      });
     }
-#pragma GCC unroll 4
-    for (int a = 0; a < kAcc; ++a)
-      if (c + a < nc) step<RB>(acc, xr, wr, c + a, a);
+  }
+
+  // Rows r0 .. r0 + RB - 1 (xg: those rows transposed, [K][RB]) times panels p0 .. p0 + NP - 1. The loops over
+  // rows and vectors are unrolled at compile time (repeat), so the RB x NV accumulators stay in registers.
+  template <int RB, int NP>
+  FR_INLINE void tile(const float* xg, int64_t r0, int64_t p0) const {
+    constexpr int NV = NP * kPanelVectors;
+    F acc[RB * NV];
+    repeat<RB * NV>([&](auto a) { acc[a] = V::zero(); });
+    const WT* wp = w + p0 * K * kPanel;
+    if constexpr (std::is_same_v<WT, float>) {
+      for (int64_t k = 0; k < K; ++k) {
+        F wv[NV];
+        repeat<NP>([&](auto p) {
+          const float* row = wp + (p * K + k) * kPanel;
+          prefetch(row, kPanel * 4);
+          repeat<kPanelVectors>([&](auto v) { wv[p * kPanelVectors + v] = V::load(row + v * V::W); });
+        });
+        multiply_add<RB, NV>(acc, wv, xg + k * RB);
+      }
+    } else if constexpr (V::kBF16Dot) {
+      bf16_dots<RB, NP>(acc, reinterpret_cast<const alias_u32*>(xg), wp);
+    } else {  // bfloat16 panels hold k and k + 1 interleaved: one load and two bit operations widen both
+      for (int64_t k = 0; k < K; k += 2) {
+        F even[NV], odd[NV];
+        repeat<NP>([&](auto p) {
+          const uint16_t* row = wp + (p * K + k) * kPanel;
+          prefetch(row, 2 * kPanel * 2);
+          repeat<kPanelVectors>([&](auto v) {
+            V::load_bf16_pair(row + 2 * v * V::W, even[p * kPanelVectors + v], odd[p * kPanelVectors + v]);
+          });
+        });
+        multiply_add<RB, NV>(acc, odd, xg + (k + 1) * RB);  // k + 1 first: the order vdpbf16ps adds in
+        multiply_add<RB, NV>(acc, even, xg + k * RB);
+      }
+    }
     for (int i = 0; i < RB; ++i) {
-      float s = finish(acc[i]);
-      for (int64_t k = nc * V::W; k < K; ++k) s = V::sfma(xr[i * K + k], to_f32(wr[k]), s);
-      y[(r0 + i) * N + n] = s;
+      float* yr = y + (r0 + i) * N;
+      for (int p = 0; p < NP; ++p) {
+        const int64_t n = (p0 + p) * kPanel;
+        const F* out = acc + i * NV + p * kPanelVectors;
+        if (n + kPanel <= N) {
+          for (int v = 0; v < kPanelVectors; ++v) V::store(yr + n + v * V::W, out[v]);
+        } else {  // the last panel's padding features are not outputs
+          float lanes[kPanel];
+          for (int v = 0; v < kPanelVectors; ++v) V::store(lanes + v * V::W, out[v]);
+          std::copy(lanes, lanes + (N - n), yr + n);
+        }
+      }
+    }
+  }
+
+  // Panels [b0, b1) for one group of RB rows: tiles of as many panels as the group's registers allow, then fewer.
+  template <int RB>
+  FR_INLINE void walk(const float* xg, int64_t r0, int64_t b0, int64_t b1) const {
+    constexpr int NP = V::float_panels(RB);
+    int64_t p = b0;
+    for (; p + NP <= b1; p += NP) tile<RB, NP>(xg, r0, p);
+    if constexpr (NP > 2)
+      for (; p + 2 <= b1; p += 2) tile<RB, 2>(xg, r0, p);
+    if constexpr (NP > 1)
+      for (; p < b1; ++p) tile<RB, 1>(xg, r0, p);
+  }
+
+  template <int RB>
+  FR_INLINE void walk_rows(int64_t rows, const float* xg, int64_t r0, int64_t b0, int64_t b1) const {
+    if constexpr (RB > 0) {
+      if (rows == RB) walk<RB>(xg, r0, b0, b1);
+      else walk_rows<RB - 1>(rows, xg, r0, b0, b1);
     }
   }
 };
 
-void linear_f32_impl(const float* x, const float* w, int64_t R, int64_t N, int64_t K, float* y) {
-  drive(FloatRun<float>{x, w, y, N, K}, R, N, K * 4);
+// The rows in groups of kFloatRows (then one group of the rest), each group transposed to [K][rows] so that a
+// tile's broadcasts read one cache line per k. Parallel over panels; a pass of one group streams each thread's
+// panels once. A longer pass takes each thread's panels in L2-sized blocks and runs every group over a block
+// before the next, so the weights still come from memory once (as drive does for the block formats).
+template <class WT>
+static void linear_panels(const float* x, const WT* w, int64_t R, int64_t N, int64_t K, float* y) {
+  constexpr int64_t G = V::kFloatRows;
+  const int64_t Kw = std::is_same_v<WT, float> ? K : round_up(K, 2);  // bfloat16 panels: k in pairs, zero-padded
+  std::vector<float> xt(R * Kw, 0.f);
+  for (int64_t r0 = 0; r0 < R; r0 += G) {
+    const int64_t rb = std::min(G, R - r0);
+    float* xg = xt.data() + r0 * Kw;
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t i = 0; i < rb; ++i) {
+        const float v = x[(r0 + i) * K + k];
+        if constexpr (std::is_same_v<WT, float>) {
+          xg[k * rb + i] = v;
+        } else if constexpr (V::kBF16Dot) {  // [K/2][rb] bfloat16 pairs, k in the low half
+          reinterpret_cast<alias_u16*>(xg)[(k / 2 * rb + i) * 2 + k % 2] = round_to_bf16(v);
+        } else {
+          xg[k * rb + i] = bf16_to_float(round_to_bf16(v));
+        }
+      }
+    }
+  }
+  const PanelRun<WT> run{w, y, N, Kw};
+  const int64_t P = (N + kPanel - 1) / kPanel, panel_bytes = Kw * kPanel * int64_t(sizeof(WT));
+  const int64_t block = R > G ? std::max<int64_t>(1, kL2BlockBytes / panel_bytes) : P;
+  at::parallel_for(0, P, tile_grain(panel_bytes), [&](int64_t p0, int64_t p1) {
+    for (int64_t b0 = p0; b0 < p1; b0 += block) {
+      const int64_t b1 = std::min(p1, b0 + block);
+      for (int64_t r0 = 0; r0 < R; r0 += G)
+        run.template walk_rows<G>(std::min(G, R - r0), xt.data() + r0 * Kw, r0, b0, b1);
+    }
+  });
 }
+
+#ifndef FEWROW_BF16_DOT  // that namespace compiles only the bfloat16 kernel
+void linear_f32_impl(const float* x, const float* w, int64_t R, int64_t N, int64_t K, float* y) {
+  linear_panels(x, w, R, N, K, y);
+}
+#endif
 
 void linear_bf16_impl(const float* x, const uint16_t* w, int64_t R, int64_t N, int64_t K, float* y) {
-  drive(FloatRun<uint16_t>{x, w, y, N, K}, R, N, K * 2);
+  linear_panels(x, w, R, N, K, y);
 }
 
+#ifndef FEWROW_BF16_DOT
 // ---- block-quantized weights ----
 
 // Write one record of a quantized row from its blocks' q, per-dword sums of q and scales.
@@ -1162,5 +1353,7 @@ void attention_impl(const float* q, const int64_t* qs, const float* k, const int
     }
   });
 }
+
+#endif  // !FEWROW_BF16_DOT
 
 #endif  // FEWROW_ISA_BODY

@@ -11,8 +11,9 @@ namespace fewrow {
 // Weight formats: the GGUF block formats, and the two float ones (negative: not block formats).
 enum Fmt : int { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, kFloat32 = -1, kBFloat16 = -2 };
 
-at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w);
-at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w);
+// Float weights as panels [ceil(N/16), K, 16]: 16 output features a panel, each k's 16 weights adjacent.
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, int64_t out_features);
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, int64_t out_features);
 at::Tensor linear_q(int fmt, const at::Tensor& x, const at::Tensor& w);
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t start_pos,
                      const c10::optional<at::Tensor>& attendable, const c10::optional<at::Tensor>& starts,
@@ -28,6 +29,7 @@ std::vector<int64_t> cache_rows(int64_t B, int64_t cached, const c10::optional<a
 struct PreparedWeight {
   int format;
   at::Tensor data;
+  int64_t out_features;
   c10::optional<at::Tensor> bias;
 };
 

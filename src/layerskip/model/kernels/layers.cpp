@@ -26,8 +26,8 @@ constexpr int64_t kRowGrain = 16;
 at::Tensor apply(const PreparedWeight& w, const at::Tensor& x) {
   at::Tensor y;
   switch (w.format) {
-    case kFloat32: y = linear_f32(x, w.data); break;
-    case kBFloat16: y = linear_bf16(x, w.data); break;
+    case kFloat32: y = linear_f32(x, w.data, w.out_features); break;
+    case kBFloat16: y = linear_bf16(x, w.data, w.out_features); break;
     default: y = linear_q(w.format, x, w.data); break;
   }
   if (w.bias.has_value()) y.add_(*w.bias);
@@ -162,10 +162,10 @@ at::Tensor forward_layers(const at::Tensor& hidden, const LayerStack& stack, int
 void bind_layers(pybind11::module& m) {
   namespace py = pybind11;
   py::class_<PreparedWeight>(m, "PreparedWeight")
-      .def(py::init([](int format, at::Tensor data, c10::optional<at::Tensor> bias) {
-             return PreparedWeight{format, std::move(data), std::move(bias)};
+      .def(py::init([](int format, at::Tensor data, int64_t out_features, c10::optional<at::Tensor> bias) {
+             return PreparedWeight{format, std::move(data), out_features, std::move(bias)};
            }),
-           py::arg("format"), py::arg("data"), py::arg("bias") = py::none());
+           py::arg("format"), py::arg("data"), py::arg("out_features"), py::arg("bias") = py::none());
   py::class_<LayerWeights>(m, "LayerWeights")
       .def(py::init([](PreparedWeight qkv, PreparedWeight o, PreparedWeight gate_up, PreparedWeight down,
                        at::Tensor input_norm, at::Tensor post_norm) {

@@ -22,6 +22,7 @@ BLOCK_FORMATS = ("q8_0", "q4_0", "q4_1")
 WEIGHT_FORMATS = ("float32", "bfloat16", *BLOCK_FORMATS)
 KERNEL_NAMES = {"float32": "f32", "bfloat16": "bf16"}  # the extension's names for the float formats
 BITS_PER_WEIGHT = {"float32": 32.0, "bfloat16": 16.0, "q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0}
+PANEL = 16  # output features per panel of the native float layout
 
 
 class KernelError(ValueError):
@@ -47,6 +48,29 @@ def dequantize_blocks(blocks: torch.Tensor, weight_format: str) -> torch.Tensor:
     from gguf.quants import dequantize
 
     return torch.from_numpy(np.ascontiguousarray(dequantize(blocks.numpy(), ggml_type(weight_format)), np.float32))
+
+
+def float_panels(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float matrix [N, K] as the native kernels' panels of 16 output features, the last one padded with zero
+    features (fewrow.cpp: PanelRun): float32 [ceil(N/16), K, 16], each k's 16 weights adjacent; bfloat16
+    [ceil(N/16), ceil(K/2), 32], the weights of k and k + 1 interleaved per feature (K padded with a zero)."""
+    out_features, in_features = weight.shape
+    pairs = dtype == torch.bfloat16
+    depth = in_features + (in_features % 2 if pairs else 0)
+    padded = torch.zeros(-(-out_features // PANEL) * PANEL, depth, dtype=dtype)
+    padded[:out_features, :in_features] = weight.detach()
+    panels = padded.view(-1, PANEL, depth).transpose(1, 2)  # [P, K, 16]
+    if pairs:
+        panels = panels.reshape(panels.shape[0], depth // 2, 2, PANEL).transpose(2, 3)  # [P, K/2, 16, 2]
+    return panels.reshape(panels.shape[0], -1, 2 * PANEL if pairs else PANEL).contiguous()
+
+
+def unpanel(panels: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The matrix [N, K] that float_panels laid out."""
+    count = panels.shape[0]
+    if panels.dtype == torch.bfloat16:
+        panels = panels.view(count, -1, PANEL, 2).transpose(2, 3).reshape(count, -1, PANEL)
+    return panels.transpose(1, 2).reshape(count * PANEL, -1)[:out_features, :in_features]
 
 
 class PreparedLinear:
@@ -101,6 +125,7 @@ class NativeLinear(PreparedLinear):
         self.data = data
         self.in_features = in_features
         self.kernel = getattr(extension, f"linear_{KERNEL_NAMES.get(weight_format, weight_format)}")
+        self.float_weights = weight_format not in BLOCK_FORMATS
 
     @classmethod
     def from_float(cls, extension, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -112,12 +137,17 @@ class NativeLinear(PreparedLinear):
                                   f"not {in_features}")
             data = quantize_blocks(weight, weight_format)
         else:
-            data = weight.detach().to(torch.float32 if weight_format == "float32" else torch.bfloat16).contiguous()
+            data = float_panels(weight, torch.float32 if weight_format == "float32" else torch.bfloat16)
         return cls(extension, weight_format, data, in_features, out_features, bias)
 
     def rows(self, ids: torch.Tensor, weight: torch.Tensor) -> NativeLinear:
+        bias = None if self.bias is None else self.bias[ids]
+        if self.float_weights:
+            chosen = unpanel(self.data, self.out_features, self.in_features)[ids.cpu()]
+            return NativeLinear(self.extension, self.weight_format, float_panels(chosen, self.data.dtype),
+                                self.in_features, len(ids), bias)
         return NativeLinear(self.extension, self.weight_format, self.data[ids.cpu()].contiguous(), self.in_features,
-                            len(ids), None if self.bias is None else self.bias[ids])
+                            len(ids), bias)
 
     @property
     def nbytes(self) -> int:
@@ -127,12 +157,12 @@ class NativeLinear(PreparedLinear):
         """The float32 weights this kernel multiplies by."""
         if self.weight_format in BLOCK_FORMATS:
             return dequantize_blocks(self.data, self.weight_format).reshape(self.out_features, self.in_features)
-        return self.data.float()
+        return unpanel(self.data, self.out_features, self.in_features).float()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         rows = rows.float().contiguous() if rows.dtype != torch.float32 or not rows.is_contiguous() else rows
-        out = self.kernel(rows, self.data)
+        out = self.kernel(rows, self.data, self.out_features) if self.float_weights else self.kernel(rows, self.data)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)

@@ -81,7 +81,8 @@ def fused_layers(extension, layers: list[DecoderLayer], config: ModelConfig,
     tensor-parallel rank's partial sums."""
 
     def weight(prepared: NativeLinear):
-        return extension.PreparedWeight(extension.FORMATS[prepared.weight_format], prepared.data, prepared.bias)
+        return extension.PreparedWeight(extension.FORMATS[prepared.weight_format], prepared.data, prepared.out_features,
+                                        prepared.bias)
 
     stack = extension.LayerStack([
         extension.LayerWeights(*(weight(module.prepared[group]) for module, group in (
