@@ -167,9 +167,9 @@ def test_embedded_default_logits_match_transformers_gguf_loader(default_model):
     """transformers dequantizes the same GGUF with its own code: an independent check of our loader.
 
     With torch's kernels a long pass (a prefill of more than PACKED_MAX_ROWS tokens) runs the same GEMM as
-    transformers: under 1e-4. Our native kernels (every pass) and oneDNN-prepacked weights (short passes) sum
-    in other orders: logits of scale ~30 move by up to a few 1e-5 in a prefill, and a few 1e-4 after decoding
-    steps, bounded here at 1e-4 and 1e-3.
+    transformers: under 1e-4. Our native kernels (every pass; each output one chain of fused multiply-adds over
+    k) and oneDNN-prepacked weights (short passes) sum in other orders: logits of scale ~30 move by up to about
+    1e-4 in a prefill, and a few 1e-4 after decoding steps, bounded here at 2e-4 and 1e-3.
     """
     from transformers import AutoModelForCausalLM
 
@@ -188,7 +188,7 @@ def test_embedded_default_logits_match_transformers_gguf_loader(default_model):
         prefill = model(ids[:, :-3], cache=cache)
         steps = [model(ids[:, i:i + 1], start_pos=i, cache=cache) for i in range(ids.shape[1] - 3, ids.shape[1])]
     assert default_model.config.num_hidden_layers == 30
-    assert (prefill - expected[:, :-3]).abs().max().item() < 1e-4
+    assert (prefill - expected[:, :-3]).abs().max().item() < 2e-4
     assert (torch.cat(steps, dim=1) - expected[:, -3:]).abs().max().item() < 1e-3
 
 

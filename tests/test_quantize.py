@@ -52,8 +52,9 @@ def round_activations_to_8_bits(x: torch.Tensor) -> torch.Tensor:
 def test_every_quantized_product_follows_the_dequantized_weights(tiny_folder, quantize):
     """Each prepared matrix of the model, on the activations it really sees, against F.linear of its dequantized
     weights. The block formats' kernels multiply activation rows rounded to 8 bits per 32 values (as llama.cpp
-    does), so the reference rounds its input the same way; what is left is the order of the sums. (End to end
-    such a rounding can flip at a boundary, so logits are compared product by product.)"""
+    does), and bfloat16's rounded to bfloat16, so the reference rounds its input the same way; what is left is
+    the order of the sums. (End to end such a rounding can flip at a boundary, so logits are compared product
+    by product.)"""
     quantized = layerskip.load(str(tiny_folder), quantize=quantize).model
     reference = layerskip.load(str(tiny_folder), cpu_kernels="plain").model
     inputs = {}
@@ -69,7 +70,7 @@ def test_every_quantized_product_follows_the_dequantized_weights(tiny_folder, qu
         for (module, group), x in inputs.items():
             prepared = quantized.prepared_modules()[reference.prepared_modules().index(module)].prepared[group]
             _, bias = fused_weight(module.linear_groups()[group])
-            rounded = x if quantize == "bf16" else round_activations_to_8_bits(x)
+            rounded = x.bfloat16().float() if quantize == "bf16" else round_activations_to_8_bits(x)
             expected = torch.nn.functional.linear(rounded, prepared.dequantized(), bias)
             assert (prepared(x) - expected).abs().max() <= 1e-5 * expected.abs().max(), group
     assert len(inputs) == 4 * len(reference.layers) + 1  # qkv, o, gate_up, down per layer; the head

@@ -8,20 +8,22 @@
 // speculative-verification batch give bit-identical logits.
 //
 // Layout of this file: the common part (helpers, dispatch, Python bindings) is compiled once; the "ISA body"
-// (generic kernels written over a small vector abstraction V) is included three times, each inside its own
-// namespace and `#pragma GCC target` region: scalar (plain C++), avx2 (AVX2+FMA+F16C) and avx512
-// (AVX-512 F/BW/VL/DQ/VNNI).  The body is this same file, included again with FEWROW_ISA_BODY defined, so
-// the three paths share every line of kernel logic and differ only in their V.
+// (generic kernels written over a small vector abstraction V) is included once per path, each inside its own
+// namespace and `#pragma GCC target` region: scalar (plain C++), avx2 (AVX2+FMA+F16C), avx512
+// (AVX-512 F/BW/VL/DQ/VNNI) and avx512bf16 (the same with BF16, for the bfloat16 kernel only).  The body is
+// this same file, included again with FEWROW_ISA_BODY defined, so the paths share every line of kernel logic
+// and differ only in their V.
 //
-// Formats: f32 and bf16 weights [N, K] are multiplied in fp32 with FMA.  Q8_0 / Q4_0 / Q4_1 weights are the
-// GGUF block bytes, uint8 [N, K/32 * block_bytes]; the activation is quantized per row to int8 in blocks of
-// 32 (scale = max|x| / 127, q = round-half-even(x / scale)), block dot products run in int32, then each block
-// is scaled in fp32 and the blocks are summed in a fixed order.  The vector paths take most of a row in "units"
-// of 8 blocks (weights transposed in registers so one int32 lane holds one block's sum: the float work is one
-// vector per 8 blocks) and the rest in "steps" of 1 or 2 blocks; the split depends only on K.
+// Formats: f32 and bf16 weights are panels of 16 output features (PanelRun), multiplied with float32 FMAs, each
+// output one chain over k; bf16 takes its activations rounded to bfloat16, as vdpbf16ps does.  Q8_0 / Q4_0 /
+// Q4_1 weights are the GGUF block bytes, uint8 [N, K/32 * block_bytes]; the activation is quantized per row to
+// int8 in blocks of 32 (scale = max|x| / 127, q = round-half-even(x / scale)), block dot products run in int32,
+// then each block is scaled in fp32 and the blocks are summed in a fixed order.  The vector paths take most of
+// a row in "units" of 8 blocks (weights transposed in registers so one int32 lane holds one block's sum: the
+// float work is one vector per 8 blocks) and the rest in "steps" of 1 or 2 blocks; the split depends only on K.
 //
-// Work split: parallel over output features (at::parallel_for); for each feature the rows go in groups of up to
-// V::kRows in one pass over the weight row, each (row, feature) with its own kAcc vector accumulators.
+// Work split: parallel over output features (at::parallel_for); the rows go in groups of up to kFloatRows
+// (floats) or V::kRows (blocks) in one pass over the weights, each (row, feature) with its own accumulators.
 
 #ifndef FEWROW_ISA_BODY
 

@@ -7,8 +7,11 @@ minute, then cached on disk) because a wheel of prebuilt binaries would tie the 
 
 The extension module's functions (all tensors on the CPU; x float32 [R, K], R >= 1; results float32 [R, N]):
 
-- ``linear_f32(x, w)``: w float32 [N, K], contiguous.
-- ``linear_bf16(x, w)``: w bfloat16 [N, K], contiguous (widened to float32 exactly, FMA in float32).
+- ``linear_f32(x, w, out_features)``: w float32 panels [ceil(N/16), K, 16] (linear.py: float_panels), each
+  output one chain of FMAs over k in order.
+- ``linear_bf16(x, w, out_features)``: w bfloat16 panels [ceil(N/16), ceil(K/2), 32], k pairs interleaved; x is
+  rounded to bfloat16 and each pair is added k + 1 first (vdpbf16ps on the avx512bf16 path, exact float32
+  products and FMAs elsewhere: the same results, bfloat16 subnormals aside).
 - ``linear_q8_0(x, w_blocks)``, ``linear_q4_0(x, w_blocks)``, ``linear_q4_1(x, w_blocks)``: w_blocks is uint8
   [N, K/32 * block_bytes] holding the GGUF block bytes of each row (34, 18, 20 bytes per block). K is not
   passed: it is inferred from the row length and must equal x.shape[1]. x is quantized per row to int8 in
@@ -19,7 +22,8 @@ The extension module's functions (all tensors on the CPU; x float32 [R, K], R >=
   Its result depends only on that sequence of keys, not on the masked ones between them: a tree draft's sibling
   masked out of a query leaves it bit-identical to the query alone. Returns [B, H, T, D] float32. A query with
   nothing to attend (only when its position is past S) gets zeros.
-- ``isa()``, ``available_isas()``, ``set_isa(name)``: the instruction-set path ("avx512", "avx2", "scalar");
+- ``isa()``, ``available_isas()``, ``set_isa(name)``: the instruction-set path ("avx512bf16", "avx512", "avx2",
+  "scalar");
   the best one the CPU has is chosen at import, ``LAYERSKIP_ISA`` forces one.
 
 ``LAYERSKIP_NATIVE=0`` disables the extension; ``LAYERSKIP_CACHE`` moves the build directory.
