@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from layerskip.model.kernels import native
-from layerskip.model.kernels.linear import float_panels, unpanel
+from layerskip.model.kernels.linear import block_panels, float_panels, unpanel, unpanel_blocks
 
 BLOCK_FORMATS = ("q8_0", "q4_0", "q4_1")
 FORMATS = ("f32", "bf16", *BLOCK_FORMATS)
@@ -76,13 +76,14 @@ def weights(fmt: str, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torc
     if fmt == "bf16":
         return float_panels(w, torch.bfloat16), w.bfloat16().float()
     blocks = quantize_blocks(w, fmt)
-    return blocks, dequantize_blocks(blocks, fmt).reshape(n, k)
+    taken = blocks if fmt == "q8_0" else block_panels(blocks, fmt)  # Q4: panels of 16 features
+    return taken, dequantize_blocks(blocks, fmt).reshape(n, k)
 
 
 def kernel(ext, fmt: str, out_features: int):
-    """y = x W^T through the extension; the float kernels take the panels' true feature count."""
+    """y = x W^T through the extension (panels hold up to 15 padding features: the kernels take the true count)."""
     run = getattr(ext, f"linear_{fmt}")
-    return (lambda x, w: run(x, w, out_features)) if fmt in ("f32", "bf16") else run
+    return lambda x, w: run(x, w, out_features)
 
 
 def quantized_activation(x: torch.Tensor) -> torch.Tensor:
@@ -138,6 +139,21 @@ def test_float_panels_hold_the_matrix():
     assert torch.equal(halves[1, 1, 0::2], w[16:32, 2].bfloat16()) and torch.equal(halves[1, 1, 1::2], w[16:32, 3].bfloat16())
     assert torch.equal(halves[0, 2, 1::2], torch.zeros(16, dtype=torch.bfloat16))
     assert torch.equal(unpanel(halves, 37, 5), w.bfloat16())
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1"])
+def test_4_bit_panels_move_the_blocks_bytes_only(fmt):
+    blocks = quantize_blocks(torch.randn(21, 96), fmt)
+    panels = block_panels(blocks, fmt)
+    size = {"q4_0": 18, "q4_1": 20}[fmt]
+    assert panels.shape == (2, 3 * 16 * size)
+    heads = size - 16
+    block = panels[1].view(3, 16 * size)[2]  # panel 1 (features 16..31), block 2
+    assert torch.equal(block[:32].view(16, 2)[3], blocks[19, 2 * size:2 * size + 2])  # feature 19's scale
+    nibbles = block[16 * heads:].view(4, 16, 4)  # [vector j, feature, byte t] = the block's byte 4 j + t
+    assert torch.equal(nibbles[:, 3].reshape(16), blocks[19, 2 * size + heads:3 * size])
+    assert torch.equal(block[16 * heads:].view(4, 16, 4)[:, 5:], torch.zeros(4, 11, 4, dtype=torch.uint8))  # padding
+    assert torch.equal(unpanel_blocks(panels, fmt, 21), blocks)
 
 
 def fma32(a: float, b: float, c: float) -> np.float32:

@@ -51,6 +51,7 @@
 #include "fewrow.h"  // the C++ interface that layers.cpp calls
 
 #define FR_INLINE inline __attribute__((always_inline))
+#define FR_LAMBDA __attribute__((always_inline))  // a lambda of repeat(): inlined, so its registers stay registers
 
 namespace fewrow {
 
@@ -154,11 +155,27 @@ struct QAct {
 namespace scalar {
 struct V {
   static constexpr int W = 1, BPV = 1, LE = 32, kAcc = 2, kRows = 4;
+  // Float panels: rows per group, and panels per tile for a group of rb rows.
   static constexpr int kFloatRows = 4;
-  static constexpr bool kBF16Dot = false;  // bfloat16 products by vdpbf16ps (the avx512bf16 path)  // float panels: rows per group, and panels per tile for a group of rb
   static constexpr int float_panels(int /*rb*/) { return 1; }
+  static constexpr bool kBF16Dot = false;  // bfloat16 products by vdpbf16ps (the avx512bf16 path)
+  static constexpr int kQ4Rows = 4;  // Q4 panels: rows per group
   using F = float;
   using I = int32_t;
+  // Q4 panels: W lanes of 4 unsigned nibble values each (QW), multiplied by 4 signed activation bytes.
+  using QW = uint32_t;
+  static void nibbles(const uint8_t* p, QW& lo, QW& hi) {
+    uint32_t b;
+    std::memcpy(&b, p, 4);
+    lo = b & 0x0f0f0f0fu, hi = (b >> 4) & 0x0f0f0f0fu;
+  }
+  static I qset1(int32_t c) { return c; }
+  static I qadd(I a, I b) { return a + b; }
+  static I qdot(I acc, QW w, uint32_t x) {
+    for (int t = 0; t < 4; ++t) acc += int32_t((w >> (8 * t)) & 0xff) * int32_t(int8_t(x >> (8 * t)));
+    return acc;
+  }
+  static F load_half(const uint16_t* p) { return half_to_float(*p); }
   static F zero() { return 0.f; }
   static F set1(float a) { return a; }
   static F load(const float* p) { return *p; }
@@ -239,10 +256,25 @@ struct V {
   static constexpr int W = 8, BPV = 1, LE = 4, kAcc = 2, kRows = 6;
   // Float panels (16 registers): rb rows x 2 vectors a panel; 6 rows of one panel = 12 accumulators.
   static constexpr int kFloatRows = 6;
-  static constexpr bool kBF16Dot = false;  // bfloat16 products by vdpbf16ps (the avx512bf16 path)
   static constexpr int float_panels(int rb) { return rb <= 2 ? 2 : 1; }
+  static constexpr bool kBF16Dot = false;  // bfloat16 products by vdpbf16ps (the avx512bf16 path)
+  static constexpr int kQ4Rows = 2;  // Q4 panels: 2 rows x 2 vectors of two int sums and a float sum
   using F = __m256;
   using I = __m256i;
+  using QW = __m256i;
+  static FR_INLINE void nibbles(const uint8_t* p, QW& lo, QW& hi) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), m = _mm256_set1_epi8(0x0f);
+    lo = _mm256_and_si256(b, m), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
+  }
+  static FR_INLINE I qset1(int32_t c) { return _mm256_set1_epi32(c); }
+  static FR_INLINE I qadd(I a, I b) { return _mm256_add_epi32(a, b); }
+  static FR_INLINE I qdot(I acc, QW w, uint32_t x) {  // no VNNI: pairs into int16 (|sum| <= 2*15*128), then int32
+    const __m256i pairs = _mm256_maddubs_epi16(w, _mm256_set1_epi32(int(x)));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  }
+  static FR_INLINE F load_half(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
   static FR_INLINE F zero() { return _mm256_setzero_ps(); }
   static FR_INLINE F set1(float a) { return _mm256_set1_ps(a); }
   static FR_INLINE F load(const float* p) { return _mm256_loadu_ps(p); }
@@ -422,8 +454,9 @@ struct V {
   static constexpr int W = 16, BPV = 2, LE = 4, kAcc = 2, kRows = 8;
   // Float panels (32 registers): up to 12 rows x 2 panels = 24 accumulators, or 4 x 4.
   static constexpr int kFloatRows = 12;
-  static constexpr bool kBF16Dot = false;  // bfloat16 products by vdpbf16ps (the avx512bf16 path)
   static constexpr int float_panels(int rb) { return rb <= 4 ? 4 : 2; }
+  static constexpr bool kBF16Dot = false;  // bfloat16 products by vdpbf16ps (the avx512bf16 path)
+  static constexpr int kQ4Rows = 8;  // Q4 panels: 8 rows x two int sums and a float sum, two weight vectors
   using F = __m512;
   using I = __m512i;
   static FR_INLINE F zero() { return _mm512_setzero_ps(); }
@@ -456,6 +489,17 @@ struct V {
     return _mm_cvtss_f32(s);
   }
   static FR_INLINE F cvt(I a) { return _mm512_cvtepi32_ps(a); }
+  using QW = __m512i;
+  static FR_INLINE void nibbles(const uint8_t* p, QW& lo, QW& hi) {
+    const __m512i b = _mm512_loadu_si512(p), m = _mm512_set1_epi8(0x0f);
+    lo = _mm512_and_si512(b, m), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m);
+  }
+  static FR_INLINE I qset1(int32_t c) { return _mm512_set1_epi32(c); }
+  static FR_INLINE I qadd(I a, I b) { return _mm512_add_epi32(a, b); }
+  static FR_INLINE I qdot(I acc, QW w, uint32_t x) { return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(int(x))); }
+  static FR_INLINE F load_half(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
   static FR_INLINE F round(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static FR_INLINE F pow2i(F n) {
     const __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
@@ -731,17 +775,24 @@ at::Tensor linear_bf16(const at::Tensor& x_, const at::Tensor& w, int64_t out_fe
   return y;
 }
 
-at::Tensor linear_q(int fmt, const at::Tensor& x_, const at::Tensor& w) {
+// Q8_0: the GGUF blocks, uint8 [N, K/32 * 34]. Q4_0 / Q4_1: panels of 16 features (linear.py: q4_panels), uint8
+// [ceil(N/16), K/32 * 16 * block bytes].
+at::Tensor linear_q(int fmt, const at::Tensor& x_, const at::Tensor& w, int64_t out_features) {
   const at::Tensor x = check_x(x_);
   check_cpu(w, "w_blocks");
-  const int bb = block_bytes(fmt);
+  const bool panels = fmt != Q8_0;
+  const int64_t bb = block_bytes(fmt) * (panels ? 16 : 1);
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
-              "w_blocks must be contiguous uint8 [N, K/32*", bb, "] (", fmt_name(fmt), ")");
+              "w_blocks must be contiguous uint8 [", panels ? "ceil(N/16)" : "N", ", K/32*", bb, "] (", fmt_name(fmt),
+              panels ? " panels)" : ")");
   TORCH_CHECK(w.size(1) % bb == 0, "w_blocks row of ", w.size(1), " bytes is not whole ", fmt_name(fmt), " blocks");
   const int64_t K = w.size(1) / bb * kBlock;
   TORCH_CHECK(K == x.size(1), "x is [R, ", x.size(1), "] but ", fmt_name(fmt), " w_blocks hold K = ", K);
-  at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
-  impl().linear_q(fmt, x.data_ptr<float>(), w.data_ptr<uint8_t>(), x.size(0), w.size(0), K, y.data_ptr<float>());
+  TORCH_CHECK(panels ? out_features > 16 * (w.size(0) - 1) && out_features <= 16 * w.size(0)
+                     : out_features == w.size(0),
+              "out_features = ", out_features, " does not fit ", w.size(0), panels ? " panels of 16" : " rows");
+  at::Tensor y = at::empty({x.size(0), out_features}, x.options());
+  impl().linear_q(fmt, x.data_ptr<float>(), w.data_ptr<uint8_t>(), x.size(0), out_features, K, y.data_ptr<float>());
   return y;
 }
 
@@ -838,12 +889,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("w"), py::arg("out_features"), nogil);
   m.def("linear_bf16", &linear_bf16, "x float32 [R, K] @ W^T -> [R, N], W bfloat16 panels [ceil(N/16), ceil(K/2), 32]",
         py::arg("x"), py::arg("w"), py::arg("out_features"), nogil);
-  m.def("linear_q8_0", [](const at::Tensor& x, const at::Tensor& w) { return linear_q(Q8_0, x, w); },
-        "x float32 [R, K] @ Q8_0 blocks uint8 [N, K/32*34]^T -> [R, N]", py::arg("x"), py::arg("w_blocks"), nogil);
-  m.def("linear_q4_0", [](const at::Tensor& x, const at::Tensor& w) { return linear_q(Q4_0, x, w); },
-        "x float32 [R, K] @ Q4_0 blocks uint8 [N, K/32*18]^T -> [R, N]", py::arg("x"), py::arg("w_blocks"), nogil);
-  m.def("linear_q4_1", [](const at::Tensor& x, const at::Tensor& w) { return linear_q(Q4_1, x, w); },
-        "x float32 [R, K] @ Q4_1 blocks uint8 [N, K/32*20]^T -> [R, N]", py::arg("x"), py::arg("w_blocks"), nogil);
+  m.def("linear_q8_0", [](const at::Tensor& x, const at::Tensor& w, int64_t n) { return linear_q(Q8_0, x, w, n); },
+        "x float32 [R, K] @ Q8_0 blocks uint8 [N, K/32*34]^T -> [R, N]", py::arg("x"), py::arg("w_blocks"),
+        py::arg("out_features"), nogil);
+  m.def("linear_q4_0", [](const at::Tensor& x, const at::Tensor& w, int64_t n) { return linear_q(Q4_0, x, w, n); },
+        "x float32 [R, K] @ Q4_0 panels uint8 [ceil(N/16), K/32*288]^T -> [R, N]", py::arg("x"), py::arg("w_blocks"),
+        py::arg("out_features"), nogil);
+  m.def("linear_q4_1", [](const at::Tensor& x, const at::Tensor& w, int64_t n) { return linear_q(Q4_1, x, w, n); },
+        "x float32 [R, K] @ Q4_1 panels uint8 [ceil(N/16), K/32*320]^T -> [R, N]", py::arg("x"), py::arg("w_blocks"),
+        py::arg("out_features"), nogil);
   m.def("attention", &attention, "few-query causal attention, q [B,H,T,D], k/v [B,Hkv,S,D] -> [B,H,T,D]",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("start_pos"), py::arg("attendable") = py::none(),
         py::arg("starts") = py::none(), py::arg("rows") = py::none(), nogil);
@@ -934,6 +988,27 @@ static void drive(const Run& run, int64_t R, int64_t N, int64_t row_bytes) {
 constexpr int kPanel = 16;                      // output features per panel
 constexpr int kPanelVectors = kPanel / V::W;    // vectors per panel row
 
+// A tile's results: rows r0 .. r0 + RB - 1 of y [R, N], features of panels p0 .. p0 + NP - 1.
+template <int RB, int NP>
+static FR_INLINE void store_panel_tile(const F (&acc)[RB * NP * kPanelVectors], float* y, int64_t N, int64_t r0,
+                                       int64_t p0) {
+  constexpr int NV = NP * kPanelVectors;
+  for (int i = 0; i < RB; ++i) {
+    float* yr = y + (r0 + i) * N;
+    for (int p = 0; p < NP; ++p) {
+      const int64_t n = (p0 + p) * kPanel;
+      const F* out = acc + i * NV + p * kPanelVectors;
+      if (n + kPanel <= N) {
+        for (int v = 0; v < kPanelVectors; ++v) V::store(yr + n + v * V::W, out[v]);
+      } else {  // the last panel's padding features are not outputs
+        float lanes[kPanel];
+        for (int v = 0; v < kPanelVectors; ++v) V::store(lanes + v * V::W, out[v]);
+        std::copy(lanes, lanes + (N - n), yr + n);
+      }
+    }
+  }
+}
+
 template <class WT>
 struct PanelRun {
   const WT* w; float* y; int64_t N, K;
@@ -941,9 +1016,9 @@ struct PanelRun {
   // acc[i][j] += x[i] * wv[j] for the group's RB rows and the tile's NV weight vectors.
   template <int RB, int NV>
   static FR_INLINE void multiply_add(F (&acc)[RB * NV], const F (&wv)[NV], const float* xk) {
-    repeat<RB>([&](auto i) {
+    repeat<RB>([&](auto i) FR_LAMBDA {
       const F xb = V::set1(xk[i]);
-      repeat<NV>([&](auto j) { acc[i * NV + j] = V::fma(xb, wv[j], acc[i * NV + j]); });
+      repeat<NV>([&](auto j) FR_LAMBDA { acc[i * NV + j] = V::fma(xb, wv[j], acc[i * NV + j]); });
     });
   }
 
@@ -955,15 +1030,15 @@ struct PanelRun {
     constexpr int NV = NP * kPanelVectors;
     for (int64_t k = 0; k < K; k += 2) {
       typename VV::P wv[NV];
-      repeat<NP>([&](auto p) {
+      repeat<NP>([&](auto p) FR_LAMBDA {
         const uint16_t* row = wp + (p * K + k) * kPanel;
         prefetch(row, 2 * kPanel * 2);
         wv[p] = VV::load_pairs(row);
       });
       const alias_u32* xk = xp + k / 2 * RB;
-      repeat<RB>([&](auto i) {
+      repeat<RB>([&](auto i) FR_LAMBDA {
         const typename VV::P xb = VV::set1_pair(xk[i]);
-        repeat<NV>([&](auto j) { acc[i * NV + j] = VV::dot_pairs(acc[i * NV + j], wv[j], xb); });
+        repeat<NV>([&](auto j) FR_LAMBDA { acc[i * NV + j] = VV::dot_pairs(acc[i * NV + j], wv[j], xb); });
       });
     }
   }
@@ -974,15 +1049,15 @@ struct PanelRun {
   FR_INLINE void tile(const float* xg, int64_t r0, int64_t p0) const {
     constexpr int NV = NP * kPanelVectors;
     F acc[RB * NV];
-    repeat<RB * NV>([&](auto a) { acc[a] = V::zero(); });
+    repeat<RB * NV>([&](auto a) FR_LAMBDA { acc[a] = V::zero(); });
     const WT* wp = w + p0 * K * kPanel;
     if constexpr (std::is_same_v<WT, float>) {
       for (int64_t k = 0; k < K; ++k) {
         F wv[NV];
-        repeat<NP>([&](auto p) {
+        repeat<NP>([&](auto p) FR_LAMBDA {
           const float* row = wp + (p * K + k) * kPanel;
           prefetch(row, kPanel * 4);
-          repeat<kPanelVectors>([&](auto v) { wv[p * kPanelVectors + v] = V::load(row + v * V::W); });
+          repeat<kPanelVectors>([&](auto v) FR_LAMBDA { wv[p * kPanelVectors + v] = V::load(row + v * V::W); });
         });
         multiply_add<RB, NV>(acc, wv, xg + k * RB);
       }
@@ -991,10 +1066,10 @@ struct PanelRun {
     } else {  // bfloat16 panels hold k and k + 1 interleaved: one load and two bit operations widen both
       for (int64_t k = 0; k < K; k += 2) {
         F even[NV], odd[NV];
-        repeat<NP>([&](auto p) {
+        repeat<NP>([&](auto p) FR_LAMBDA {
           const uint16_t* row = wp + (p * K + k) * kPanel;
           prefetch(row, 2 * kPanel * 2);
-          repeat<kPanelVectors>([&](auto v) {
+          repeat<kPanelVectors>([&](auto v) FR_LAMBDA {
             V::load_bf16_pair(row + 2 * v * V::W, even[p * kPanelVectors + v], odd[p * kPanelVectors + v]);
           });
         });
@@ -1002,20 +1077,7 @@ struct PanelRun {
         multiply_add<RB, NV>(acc, even, xg + k * RB);
       }
     }
-    for (int i = 0; i < RB; ++i) {
-      float* yr = y + (r0 + i) * N;
-      for (int p = 0; p < NP; ++p) {
-        const int64_t n = (p0 + p) * kPanel;
-        const F* out = acc + i * NV + p * kPanelVectors;
-        if (n + kPanel <= N) {
-          for (int v = 0; v < kPanelVectors; ++v) V::store(yr + n + v * V::W, out[v]);
-        } else {  // the last panel's padding features are not outputs
-          float lanes[kPanel];
-          for (int v = 0; v < kPanelVectors; ++v) V::store(lanes + v * V::W, out[v]);
-          std::copy(lanes, lanes + (N - n), yr + n);
-        }
-      }
-    }
+    store_panel_tile<RB, NP>(acc, y, N, r0, p0);
   }
 
   // Panels [b0, b1) for one group of RB rows: tiles of as many panels as the group's registers allow, then fewer.
@@ -1109,8 +1171,23 @@ static void write_record(const RecLayout& L, const int8_t* q, const int32_t* dsu
   }
 }
 
-// Quantize rows per block of 32, each row on its own: scale = max|x| / 127, q = x / scale rounded half to even.
-// Division and rounding are exact IEEE operations, so every path gets the same q and scales.
+// Quantize one block of 32 activations: scale = max|x| / 127, q = x / scale rounded half to even; returns the
+// scale. Division and rounding are exact IEEE operations, so every path gets the same q and scales.
+static FR_INLINE float quantize_block(const float* xb, int8_t* qb) {
+  F m = V::zero();
+  for (int e = 0; e < kBlock; e += V::W) m = V::max(m, V::abs(V::load(xb + e)));
+  const float d = V::hmax(m) / 127.f;
+  if (d > 0.f) {
+    const F db = V::set1(d), lo = V::set1(-127.f), hi = V::set1(127.f);
+    for (int e = 0; e < kBlock; e += V::W)  // the clamp also maps nan to a number
+      V::store_i8(qb + e, V::min(V::max(V::round(V::div(V::load(xb + e), db)), lo), hi));
+  } else {
+    std::memset(qb, 0, kBlock);
+  }
+  return d;
+}
+
+// Quantize rows per block of 32 (quantize_block), each row on its own, into the records layout L asks for.
 static void quantize_rows(const float* x, int64_t R, int64_t K, const ActLayout& L, QAct& a) {
   const int64_t nb = K / kBlock;
   const int64_t nu = L.unit.blocks ? nb / L.unit.blocks : 0, rest = nb - nu * L.unit.blocks;
@@ -1128,18 +1205,8 @@ static void quantize_rows(const float* x, int64_t R, int64_t K, const ActLayout&
     std::vector<float> d(padded, 0.f);
     for (int64_t r = r0; r < r1; ++r) {
       for (int64_t b = 0; b < nb; ++b) {
-        const float* xb = x + r * K + b * kBlock;
         int8_t* qb = q.data() + b * kBlock;
-        F m = V::zero();
-        for (int e = 0; e < kBlock; e += V::W) m = V::max(m, V::abs(V::load(xb + e)));
-        d[b] = V::hmax(m) / 127.f;
-        if (d[b] > 0.f) {
-          const F db = V::set1(d[b]), lo = V::set1(-127.f), hi = V::set1(127.f);
-          for (int e = 0; e < kBlock; e += V::W)  // the clamp also maps nan to a number
-            V::store_i8(qb + e, V::min(V::max(V::round(V::div(V::load(xb + e), db)), lo), hi));
-        } else {
-          std::memset(qb, 0, kBlock);
-        }
+        d[b] = quantize_block(x + r * K + b * kBlock, qb);
         for (int j = 0; j < kBlock / 4; ++j) dsum[b * 8 + j] = qb[4 * j] + qb[4 * j + 1] + qb[4 * j + 2] + qb[4 * j + 3];
       }
       uint8_t* row = a.data + r * a.row_stride;
@@ -1242,10 +1309,139 @@ static void linear_q_fmt(const float* x, const uint8_t* w, int64_t R, int64_t N,
   drive(QuantRun<FMT>{&a, w, y, N, nb}, R, N, nb * block_bytes(FMT));
 }
 
+// ---- Q4_0 / Q4_1 weights: panels ----
+//
+// 4-bit weights are prepared as panels of 16 output features (model/kernels/linear.py: q4_panels), per block of
+// 32 k: the 16 features' fp16 scales, for Q4_1 their fp16 mins, then 4 x 64 bytes of nibbles, where byte t of
+// lane f of vector j is the GGUF byte 4j + t of feature f's block: its low nibble is k = 4j + t, its high nibble
+// k = 16 + 4j + t. So one load and three bit operations give two vectors of 16 features x 4 k as unsigned bytes,
+// which vpdpbusd multiplies by 4 broadcast activation bytes into each feature's int32 lane: no transposes, and
+// the per-row work for 16 features and one block is 8 vpdpbusd, one conversion and two float operations.
+//
+// Per (row, feature, block), exactly: s = sum(nibble * q) - Z * sum(q) in int32 (Z = 8 for Q4_0, else 0), then
+// acc = fma(float(s), d_w * d_x, acc), and for Q4_1 acc = fma(m_w, d_x * sum(q), acc); blocks in order. The
+// same on every path, so the AVX2 and AVX-512 results are identical.
+
+constexpr int q4_block_bytes(int fmt) { return fmt == Q4_1 ? 320 : 288; }  // one block of a panel
+constexpr int q4_nibbles(int fmt) { return fmt == Q4_1 ? 64 : 32; }      // where its nibbles start
+
+// A group's quantized activations, by block: q [nb][rb][8] dwords, d [nb][rb], and per (block, row) the
+// int32 -Z * sum(q) (Q4_0) or the float d * sum(q) (Q4_1).
+struct Q4Group {
+  int64_t rows = 0;
+  const uint32_t* q = nullptr;
+  const float* d = nullptr;
+  const int32_t* corr = nullptr;
+  const float* dsum = nullptr;
+};
+
+template <int FMT>
+struct PanelQ4Run {
+  const uint8_t* w; float* y; int64_t N, nb;
+  static constexpr int BB = q4_block_bytes(FMT);
+
+  // Rows r0 .. r0 + RB - 1 times panel p. One panel a tile: several panels' streams at once ran slower here.
+  template <int RB>
+  FR_INLINE void tile(const Q4Group& g, int64_t r0, int64_t p) const {
+    constexpr int PV = kPanelVectors;
+    F acc[RB * PV];
+    repeat<RB * PV>([&](auto a) FR_LAMBDA { acc[a] = V::zero(); });
+    const uint8_t* panel = w + p * nb * BB;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = panel + b * BB;
+      prefetch(blk, BB);
+      // Two int32 sums a (row, vector), for the low and the high nibbles: two dependency chains, summed exactly.
+      typename V::I lo_sum[RB * PV], hi_sum[RB * PV];
+      repeat<RB>([&](auto i) FR_LAMBDA {
+        const int32_t c = FMT == Q4_0 ? g.corr[b * RB + i] : 0;
+        repeat<PV>([&](auto v) FR_LAMBDA { lo_sum[i * PV + v] = V::qset1(c), hi_sum[i * PV + v] = V::qset1(0); });
+      });
+      const uint32_t* xq = g.q + b * RB * 8;
+      for (int j = 0; j < 4; ++j) {  // nibble vector j: k = 4 j .. 4 j + 3 (low) and 16 + 4 j .. (high)
+        typename V::QW lo[PV], hi[PV];
+        repeat<PV>([&](auto v) FR_LAMBDA { V::nibbles(blk + q4_nibbles(FMT) + j * 64 + v * V::W * 4, lo[v], hi[v]); });
+        repeat<RB>([&](auto i) FR_LAMBDA {
+          const uint32_t xl = xq[i * 8 + j], xh = xq[i * 8 + 4 + j];
+          repeat<PV>([&](auto v) FR_LAMBDA {
+            lo_sum[i * PV + v] = V::qdot(lo_sum[i * PV + v], lo[v], xl);
+            hi_sum[i * PV + v] = V::qdot(hi_sum[i * PV + v], hi[v], xh);
+          });
+        });
+      }
+      F dw[PV], mw[PV];
+      repeat<PV>([&](auto v) FR_LAMBDA {
+        dw[v] = V::load_half(reinterpret_cast<const uint16_t*>(blk) + v * V::W);
+        if constexpr (FMT == Q4_1) mw[v] = V::load_half(reinterpret_cast<const uint16_t*>(blk + 32) + v * V::W);
+      });
+      repeat<RB>([&](auto i) FR_LAMBDA {
+        const F dx = V::set1(g.d[b * RB + i]);
+        repeat<PV>([&](auto v) FR_LAMBDA {
+          const F sum = V::cvt(V::qadd(lo_sum[i * PV + v], hi_sum[i * PV + v]));
+          acc[i * PV + v] = V::fma(sum, V::mul(dw[v], dx), acc[i * PV + v]);
+        });
+        if constexpr (FMT == Q4_1) {
+          const F sl = V::set1(g.dsum[b * RB + i]);
+          repeat<PV>([&](auto v) FR_LAMBDA { acc[i * PV + v] = V::fma(mw[v], sl, acc[i * PV + v]); });
+        }
+      });
+    }
+    store_panel_tile<RB, 1>(acc, y, N, r0, p);
+  }
+
+  template <int RB>
+  FR_INLINE void walk_rows(const Q4Group& g, int64_t r0, int64_t b0, int64_t b1) const {
+    if constexpr (RB > 0) {
+      if (g.rows == RB) {
+        for (int64_t p = b0; p < b1; ++p) tile<RB>(g, r0, p);
+      } else {
+        walk_rows<RB - 1>(g, r0, b0, b1);
+      }
+    }
+  }
+};
+
+template <int FMT>
+static void linear_q4_panels(const float* x, const uint8_t* w, int64_t R, int64_t N, int64_t K, float* y) {
+  constexpr int64_t G = V::kQ4Rows;
+  const int64_t nb = K / kBlock;
+  std::vector<uint32_t> q(R * nb * 8);
+  std::vector<float> d(R * nb), dsum(R * nb);
+  std::vector<int32_t> corr(R * nb);
+  std::vector<Q4Group> groups;
+  for (int64_t r0 = 0; r0 < R; r0 += G) {
+    const int64_t rb = std::min(G, R - r0);
+    groups.push_back({rb, q.data() + r0 * nb * 8, d.data() + r0 * nb, corr.data() + r0 * nb, dsum.data() + r0 * nb});
+  }
+  at::parallel_for(0, R, 16, [&](int64_t ra, int64_t rz) {
+    int8_t qb[kBlock];
+    for (int64_t r = ra; r < rz; ++r) {
+      const int64_t r0 = r / G * G, rb = std::min(G, R - r0), i = r - r0;
+      for (int64_t b = 0; b < nb; ++b) {
+        const float scale = quantize_block(x + r * K + b * kBlock, qb);
+        int32_t sum = 0;
+        for (int e = 0; e < kBlock; ++e) sum += qb[e];
+        const int64_t at = r0 * nb + b * rb + i;
+        std::memcpy(q.data() + at * 8, qb, kBlock);
+        d[at] = scale, corr[at] = -8 * sum, dsum[at] = scale * float(sum);
+      }
+    }
+  });
+  const PanelQ4Run<FMT> run{w, y, N, nb};
+  const int64_t P = (N + kPanel - 1) / kPanel, panel_bytes = nb * q4_block_bytes(FMT);
+  const int64_t block = R > G ? std::max<int64_t>(1, kL2BlockBytes / panel_bytes) : P;
+  at::parallel_for(0, P, tile_grain(panel_bytes), [&](int64_t p0, int64_t p1) {
+    for (int64_t b0 = p0; b0 < p1; b0 += block) {
+      const int64_t b1 = std::min(p1, b0 + block);
+      for (size_t gi = 0; gi < groups.size(); ++gi)
+        run.template walk_rows<G>(groups[gi], int64_t(gi) * G, b0, b1);
+    }
+  });
+}
+
 void linear_q_impl(int fmt, const float* x, const uint8_t* w, int64_t R, int64_t N, int64_t K, float* y) {
   if (fmt == Q8_0) linear_q_fmt<Q8_0>(x, w, R, N, K, y);
-  else if (fmt == Q4_0) linear_q_fmt<Q4_0>(x, w, R, N, K, y);
-  else linear_q_fmt<Q4_1>(x, w, R, N, K, y);
+  else if (fmt == Q4_0) linear_q4_panels<Q4_0>(x, w, R, N, K, y);
+  else linear_q4_panels<Q4_1>(x, w, R, N, K, y);
 }
 
 // ---- attention ----

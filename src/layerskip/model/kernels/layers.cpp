@@ -28,7 +28,7 @@ at::Tensor apply(const PreparedWeight& w, const at::Tensor& x) {
   switch (w.format) {
     case kFloat32: y = linear_f32(x, w.data, w.out_features); break;
     case kBFloat16: y = linear_bf16(x, w.data, w.out_features); break;
-    default: y = linear_q(w.format, x, w.data); break;
+    default: y = linear_q(w.format, x, w.data, w.out_features); break;
   }
   if (w.bias.has_value()) y.add_(*w.bias);
   return y;

@@ -22,7 +22,9 @@ BLOCK_FORMATS = ("q8_0", "q4_0", "q4_1")
 WEIGHT_FORMATS = ("float32", "bfloat16", *BLOCK_FORMATS)
 KERNEL_NAMES = {"float32": "f32", "bfloat16": "bf16"}  # the extension's names for the float formats
 BITS_PER_WEIGHT = {"float32": 32.0, "bfloat16": 16.0, "q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0}
-PANEL = 16  # output features per panel of the native float layout
+PANEL = 16  # output features per panel of the native float and 4-bit layouts
+PANEL_BLOCK_FORMATS = ("q4_0", "q4_1")  # block formats the native kernels take as panels (Q8_0: as stored)
+BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
 
 
 class KernelError(ValueError):
@@ -63,6 +65,33 @@ def float_panels(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if pairs:
         panels = panels.reshape(panels.shape[0], depth // 2, 2, PANEL).transpose(2, 3)  # [P, K/2, 16, 2]
     return panels.reshape(panels.shape[0], -1, 2 * PANEL if pairs else PANEL).contiguous()
+
+
+def block_panels(blocks: torch.Tensor, weight_format: str) -> torch.Tensor:
+    """Q4_0/Q4_1 GGUF blocks [N, K/32 * bytes] as the native kernels' panels of 16 features, uint8 [ceil(N/16),
+    K/32 * 16 * bytes] (fewrow.cpp: PanelQ4Run): per block, the 16 features' fp16 scales, Q4_1's 16 mins, then
+    the 16 bytes of nibbles of each, 4 bytes of every feature in turn. Only the bytes move: no value changes."""
+    count, row_bytes = blocks.shape
+    size = BLOCK_BYTES[weight_format]
+    heads = size - BLOCK // 2  # the fp16 scale, and Q4_1's fp16 min
+    padded = torch.zeros(-(-count // PANEL) * PANEL, row_bytes, dtype=torch.uint8)
+    padded[:count] = blocks
+    grid = padded.view(-1, PANEL, row_bytes // size, size)  # [P, 16 features, blocks, bytes]
+    scales = grid[..., :heads].reshape(*grid.shape[:3], heads // 2, 2).permute(0, 2, 3, 1, 4)  # [P, b, field, f, 2]
+    nibbles = grid[..., heads:].reshape(*grid.shape[:3], 4, 4).permute(0, 2, 3, 1, 4)  # [P, b, j, f, 4 bytes]
+    parts = [scales.reshape(*scales.shape[:2], -1), nibbles.reshape(*nibbles.shape[:2], -1)]
+    return torch.cat(parts, -1).reshape(grid.shape[0], -1).contiguous()
+
+
+def unpanel_blocks(panels: torch.Tensor, weight_format: str, out_features: int) -> torch.Tensor:
+    """The GGUF blocks [N, K/32 * bytes] that block_panels laid out."""
+    size = BLOCK_BYTES[weight_format]
+    heads = size - BLOCK // 2
+    grid = panels.view(panels.shape[0], -1, PANEL * size)  # [P, blocks, 16 * bytes]
+    scales = grid[..., :PANEL * heads].reshape(*grid.shape[:2], heads // 2, PANEL, 2).permute(0, 3, 1, 2, 4)
+    nibbles = grid[..., PANEL * heads:].reshape(*grid.shape[:2], 4, PANEL, 4).permute(0, 3, 1, 2, 4)
+    blocks = torch.cat([scales.reshape(*scales.shape[:3], -1), nibbles.reshape(*nibbles.shape[:3], -1)], -1)
+    return blocks.reshape(panels.shape[0] * PANEL, -1)[:out_features].contiguous()
 
 
 def unpanel(panels: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
@@ -112,20 +141,28 @@ class PackedLinear(PreparedLinear):
 
 
 class NativeLinear(PreparedLinear):
-    """Our kernels: every pass without autograd, whatever its length, so a row never depends on its neighbours."""
+    """Our kernels: every pass without autograd, whatever its length, so a row never depends on its neighbours.
+
+    Made from the weights in their natural form (`weights`: a float matrix [N, K], or GGUF blocks uint8
+    [N, K/32 * bytes per block]), which it lays out for the kernel: panels of 16 features for the float formats
+    and Q4_0/Q4_1, Q8_0's blocks as they are."""
 
     path = "native"
     row_invariant = True
 
-    def __init__(self, extension, weight_format: str, data: torch.Tensor, in_features: int, out_features: int,
+    def __init__(self, extension, weight_format: str, weights: torch.Tensor, in_features: int, out_features: int,
                  bias: torch.Tensor | None):
         super().__init__(out_features, None if bias is None else bias.float())
         self.extension = extension
         self.weight_format = weight_format
-        self.data = data
         self.in_features = in_features
         self.kernel = getattr(extension, f"linear_{KERNEL_NAMES.get(weight_format, weight_format)}")
-        self.float_weights = weight_format not in BLOCK_FORMATS
+        if weight_format in PANEL_BLOCK_FORMATS:
+            self.data = block_panels(weights, weight_format)
+        elif weight_format in BLOCK_FORMATS:
+            self.data = weights.contiguous()
+        else:
+            self.data = float_panels(weights, torch.float32 if weight_format == "float32" else torch.bfloat16)
 
     @classmethod
     def from_float(cls, extension, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -135,19 +172,20 @@ class NativeLinear(PreparedLinear):
             if in_features % BLOCK:
                 raise KernelError(f"{weight_format} weights need an input size that is a multiple of {BLOCK}, "
                                   f"not {in_features}")
-            data = quantize_blocks(weight, weight_format)
-        else:
-            data = float_panels(weight, torch.float32 if weight_format == "float32" else torch.bfloat16)
-        return cls(extension, weight_format, data, in_features, out_features, bias)
+            weight = quantize_blocks(weight, weight_format)
+        return cls(extension, weight_format, weight, in_features, out_features, bias)
+
+    def weights(self) -> torch.Tensor:
+        """The weights in their natural form: GGUF blocks [N, K/32 * bytes] or the float matrix [N, K]."""
+        if self.weight_format in PANEL_BLOCK_FORMATS:
+            return unpanel_blocks(self.data, self.weight_format, self.out_features)
+        if self.weight_format in BLOCK_FORMATS:
+            return self.data
+        return unpanel(self.data, self.out_features, self.in_features)
 
     def rows(self, ids: torch.Tensor, weight: torch.Tensor) -> NativeLinear:
-        bias = None if self.bias is None else self.bias[ids]
-        if self.float_weights:
-            chosen = unpanel(self.data, self.out_features, self.in_features)[ids.cpu()]
-            return NativeLinear(self.extension, self.weight_format, float_panels(chosen, self.data.dtype),
-                                self.in_features, len(ids), bias)
-        return NativeLinear(self.extension, self.weight_format, self.data[ids.cpu()].contiguous(), self.in_features,
-                            len(ids), bias)
+        return NativeLinear(self.extension, self.weight_format, self.weights()[ids.cpu()], self.in_features, len(ids),
+                            None if self.bias is None else self.bias[ids])
 
     @property
     def nbytes(self) -> int:
@@ -156,13 +194,13 @@ class NativeLinear(PreparedLinear):
     def dequantized(self) -> torch.Tensor:
         """The float32 weights this kernel multiplies by."""
         if self.weight_format in BLOCK_FORMATS:
-            return dequantize_blocks(self.data, self.weight_format).reshape(self.out_features, self.in_features)
-        return unpanel(self.data, self.out_features, self.in_features).float()
+            return dequantize_blocks(self.weights(), self.weight_format).reshape(self.out_features, self.in_features)
+        return self.weights().float()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         rows = rows.float().contiguous() if rows.dtype != torch.float32 or not rows.is_contiguous() else rows
-        out = self.kernel(rows, self.data, self.out_features) if self.float_weights else self.kernel(rows, self.data)
+        out = self.kernel(rows, self.data, self.out_features)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
