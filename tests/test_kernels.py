@@ -76,8 +76,7 @@ def weights(fmt: str, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torc
     if fmt == "bf16":
         return float_panels(w, torch.bfloat16), w.bfloat16().float()
     blocks = quantize_blocks(w, fmt)
-    taken = blocks if fmt == "q8_0" else block_panels(blocks, fmt)  # Q4: panels of 16 features
-    return taken, dequantize_blocks(blocks, fmt).reshape(n, k)
+    return block_panels(blocks, fmt), dequantize_blocks(blocks, fmt).reshape(n, k)
 
 
 def kernel(ext, fmt: str, out_features: int):
@@ -141,18 +140,18 @@ def test_float_panels_hold_the_matrix():
     assert torch.equal(unpanel(halves, 37, 5), w.bfloat16())
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "q4_1"])
-def test_4_bit_panels_move_the_blocks_bytes_only(fmt):
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+def test_block_panels_move_the_blocks_bytes_only(fmt):
     blocks = quantize_blocks(torch.randn(21, 96), fmt)
     panels = block_panels(blocks, fmt)
-    size = {"q4_0": 18, "q4_1": 20}[fmt]
+    size, heads = {"q8_0": (34, 2), "q4_0": (18, 2), "q4_1": (20, 4)}[fmt]
     assert panels.shape == (2, 3 * 16 * size)
-    heads = size - 16
     block = panels[1].view(3, 16 * size)[2]  # panel 1 (features 16..31), block 2
     assert torch.equal(block[:32].view(16, 2)[3], blocks[19, 2 * size:2 * size + 2])  # feature 19's scale
-    nibbles = block[16 * heads:].view(4, 16, 4)  # [vector j, feature, byte t] = the block's byte 4 j + t
-    assert torch.equal(nibbles[:, 3].reshape(16), blocks[19, 2 * size + heads:3 * size])
-    assert torch.equal(block[16 * heads:].view(4, 16, 4)[:, 5:], torch.zeros(4, 11, 4, dtype=torch.uint8))  # padding
+    data = block[16 * heads:].view(-1, 16, 4)  # [vector j, feature, byte t] = the block's data byte 4 j + t
+    flip = 0x80 if fmt == "q8_0" else 0  # Q8_0's weights are stored + 128
+    assert torch.equal(data[:, 3].reshape(-1) ^ flip, blocks[19, 2 * size + heads:3 * size])
+    assert torch.equal(data[:, 5:] ^ flip, torch.zeros(data.shape[0], 11, 4, dtype=torch.uint8))  # padding
     assert torch.equal(unpanel_blocks(panels, fmt, 21), blocks)
 
 

@@ -14,16 +14,16 @@
 // this same file, included again with FEWROW_ISA_BODY defined, so the paths share every line of kernel logic
 // and differ only in their V.
 //
-// Formats: f32 and bf16 weights are panels of 16 output features (PanelRun), multiplied with float32 FMAs, each
-// output one chain over k; bf16 takes its activations rounded to bfloat16, as vdpbf16ps does.  Q8_0 / Q4_0 /
-// Q4_1 weights are the GGUF block bytes, uint8 [N, K/32 * block_bytes]; the activation is quantized per row to
-// int8 in blocks of 32 (scale = max|x| / 127, q = round-half-even(x / scale)), block dot products run in int32,
-// then each block is scaled in fp32 and the blocks are summed in a fixed order.  The vector paths take most of
-// a row in "units" of 8 blocks (weights transposed in registers so one int32 lane holds one block's sum: the
-// float work is one vector per 8 blocks) and the rest in "steps" of 1 or 2 blocks; the split depends only on K.
+// Formats: every weight matrix is stored as panels of 16 output features, so a vector holds one k (or four) of
+// 16 features and the rows' activations are broadcast against it: no horizontal sums, and a pass of several
+// rows keeps the FMA or VNNI units busy while the weights stream.  f32 and bf16 (PanelRun) multiply with float32
+// FMAs, each output one chain over k; bf16 takes its activations rounded to bfloat16, as vdpbf16ps does.
+// Q8_0 / Q4_0 / Q4_1 (PanelQRun) keep GGUF's blocks of 32 with their fp16 scales, only the bytes rearranged; the
+// activation is quantized per row to int8 in blocks of 32 (scale = max|x| / 127, q = round-half-even(x / scale)),
+// block dot products run in int32, then each block is scaled in fp32 and the blocks are summed in order.
 //
-// Work split: parallel over output features (at::parallel_for); the rows go in groups of up to kFloatRows
-// (floats) or V::kRows (blocks) in one pass over the weights, each (row, feature) with its own accumulators.
+// Work split: parallel over panels (at::parallel_for); the rows go in groups (kFloatRows, kQRows) that each pass
+// over the panels once, each (row, feature) with its own accumulators.
 
 #ifndef FEWROW_ISA_BODY
 
@@ -60,6 +60,9 @@ namespace fewrow {
 constexpr int kBlock = 32;                      // elements per block (all three formats)
 constexpr int block_bytes(int f) { return f == Q8_0 ? 34 : f == Q4_0 ? 18 : 20; }
 constexpr int data_offset(int f) { return f == Q4_1 ? 4 : 2; }  // bytes of fp16 scale (and min) before the data
+constexpr int panel_block_bytes(int f) { return 16 * block_bytes(f); }  // a block of a 16-feature panel
+constexpr int panel_data(int f) { return 16 * data_offset(f); }  // where its weight vectors start
+constexpr int32_t panel_zero(int f) { return f == Q8_0 ? 128 : f == Q4_0 ? 8 : 0; }  // the stored bytes' offset
 constexpr const char* fmt_name(int f) { return f == Q8_0 ? "q8_0" : f == Q4_0 ? "q4_0" : "q4_1"; }
 
 // IEEE half -> float, portable (the scalar path cannot assume F16C).
@@ -82,7 +85,6 @@ inline float half_to_float(uint16_t h) {
   return f;
 }
 
-inline uint16_t load_u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
 
 // The bfloat16 pairs that the avx512bf16 path's activations are, stored in a float buffer.
 typedef uint16_t __attribute__((__may_alias__)) alias_u16;
@@ -115,51 +117,19 @@ inline int64_t tile_grain(int64_t row_bytes) {
   return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, row_bytes));
 }
 
-// How one ISA path wants a quantized activation laid out: a row is a sequence of records, each the bytes one
-// step of the kernel multiplies with a run of weight blocks, followed by per-lane data for its int32 lanes.
-struct RecLayout {
-  int blocks = 0;         // blocks per record (0: this kind of record is not used)
-  int dwords = 0;         // 4-byte groups of q per record (blocks * 8)
-  int lanes = 0;          // int32 lanes the products are summed into
-  int src[64] = {};       // per dword of the record: the dword of its blocks it holds, (block * 32 + element) / 4
-  int lane[64] = {};      // per dword of the record: the lane it is summed into (a lane stays within one block)
-  uint32_t flip = 0;      // xor-ed into every dword (0x80808080: q + 128, stored as unsigned bytes)
-  int corr_factor = 0;    // per lane, keep corr_factor * sum(q over the lane) (0: none)
-  bool sums = false;      // per lane, keep dx * sum(q over the lane) (Q4_1's min term)
-  int bytes() const { return 4 * dwords + 4 * lanes * (1 + (corr_factor != 0) + sums); }
-  int off_dx() const { return 4 * dwords; }
-  int off_corr() const { return off_dx() + 4 * lanes; }
-  int off_sl() const { return off_corr() + (corr_factor ? 4 * lanes : 0); }
-};
-
-// A row: as many `unit` records as whole units fit (when the path has them), then `step` records for the rest,
-// padded with zero blocks.  Per lane: dx (the block's scale) float, [corr int32], [dx * sum(q) float].
-struct ActLayout {
-  RecLayout unit, step;
-};
-
-struct QAct {
-  std::vector<uint8_t> buf;
-  uint8_t* data = nullptr;
-  int64_t row_stride = 0, step_base = 0;  // bytes per row; where a row's step records start
-  int64_t unit_rec = 0, unit_dx = 0, unit_corr = 0, unit_sl = 0;  // record bytes and per-lane data offsets
-  int64_t step_rec = 0, step_dx = 0, step_corr = 0, step_sl = 0;
-  const uint8_t* row(int64_t r) const { return data + r * row_stride; }
-};
-
 // ---- vector abstractions -------------------------------------------------------------------------------
-// Each V gives: W float lanes; BPV quant blocks per vector; LE block elements per int32 lane; kAcc accumulators
-// per output element; float ops, bf16 load, a fixed-order horizontal sum and the pieces of exp; and for the
-// block formats the activation layout it wants, WQ (one vector of prepared weight blocks), load_q and dot_q.
+// Each V gives: W float lanes; its panel tilings (kFloatRows, float_panels, kQRows); float ops, bf16 pair
+// loads, a fixed-order horizontal sum and the pieces of exp; and for the block panels the byte vectors QW (16
+// features x 4 bytes a vector), the nibble split and the int32 dot products of 4 bytes (qdot).
 
 namespace scalar {
 struct V {
-  static constexpr int W = 1, BPV = 1, LE = 32, kAcc = 2, kRows = 4;
+  static constexpr int W = 1;  // float lanes
   // Float panels: rows per group, and panels per tile for a group of rb rows.
   static constexpr int kFloatRows = 4;
   static constexpr int float_panels(int /*rb*/) { return 1; }
   static constexpr bool kBF16Dot = false;  // bfloat16 products by vdpbf16ps (the avx512bf16 path)
-  static constexpr int kQ4Rows = 4;  // Q4 panels: rows per group
+  static constexpr int kQRows = 4;  // Q4 panels: rows per group
   using F = float;
   using I = int32_t;
   // Q4 panels: W lanes of 4 unsigned nibble values each (QW), multiplied by 4 signed activation bytes.
@@ -171,6 +141,7 @@ struct V {
   }
   static I qset1(int32_t c) { return c; }
   static I qadd(I a, I b) { return a + b; }
+  static void bytes(const uint8_t* p, QW& w) { std::memcpy(&w, p, 4); }
   static I qdot(I acc, QW w, uint32_t x) {
     for (int t = 0; t < 4; ++t) acc += int32_t((w >> (8 * t)) & 0xff) * int32_t(int8_t(x >> (8 * t)));
     return acc;
@@ -209,40 +180,6 @@ struct V {
   }
   static F zero_below(F x, F lo, F r) { return x < lo ? 0.f : r; }
 
-  // Quant: one block per step; weights widened to their true integers, activations signed, no corrections.
-  template <int FMT> static constexpr int unit_blocks() { return 0; }  // no units
-  template <int FMT>
-  static ActLayout layout() {
-    ActLayout L;
-    RecLayout& s = L.step;
-    s.blocks = 1, s.dwords = 8, s.lanes = 1;
-    for (int j = 0; j < 8; ++j) s.src[j] = j, s.lane[j] = 0;
-    s.sums = FMT == Q4_1;
-    return L;
-  }
-  struct WQ { int8_t q[32]; float dw, m; };
-  template <int FMT>
-  static WQ load_q(const uint8_t* b, int /*valid*/) {
-    WQ w;
-    w.dw = half_to_float(load_u16(b));
-    w.m = FMT == Q4_1 ? half_to_float(load_u16(b + 2)) : 0.f;
-    const uint8_t* d = b + data_offset(FMT);
-    const int zero = FMT == Q4_0 ? 8 : 0;
-    if (FMT == Q8_0) {
-      for (int e = 0; e < 32; ++e) w.q[e] = int8_t(d[e]);
-    } else {
-      for (int e = 0; e < 16; ++e) { w.q[e] = int8_t((d[e] & 0x0f) - zero); w.q[e + 16] = int8_t((d[e] >> 4) - zero); }
-    }
-    return w;
-  }
-  template <int FMT>
-  static I dot_q(const WQ& w, const uint8_t* xq, const uint8_t* /*corr*/) {
-    int32_t s = 0;
-    for (int e = 0; e < 32; ++e) s += int32_t(w.q[e]) * int32_t(int8_t(xq[e]));
-    return s;
-  }
-  static F wdw(const WQ& w) { return w.dw; }
-  static F wm(const WQ& w) { return w.m; }
 };
 #define FEWROW_ISA_BODY
 #include __FILE__
@@ -253,12 +190,12 @@ struct V {
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 struct V {
-  static constexpr int W = 8, BPV = 1, LE = 4, kAcc = 2, kRows = 6;
+  static constexpr int W = 8;
   // Float panels (16 registers): rb rows x 2 vectors a panel; 6 rows of one panel = 12 accumulators.
   static constexpr int kFloatRows = 6;
   static constexpr int float_panels(int rb) { return rb <= 2 ? 2 : 1; }
   static constexpr bool kBF16Dot = false;  // bfloat16 products by vdpbf16ps (the avx512bf16 path)
-  static constexpr int kQ4Rows = 2;  // Q4 panels: 2 rows x 2 vectors of two int sums and a float sum
+  static constexpr int kQRows = 2;  // Q4 panels: 2 rows x 2 vectors of two int sums and a float sum
   using F = __m256;
   using I = __m256i;
   using QW = __m256i;
@@ -268,10 +205,17 @@ struct V {
   }
   static FR_INLINE I qset1(int32_t c) { return _mm256_set1_epi32(c); }
   static FR_INLINE I qadd(I a, I b) { return _mm256_add_epi32(a, b); }
-  static FR_INLINE I qdot(I acc, QW w, uint32_t x) {  // no VNNI: pairs into int16 (|sum| <= 2*15*128), then int32
-    const __m256i pairs = _mm256_maddubs_epi16(w, _mm256_set1_epi32(int(x)));
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  // No VNNI: sum(w * x) = sum((w - 128) * x) + 128 * sum(x), the first by maddubs on |w - 128| and x with its
+  // sign (pairs within int16: |w - 128| <= 128, |x| <= 127), so exact for every byte w.
+  static FR_INLINE I qdot(I acc, QW w, uint32_t x) {
+    const __m256i centred = _mm256_xor_si256(w, _mm256_set1_epi8(char(0x80)));
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(centred),
+                                               _mm256_sign_epi8(_mm256_set1_epi32(int(x)), centred));
+    const int32_t xsum = int8_t(x) + int8_t(x >> 8) + int8_t(x >> 16) + int8_t(x >> 24);
+    return _mm256_add_epi32(_mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))),
+                            _mm256_set1_epi32(128 * xsum));
   }
+  static FR_INLINE void bytes(const uint8_t* p, QW& w) { w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static FR_INLINE F load_half(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
@@ -317,131 +261,6 @@ struct V {
   }
   static FR_INLINE F zero_below(F x, F lo, F r) { return _mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_GE_OQ), r); }
 
-  // Quant steps: one block (8 int32 lanes of 4 elements), activations signed.  vpmaddubsw needs one unsigned
-  // operand: Q8_0 uses |w| and x * sign(w); Q4 uses the nibbles as they are, Q4_0's -8 coming back through a
-  // per-lane correction -8 * sum(x) kept with the activation.
-  //
-  // Units: eight blocks per step for the bulk of each row, the weight dwords transposed in registers so that
-  // int32 lane i sums all 32 products of block i; the float work is then one vector per eight blocks.  Q4 adds
-  // the eight vpmaddubsw results in int16 first (at most 8 * 2 * 15 * 127 = 30480, no saturation).  Q8_0 has no
-  // units here: its products need int32 at every step and its weights two registers per step (|w|, sign), so
-  // the transpose does not pay.
-  template <int FMT> static constexpr int unit_blocks() { return FMT == Q8_0 ? 0 : 8; }
-  template <int FMT>
-  static ActLayout layout() {
-    ActLayout L;
-    RecLayout& s = L.step;
-    s.blocks = 1, s.dwords = 8, s.lanes = 8;
-    for (int j = 0; j < 8; ++j) s.src[j] = j, s.lane[j] = j;
-    s.corr_factor = FMT == Q4_0 ? -8 : 0;
-    s.sums = FMT == Q4_1;
-    RecLayout& u = L.unit;
-    u.blocks = unit_blocks<FMT>(), u.dwords = 64, u.lanes = 8;
-    for (int j = 0; j < 64; ++j) {  // dword j = step t * 8 + lane (= block)
-      const int t = j / 8, lane = j % 8;
-      const int dword = FMT == Q8_0 ? t : 4 * (t & 1) + (t >> 1);  // Q4 step 2k + h: nibbles h of qs dword k
-      u.src[j] = lane * 8 + dword, u.lane[j] = lane;
-    }
-    u.corr_factor = FMT == Q4_0 ? -8 : 0;
-    u.sums = FMT == Q4_1;
-    return L;
-  }
-  // 4x4 transpose of dwords within each 128-bit lane of r[0..3].
-  static FR_INLINE void transpose4(__m256i (&r)[4]) {
-    const __m256i a0 = _mm256_unpacklo_epi32(r[0], r[1]), a1 = _mm256_unpackhi_epi32(r[0], r[1]);
-    const __m256i a2 = _mm256_unpacklo_epi32(r[2], r[3]), a3 = _mm256_unpackhi_epi32(r[2], r[3]);
-    r[0] = _mm256_unpacklo_epi64(a0, a2), r[1] = _mm256_unpackhi_epi64(a0, a2);
-    r[2] = _mm256_unpacklo_epi64(a1, a3), r[3] = _mm256_unpackhi_epi64(a1, a3);
-  }
-  struct WU { I s[8], sg[8]; F dw, m; };  // s: unsigned operands; sg: Q8_0 signs
-  template <int FMT>
-  static FR_INLINE WU load_unit(const uint8_t* b) {
-    constexpr int BB = block_bytes(FMT);
-    WU w;
-    // The first dword of each block holds its fp16 scale (and Q4_1's min): gather, pack the halves, convert.
-    const __m256i g = _mm256_i32gather_epi32(reinterpret_cast<const int*>(b),
-                                             _mm256_setr_epi32(0, BB, 2 * BB, 3 * BB, 4 * BB, 5 * BB, 6 * BB, 7 * BB), 1);
-    const __m256i lo16 = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1,
-                                          0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
-    const auto halves = [&](__m256i v) {
-      return _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, lo16), 0x08)));
-    };
-    w.dw = halves(g);
-    if constexpr (FMT == Q4_1) w.m = halves(_mm256_srli_epi32(g, 16));
-    const uint8_t* d = b + data_offset(FMT);
-    if constexpr (FMT == Q8_0) {
-      __m256i lo[4], hi[4];  // block j's 32 bytes: dwords 0-3 | 4-7
-      for (int j = 0; j < 4; ++j) {
-        lo[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + j * BB));
-        hi[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + (j + 4) * BB));
-      }
-      transpose4(lo);  // lo[k]: [dword k of blocks 0-3 | dword 4 + k of blocks 0-3]
-      transpose4(hi);  // the same for blocks 4-7
-      for (int k = 0; k < 4; ++k) {
-        w.sg[k] = _mm256_permute2x128_si256(lo[k], hi[k], 0x20);      // dword k of blocks 0-7
-        w.sg[k + 4] = _mm256_permute2x128_si256(lo[k], hi[k], 0x31);  // dword 4 + k of blocks 0-7
-      }
-      for (int t = 0; t < 8; ++t) w.s[t] = _mm256_abs_epi8(w.sg[t]);
-    } else {
-      __m256i r[4];  // [qs of block j | qs of block j + 4]
-      for (int j = 0; j < 4; ++j)
-        r[j] = _mm256_inserti128_si256(
-            _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + j * BB))),
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(d + (j + 4) * BB)), 1);
-      transpose4(r);  // r[k]: qs dword k of blocks 0-3 | of blocks 4-7, lane i = block i
-      const __m256i low = _mm256_set1_epi8(0x0f);
-      for (int k = 0; k < 4; ++k) {
-        w.s[2 * k] = _mm256_and_si256(r[k], low);
-        w.s[2 * k + 1] = _mm256_and_si256(_mm256_srli_epi16(r[k], 4), low);
-      }
-    }
-    return w;
-  }
-  template <int FMT>
-  static FR_INLINE I dot_unit(const WU& w, const uint8_t* x, const uint8_t* corr) {
-    const auto xt = [&](int t) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * t)); };
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i acc;
-    if constexpr (FMT == Q8_0) {
-      acc = _mm256_madd_epi16(_mm256_maddubs_epi16(w.s[0], _mm256_sign_epi8(xt(0), w.sg[0])), ones);
-      for (int t = 1; t < 8; ++t)
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w.s[t], _mm256_sign_epi8(xt(t), w.sg[t])), ones));
-    } else {
-      __m256i p = _mm256_maddubs_epi16(w.s[0], xt(0));
-      for (int t = 1; t < 8; ++t) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w.s[t], xt(t)));
-      acc = _mm256_madd_epi16(p, ones);
-      if constexpr (FMT == Q4_0) acc = _mm256_add_epi32(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr)));
-    }
-    return acc;
-  }
-  static FR_INLINE F wdw(const WU& w) { return w.dw; }
-  static FR_INLINE F wm(const WU& w) { return w.m; }
-  struct WQ { I q, s; F dw, m; };
-  template <int FMT>
-  static FR_INLINE WQ load_q(const uint8_t* b, int /*valid*/) {
-    WQ w;
-    w.dw = _mm256_set1_ps(_cvtsh_ss(load_u16(b)));
-    const uint8_t* d = b + data_offset(FMT);
-    if constexpr (FMT == Q8_0) {
-      w.s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d));
-      w.q = _mm256_abs_epi8(w.s);
-    } else {
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(d));
-      w.q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0f));
-      if constexpr (FMT == Q4_1) w.m = _mm256_set1_ps(_cvtsh_ss(load_u16(b + 2)));
-    }
-    return w;
-  }
-  template <int FMT>
-  static FR_INLINE I dot_q(const WQ& w, const uint8_t* xq, const uint8_t* corr) {
-    __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
-    if constexpr (FMT == Q8_0) x = _mm256_sign_epi8(x, w.s);  // |w| * (x * sign w) == w * x
-    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w.q, x), _mm256_set1_epi16(1));
-    if constexpr (FMT == Q4_0) return _mm256_add_epi32(p, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr)));
-    return p;
-  }
-  static FR_INLINE F wdw(const WQ& w) { return w.dw; }
-  static FR_INLINE F wm(const WQ& w) { return w.m; }
 };
 #include __FILE__
 }  // namespace avx2
@@ -451,12 +270,12 @@ struct V {
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
 namespace avx512 {
 struct V {
-  static constexpr int W = 16, BPV = 2, LE = 4, kAcc = 2, kRows = 8;
+  static constexpr int W = 16;
   // Float panels (32 registers): up to 12 rows x 2 panels = 24 accumulators, or 4 x 4.
   static constexpr int kFloatRows = 12;
   static constexpr int float_panels(int rb) { return rb <= 4 ? 4 : 2; }
   static constexpr bool kBF16Dot = false;  // bfloat16 products by vdpbf16ps (the avx512bf16 path)
-  static constexpr int kQ4Rows = 8;  // Q4 panels: 8 rows x two int sums and a float sum, two weight vectors
+  static constexpr int kQRows = 8;  // Q4 panels: 8 rows x two int sums and a float sum, two weight vectors
   using F = __m512;
   using I = __m512i;
   static FR_INLINE F zero() { return _mm512_setzero_ps(); }
@@ -497,6 +316,7 @@ struct V {
   static FR_INLINE I qset1(int32_t c) { return _mm512_set1_epi32(c); }
   static FR_INLINE I qadd(I a, I b) { return _mm512_add_epi32(a, b); }
   static FR_INLINE I qdot(I acc, QW w, uint32_t x) { return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(int(x))); }
+  static FR_INLINE void bytes(const uint8_t* p, QW& w) { w = _mm512_loadu_si512(p); }
   static FR_INLINE F load_half(const uint16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
@@ -507,151 +327,6 @@ struct V {
   }
   static FR_INLINE F zero_below(F x, F lo, F r) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), r); }
 
-  // Quant: two blocks per step (16 int32 lanes of 4 elements).  Activations are stored as unsigned bytes
-  // x + 128 and weights as their signed integers (Q4_0: nibble - 8), so vpdpbusd gives sum((x + 128) * w); the
-  // 128 * sum(w) it adds is computed once per weight vector (shared by all rows) and starts the accumulation
-  // negated.  Q8_0 blocks sit in lanes 0-7 and 8-15; Q4 vectors hold [low nibbles of block 0 | of block 1 |
-  // high nibbles of block 0 | of block 1], the activation bytes permuted to match.
-  //
-  // Units: eight blocks per step, for the bulk of each row.  The weight dwords are transposed in registers
-  // (4x4 within 128-bit lanes) so that an int32 lane sums 16 products of one block across four vpdpbusd, and
-  // the float work (convert, scale, accumulate) is one vector per eight blocks instead of one per two.  Here
-  // the weights are the unsigned operand (Q8_0 xor 0x80, Q4 nibbles) and the activation the signed one, corrected
-  // per lane by -128 * sum(x) (Q8_0) or -8 * sum(x) (Q4_0) kept with the activation.
-  template <int FMT> static constexpr int unit_blocks() { return 8; }
-  template <int FMT>
-  static constexpr int unit_block(int lane) {  // the block an int32 lane of a unit sums
-    return FMT == Q8_0 ? (lane & 3) + 4 * (lane >= 8) : (lane >> 2) + 4 * ((lane & 3) >= 2);
-  }
-  template <int FMT>
-  static ActLayout layout() {
-    ActLayout L;
-    RecLayout& s = L.step;
-    s.blocks = 2, s.dwords = 16, s.lanes = 16;
-    for (int j = 0; j < 16; ++j)  // Q4: [low nibbles of block 0 | of block 1 | high of block 0 | of block 1]
-      s.src[j] = FMT == Q8_0 ? j : ((j >> 2) & 1) * 8 + (j >> 3) * 4 + (j & 3), s.lane[j] = j;
-    s.flip = 0x80808080u;
-    s.sums = FMT == Q4_1;
-    RecLayout& u = L.unit;
-    u.blocks = 8, u.dwords = 64, u.lanes = 16;
-    for (int j = 0; j < 64; ++j) {  // dword j = step k * 16 + lane; lane = 4 * (128-bit lane) + position
-      const int k = j / 16, lane = j % 16, hi = (lane >> 2) & 1, pos = lane & 3;
-      const int dword = FMT == Q8_0 ? 4 * hi + k : 4 * (k & 1) + 2 * (k >> 1) + (pos & 1);  // of the block's 32 q
-      u.src[j] = unit_block<FMT>(lane) * 8 + dword, u.lane[j] = lane;
-    }
-    u.corr_factor = FMT == Q8_0 ? -128 : FMT == Q4_0 ? -8 : 0;
-    u.sums = FMT == Q4_1;
-    return L;
-  }
-  struct WU { I s[4]; F dw, m; };
-  // Word indexes of the scale (lanes 0-15, in unit lane order) and Q4_1 min (lanes 16-31) of each lane's block, in
-  // two 128-byte windows of the unit's bytes: [b, b + 128) and, for the words beyond, [b + kSecond, + 128).
-  template <int FMT>
-  struct ScaleWords {
-    static constexpr int kSecond = FMT == Q8_0 ? 136 : FMT == Q4_1 ? 32 : 0;
-    alignas(64) uint16_t first[32] = {}, second[32] = {};
-    uint32_t from_second = 0;
-    constexpr ScaleWords() {
-      for (int i = 0; i < 32; ++i) {
-        const int word = block_bytes(FMT) / 2 * unit_block<FMT>(i % 16) + (i >= 16 && FMT == Q4_1);
-        if (word < 64) first[i] = uint16_t(word);
-        else second[i] = uint16_t(word - kSecond / 2), from_second |= 1u << i;
-      }
-    }
-  };
-  template <int FMT>
-  static FR_INLINE WU load_unit(const uint8_t* b) {
-    constexpr int BB = block_bytes(FMT);
-    WU w;
-    // The fp16 scales (and Q4_1's mins) straight into lane order by word permutes of the unit's bytes.
-    static constexpr ScaleWords<FMT> sw{};
-    __m512i words = _mm512_permutex2var_epi16(_mm512_loadu_si512(b), _mm512_loadu_si512(sw.first),
-                                              _mm512_loadu_si512(b + 64));
-    if constexpr (ScaleWords<FMT>::kSecond > 0)
-      words = _mm512_mask_blend_epi16(sw.from_second, words,
-                                      _mm512_permutex2var_epi16(_mm512_loadu_si512(b + sw.kSecond),
-                                                                _mm512_loadu_si512(sw.second),
-                                                                _mm512_loadu_si512(b + sw.kSecond + 64)));
-    w.dw = _mm512_cvtph_ps(_mm512_castsi512_si256(words));
-    if constexpr (FMT == Q4_1) w.m = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(words, 1));
-    const uint8_t* d = b + data_offset(FMT);
-    if constexpr (FMT == Q8_0) {
-      __m512i z[4];
-      for (int j = 0; j < 4; ++j)  // z[j] = [block j | block j + 4], 8 dwords each
-        z[j] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + j * BB))),
-                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + (j + 4) * BB)), 1);
-      const __m512i a0 = _mm512_unpacklo_epi32(z[0], z[1]), a1 = _mm512_unpackhi_epi32(z[0], z[1]);
-      const __m512i a2 = _mm512_unpacklo_epi32(z[2], z[3]), a3 = _mm512_unpackhi_epi32(z[2], z[3]);
-      const __m512i flip = _mm512_set1_epi8(char(0x80));
-      w.s[0] = _mm512_xor_si512(_mm512_unpacklo_epi64(a0, a2), flip);
-      w.s[1] = _mm512_xor_si512(_mm512_unpackhi_epi64(a0, a2), flip);
-      w.s[2] = _mm512_xor_si512(_mm512_unpacklo_epi64(a1, a3), flip);
-      w.s[3] = _mm512_xor_si512(_mm512_unpackhi_epi64(a1, a3), flip);
-    } else {
-      __m512i z[2];
-      for (int h = 0; h < 2; ++h) {  // z[h] = [block 4h | 4h + 1 | 4h + 2 | 4h + 3], 16 bytes of nibbles each
-        const uint8_t* q = d + 4 * h * BB;
-        __m512i t = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-        t = _mm512_inserti32x4(t, _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + BB)), 1);
-        t = _mm512_inserti32x4(t, _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 2 * BB)), 2);
-        z[h] = _mm512_inserti32x4(t, _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 3 * BB)), 3);
-      }
-      const __m512i u0 = _mm512_unpacklo_epi64(z[0], z[1]), u1 = _mm512_unpackhi_epi64(z[0], z[1]);
-      const __m512i low = _mm512_set1_epi8(0x0f);
-      w.s[0] = _mm512_and_si512(u0, low);
-      w.s[1] = _mm512_and_si512(_mm512_srli_epi16(u0, 4), low);
-      w.s[2] = _mm512_and_si512(u1, low);
-      w.s[3] = _mm512_and_si512(_mm512_srli_epi16(u1, 4), low);
-    }
-    return w;
-  }
-  template <int FMT>
-  static FR_INLINE I dot_unit(const WU& w, const uint8_t* x, const uint8_t* corr) {
-    __m512i acc = FMT == Q4_1 ? _mm512_setzero_si512() : _mm512_loadu_si512(corr);
-    for (int k = 0; k < 4; ++k) acc = _mm512_dpbusd_epi32(acc, w.s[k], _mm512_loadu_si512(x + 64 * k));
-    return acc;
-  }
-  static FR_INLINE F wdw(const WU& w) { return w.dw; }
-  static FR_INLINE F wm(const WU& w) { return w.m; }
-
-  struct WQ { I q, negc; F dw, m; };
-  template <int FMT>
-  static FR_INLINE WQ load_q(const uint8_t* b, int valid) {
-    constexpr int BB = block_bytes(FMT);
-    const bool two = valid > 1;
-    // Both blocks' fp16 scale (and min) words in one conversion: [d0, m0, d1, m1], then spread to the lanes.
-    uint32_t h0, h1 = 0;
-    std::memcpy(&h0, b, 4);
-    if (two) std::memcpy(&h1, b + BB, 4);
-    const __m512 f = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128(int(h0)), int(h1), 1)));
-    const uint8_t* d = b + data_offset(FMT);
-    WQ w;
-    if constexpr (FMT == Q8_0) {
-      const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d));
-      const __m256i hi = two ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + BB)) : _mm256_setzero_si256();
-      w.q = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-      w.dw = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2), f);
-    } else {
-      const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(d));
-      const __m128i hi = two ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(d + BB)) : _mm_setzero_si128();
-      const __m256i t = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
-      w.q = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(t), _mm256_srli_epi16(t, 4), 1),
-                             _mm512_set1_epi8(0x0f));
-      if constexpr (FMT == Q4_0) w.q = _mm512_sub_epi8(w.q, _mm512_set1_epi8(8));
-      w.dw = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2), f);
-      if constexpr (FMT == Q4_1)
-        w.m = _mm512_permutexvar_ps(_mm512_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3, 1, 1, 1, 1, 3, 3, 3, 3), f);
-    }
-    const __m512i c = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(char(0x80)), w.q);
-    w.negc = _mm512_sub_epi32(_mm512_setzero_si512(), c);
-    return w;
-  }
-  template <int FMT>
-  static FR_INLINE I dot_q(const WQ& w, const uint8_t* xq, const uint8_t* /*corr*/) {
-    return _mm512_dpbusd_epi32(w.negc, _mm512_loadu_si512(xq), w.q);
-  }
-  static FR_INLINE F wdw(const WQ& w) { return w.dw; }
-  static FR_INLINE F wm(const WQ& w) { return w.m; }
 };
 #include __FILE__
 }  // namespace avx512
@@ -775,22 +450,18 @@ at::Tensor linear_bf16(const at::Tensor& x_, const at::Tensor& w, int64_t out_fe
   return y;
 }
 
-// Q8_0: the GGUF blocks, uint8 [N, K/32 * 34]. Q4_0 / Q4_1: panels of 16 features (linear.py: q4_panels), uint8
-// [ceil(N/16), K/32 * 16 * block bytes].
+// Block weights as panels of 16 features (linear.py: block_panels), uint8 [ceil(N/16), K/32 * 16 * block bytes].
 at::Tensor linear_q(int fmt, const at::Tensor& x_, const at::Tensor& w, int64_t out_features) {
   const at::Tensor x = check_x(x_);
   check_cpu(w, "w_blocks");
-  const bool panels = fmt != Q8_0;
-  const int64_t bb = block_bytes(fmt) * (panels ? 16 : 1);
+  const int64_t bb = panel_block_bytes(fmt);
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
-              "w_blocks must be contiguous uint8 [", panels ? "ceil(N/16)" : "N", ", K/32*", bb, "] (", fmt_name(fmt),
-              panels ? " panels)" : ")");
+              "w_blocks must be contiguous uint8 panels [ceil(N/16), K/32*", bb, "] (", fmt_name(fmt), ")");
   TORCH_CHECK(w.size(1) % bb == 0, "w_blocks row of ", w.size(1), " bytes is not whole ", fmt_name(fmt), " blocks");
   const int64_t K = w.size(1) / bb * kBlock;
   TORCH_CHECK(K == x.size(1), "x is [R, ", x.size(1), "] but ", fmt_name(fmt), " w_blocks hold K = ", K);
-  TORCH_CHECK(panels ? out_features > 16 * (w.size(0) - 1) && out_features <= 16 * w.size(0)
-                     : out_features == w.size(0),
-              "out_features = ", out_features, " does not fit ", w.size(0), panels ? " panels of 16" : " rows");
+  TORCH_CHECK(out_features > 16 * (w.size(0) - 1) && out_features <= 16 * w.size(0),
+              "out_features = ", out_features, " does not fit ", w.size(0), " panels of 16");
   at::Tensor y = at::empty({x.size(0), out_features}, x.options());
   impl().linear_q(fmt, x.data_ptr<float>(), w.data_ptr<uint8_t>(), x.size(0), out_features, K, y.data_ptr<float>());
   return y;
@@ -890,7 +561,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "x float32 [R, K] @ W^T -> [R, N], W bfloat16 panels [ceil(N/16), ceil(K/2), 32]",
         py::arg("x"), py::arg("w"), py::arg("out_features"), nogil);
   m.def("linear_q8_0", [](const at::Tensor& x, const at::Tensor& w, int64_t n) { return linear_q(Q8_0, x, w, n); },
-        "x float32 [R, K] @ Q8_0 blocks uint8 [N, K/32*34]^T -> [R, N]", py::arg("x"), py::arg("w_blocks"),
+        "x float32 [R, K] @ Q8_0 panels uint8 [ceil(N/16), K/32*544]^T -> [R, N]", py::arg("x"), py::arg("w_blocks"),
         py::arg("out_features"), nogil);
   m.def("linear_q4_0", [](const at::Tensor& x, const at::Tensor& w, int64_t n) { return linear_q(Q4_0, x, w, n); },
         "x float32 [R, K] @ Q4_0 panels uint8 [ceil(N/16), K/32*288]^T -> [R, N]", py::arg("x"), py::arg("w_blocks"),
@@ -921,55 +592,9 @@ FR_INLINE void repeat(Fn&& fn) {
   repeat_each(fn, std::make_integer_sequence<int, N>{});
 }
 
-// Each output element keeps kAcc vector accumulators (vector step c goes to accumulator c % kAcc, so the FMA
-// latency chains overlap even for one row), summed in a fixed tree and then across lanes by V::hsum.
-constexpr int kAcc = V::kAcc;
-
-static FR_INLINE float finish(F (&acc)[kAcc]) {
-#pragma GCC unroll 4
-  for (int s = 1; s < kAcc; s *= 2)
-#pragma GCC unroll 4
-    for (int a = 0; a + s < kAcc; a += 2 * s) acc[a] = V::add(acc[a], acc[a + s]);
-  return V::hsum(acc[0]);
-}
-
 // Software prefetch a fixed distance ahead of the weight stream (each thread reads one contiguous range).
 static FR_INLINE void prefetch(const void* p, int bytes) {
   for (int o = 0; o < bytes; o += 64) __builtin_prefetch(static_cast<const char*>(p) + kPrefetchBytes + o, 0, 3);
-}
-
-// Run `tile<RB>(r0, n)` for a group of `rows` (< kRows) rows, with the group size as a template argument.
-template <int RB, class Run>
-static FR_INLINE void tail_rows(const Run& run, int64_t rows, int64_t r0, int64_t n) {
-  if constexpr (RB > 0) {
-    if (rows == RB) run.template tile<RB>(r0, n);
-    else tail_rows<RB - 1>(run, rows, r0, n);
-  }
-}
-
-// Parallel over output features; a thread walks its features in order and, for each, the rows in groups of
-// V::kRows, then one group of the rest: so up to kRows rows stream the weight row once, from memory, in a single
-// pass.  The grouping only decides which (row, feature) elements run side by side; each element's arithmetic is
-// the same whatever the group.
-//
-// A pass of more than one group of rows (a prompt, a large batch) would read each group's rows from L2 once per
-// feature, or a weight row from memory once per group. There a thread takes its features in blocks that stay in L2
-// (kL2BlockBytes of weights) and runs every group of rows over one block before the next: the weights come from
-// memory once, the group's rows stay in L1. The same (row, feature) elements with the same arithmetic: only
-// their order changes, so the results are bit-identical to the decoding order.
-template <class Run>
-static void drive(const Run& run, int64_t R, int64_t N, int64_t row_bytes) {
-  const int64_t block = R > V::kRows ? std::max<int64_t>(1, kL2BlockBytes / std::max<int64_t>(1, row_bytes)) : 1;
-  at::parallel_for(0, N, tile_grain(row_bytes), [&](int64_t n0, int64_t n1) {
-    for (int64_t b0 = n0; b0 < n1; b0 += block) {
-      const int64_t b1 = std::min(n1, b0 + block);
-      int64_t r = 0;
-      for (; r + V::kRows <= R; r += V::kRows)
-        for (int64_t n = b0; n < b1; ++n) run.template tile<V::kRows>(r, n);
-      if (r < R)
-        for (int64_t n = b0; n < b1; ++n) tail_rows<V::kRows - 1>(run, R - r, r, n);
-    }
-  });
 }
 
 // ---- f32 / bf16 weights: panels ----
@@ -1149,28 +774,6 @@ void linear_bf16_impl(const float* x, const uint16_t* w, int64_t R, int64_t N, i
 }
 
 #ifndef FEWROW_BF16_DOT
-// ---- block-quantized weights ----
-
-// Write one record of a quantized row from its blocks' q, per-dword sums of q and scales.
-static void write_record(const RecLayout& L, const int8_t* q, const int32_t* dsum, const float* d, uint8_t* rec) {
-  int32_t sums[64] = {}, block[64] = {};
-  for (int j = 0; j < L.dwords; ++j) {
-    uint32_t v;
-    std::memcpy(&v, q + 4 * L.src[j], 4);
-    v ^= L.flip;
-    std::memcpy(rec + 4 * j, &v, 4);
-    sums[L.lane[j]] += dsum[L.src[j]];
-    block[L.lane[j]] = L.src[j] / 8;
-  }
-  for (int g = 0; g < L.lanes; ++g) {
-    const float dx = d[block[g]], sl = dx * float(sums[g]);
-    const int32_t corr = L.corr_factor * sums[g];
-    std::memcpy(rec + L.off_dx() + 4 * g, &dx, 4);
-    if (L.corr_factor) std::memcpy(rec + L.off_corr() + 4 * g, &corr, 4);
-    if (L.sums) std::memcpy(rec + L.off_sl() + 4 * g, &sl, 4);
-  }
-}
-
 // Quantize one block of 32 activations: scale = max|x| / 127, q = x / scale rounded half to even; returns the
 // scale. Division and rounding are exact IEEE operations, so every path gets the same q and scales.
 static FR_INLINE float quantize_block(const float* xb, int8_t* qb) {
@@ -1187,147 +790,26 @@ static FR_INLINE float quantize_block(const float* xb, int8_t* qb) {
   return d;
 }
 
-// Quantize rows per block of 32 (quantize_block), each row on its own, into the records layout L asks for.
-static void quantize_rows(const float* x, int64_t R, int64_t K, const ActLayout& L, QAct& a) {
-  const int64_t nb = K / kBlock;
-  const int64_t nu = L.unit.blocks ? nb / L.unit.blocks : 0, rest = nb - nu * L.unit.blocks;
-  const int64_t ns = (rest + L.step.blocks - 1) / L.step.blocks;
-  a.step_base = nu * L.unit.bytes();
-  a.unit_rec = L.unit.bytes(), a.unit_dx = L.unit.off_dx(), a.unit_corr = L.unit.off_corr(), a.unit_sl = L.unit.off_sl();
-  a.step_rec = L.step.bytes(), a.step_dx = L.step.off_dx(), a.step_corr = L.step.off_corr(), a.step_sl = L.step.off_sl();
-  a.row_stride = round_up(a.step_base + ns * L.step.bytes(), 64);
-  a.buf.assign(R * a.row_stride + 64, 0);
-  a.data = a.buf.data() + (64 - reinterpret_cast<uintptr_t>(a.buf.data()) % 64) % 64;
-  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-    const int64_t padded = nu * L.unit.blocks + ns * L.step.blocks;
-    std::vector<int8_t> q(padded * kBlock, 0);
-    std::vector<int32_t> dsum(padded * kBlock / 4, 0);
-    std::vector<float> d(padded, 0.f);
-    for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t b = 0; b < nb; ++b) {
-        int8_t* qb = q.data() + b * kBlock;
-        d[b] = quantize_block(x + r * K + b * kBlock, qb);
-        for (int j = 0; j < kBlock / 4; ++j) dsum[b * 8 + j] = qb[4 * j] + qb[4 * j + 1] + qb[4 * j + 2] + qb[4 * j + 3];
-      }
-      uint8_t* row = a.data + r * a.row_stride;
-      for (int64_t u = 0; u < nu; ++u) {
-        const int64_t b = u * L.unit.blocks;
-        write_record(L.unit, q.data() + b * kBlock, dsum.data() + b * 8, d.data() + b, row + u * L.unit.bytes());
-      }
-      for (int64_t v = 0; v < ns; ++v) {
-        const int64_t b = nu * L.unit.blocks + v * L.step.blocks;
-        write_record(L.step, q.data() + b * kBlock, dsum.data() + b * 8, d.data() + b,
-                     row + a.step_base + v * L.step.bytes());
-      }
-    }
-  });
-}
-
-template <int FMT>
-struct QuantRun {
-  const QAct* a; const uint8_t* w; float* y; int64_t N, nb;
-  static constexpr int BB = block_bytes(FMT);
-  static constexpr int kUnit = V::template unit_blocks<FMT>();  // blocks per unit step, 0: steps only
-  static_assert(kBlock * V::BPV / V::LE == V::W, "the int32 lanes of a block vector must match the float width");
-
-  // acc += float(dot) * (weight scale * activation scale) [+ min * (dx * sum(q))], lane by lane.
-  template <class WX>
-  static FR_INLINE void scale_add(F& acc, typename V::I dot, const WX& wq, const uint8_t* dx, const uint8_t* sl) {
-    acc = V::fma(V::cvt(dot), V::mul(V::wdw(wq), V::load(reinterpret_cast<const float*>(dx))), acc);
-    if constexpr (FMT == Q4_1) acc = V::fma(V::wm(wq), V::load(reinterpret_cast<const float*>(sl)), acc);
-  }
-
-  // Unit u (kUnit blocks) of the weight row, for each of the RB rows, into accumulator `slot` (VV: only paths
-  // with units instantiate this).
-  template <int RB, class VV = V>
-  FR_INLINE void unit(F (&acc)[RB][kAcc], const uint8_t* wr, const uint8_t* const (&rows)[RB], int64_t u,
-                      int slot) const {
-    const typename VV::WU wu = VV::template load_unit<FMT>(wr + u * kUnit * BB);
-#pragma GCC unroll 8
-    for (int i = 0; i < RB; ++i) {
-      const uint8_t* rec = rows[i] + u * a->unit_rec;
-      scale_add(acc[i][slot], VV::template dot_unit<FMT>(wu, rec, rec + a->unit_corr), wu, rec + a->unit_dx,
-                rec + a->unit_sl);
-    }
-  }
-
-  // Step v (BPV blocks, `valid` of them real) of the blocks left after the units, for each of the RB rows.
-  template <int RB>
-  FR_INLINE void step(F (&acc)[RB][kAcc], const uint8_t* wr, const uint8_t* const (&rows)[RB], int64_t v, int valid,
-                      int slot) const {
-    const typename V::WQ wq = V::template load_q<FMT>(wr + v * V::BPV * BB, valid);
-#pragma GCC unroll 8
-    for (int i = 0; i < RB; ++i) {
-      const uint8_t* rec = rows[i] + a->step_base + v * a->step_rec;
-      scale_add(acc[i][slot], V::template dot_q<FMT>(wq, rec, rec + a->step_corr), wq, rec + a->step_dx,
-                rec + a->step_sl);
-    }
-  }
-
-  // Rows r0 .. r0 + RB - 1 times weight row n: whole units, then steps over the remaining blocks.
-  template <int RB>
-  FR_INLINE void tile(int64_t r0, int64_t n) const {
-    const uint8_t* wr = w + n * nb * BB;
-    const uint8_t* rows[RB];
-    for (int i = 0; i < RB; ++i) rows[i] = a->row(r0 + i);
-    F acc[RB][kAcc];
-#pragma GCC unroll 16
-    for (int i = 0; i < RB * kAcc; ++i) acc[i / kAcc][i % kAcc] = V::zero();
-    const int64_t nu = kUnit ? nb / kUnit : 0;
-    if constexpr (kUnit > 0) {
-      int64_t u = 0;
-      for (; u + kAcc <= nu; u += kAcc) {
-        prefetch(wr + u * kUnit * BB, kAcc * kUnit * BB);
-#pragma GCC unroll 4
-        for (int s = 0; s < kAcc; ++s) unit<RB>(acc, wr, rows, u + s, s);
-      }
-#pragma GCC unroll 4
-      for (int s = 0; s < kAcc; ++s)
-        if (u + s < nu) unit<RB>(acc, wr, rows, u + s, s);
-    }
-    const uint8_t* ws = wr + nu * kUnit * BB;  // the blocks left after the units
-    const int64_t rest = nb - nu * kUnit, full = rest / V::BPV, nv = (rest + V::BPV - 1) / V::BPV;
-    int64_t v = 0;
-    for (; v + kAcc <= full; v += kAcc) {
-      prefetch(ws + v * V::BPV * BB, kAcc * V::BPV * BB);
-#pragma GCC unroll 4
-      for (int s = 0; s < kAcc; ++s) step<RB>(acc, ws, rows, v + s, V::BPV, s);
-    }
-#pragma GCC unroll 4
-    for (int s = 0; s < kAcc; ++s)
-      if (v + s < nv) step<RB>(acc, ws, rows, v + s, v + s < full ? V::BPV : int(rest % V::BPV), s);
-#pragma GCC unroll 8
-    for (int i = 0; i < RB; ++i) y[(r0 + i) * N + n] = finish(acc[i]);
-  }
-};
-
-template <int FMT>
-static void linear_q_fmt(const float* x, const uint8_t* w, int64_t R, int64_t N, int64_t K, float* y) {
-  QAct a;
-  quantize_rows(x, R, K, V::template layout<FMT>(), a);
-  const int64_t nb = K / kBlock;
-  drive(QuantRun<FMT>{&a, w, y, N, nb}, R, N, nb * block_bytes(FMT));
-}
-
-// ---- Q4_0 / Q4_1 weights: panels ----
+// ---- block-quantized weights: panels ----
 //
-// 4-bit weights are prepared as panels of 16 output features (model/kernels/linear.py: q4_panels), per block of
-// 32 k: the 16 features' fp16 scales, for Q4_1 their fp16 mins, then 4 x 64 bytes of nibbles, where byte t of
-// lane f of vector j is the GGUF byte 4j + t of feature f's block: its low nibble is k = 4j + t, its high nibble
-// k = 16 + 4j + t. So one load and three bit operations give two vectors of 16 features x 4 k as unsigned bytes,
-// which vpdpbusd multiplies by 4 broadcast activation bytes into each feature's int32 lane: no transposes, and
-// the per-row work for 16 features and one block is 8 vpdpbusd, one conversion and two float operations.
+// Q8_0, Q4_0 and Q4_1 weights are prepared as panels of 16 output features (model/kernels/linear.py:
+// block_panels), per block of 32 k: the 16 features' fp16 scales, for Q4_1 their fp16 mins, then vectors of 16
+// features x 4 bytes. Q8_0: 8 vectors, byte t of lane f of vector j = feature f's weight 4 j + t, stored + 128
+// (unsigned). Q4: 4 vectors, byte t of lane f of vector j = the GGUF byte 4 j + t of feature f's block, whose low
+// nibble is k = 4 j + t and high nibble k = 16 + 4 j + t. So a load (and for Q4 three bit operations) gives
+// vectors of unsigned bytes, which vpdpbusd multiplies by 4 broadcast activation bytes into each feature's int32
+// lane: no transposes, and the per-row work for 16 features and a block is 8 vpdpbusd, a conversion and two
+// float operations.
 //
-// Per (row, feature, block), exactly: s = sum(nibble * q) - Z * sum(q) in int32 (Z = 8 for Q4_0, else 0), then
-// acc = fma(float(s), d_w * d_x, acc), and for Q4_1 acc = fma(m_w, d_x * sum(q), acc); blocks in order. The
+// The activation is quantized per row in blocks of 32 (quantize_block). Per (row, feature, block), exactly:
+// s = sum(u * q) - Z * sum(q) in int32 (u the stored byte or nibble; Z = 128 for Q8_0, 8 for Q4_0, 0 for Q4_1),
+// then acc = fma(float(s), d_w * d_x, acc), and for Q4_1 acc = fma(m_w, d_x * sum(q), acc); blocks in order. The
 // same on every path, so the AVX2 and AVX-512 results are identical.
 
-constexpr int q4_block_bytes(int fmt) { return fmt == Q4_1 ? 320 : 288; }  // one block of a panel
-constexpr int q4_nibbles(int fmt) { return fmt == Q4_1 ? 64 : 32; }      // where its nibbles start
 
 // A group's quantized activations, by block: q [nb][rb][8] dwords, d [nb][rb], and per (block, row) the
-// int32 -Z * sum(q) (Q4_0) or the float d * sum(q) (Q4_1).
-struct Q4Group {
+// int32 -Z * sum(q) and the float d * sum(q) (Q4_1).
+struct QGroup {
   int64_t rows = 0;
   const uint32_t* q = nullptr;
   const float* d = nullptr;
@@ -1336,13 +818,13 @@ struct Q4Group {
 };
 
 template <int FMT>
-struct PanelQ4Run {
+struct PanelQRun {
   const uint8_t* w; float* y; int64_t N, nb;
-  static constexpr int BB = q4_block_bytes(FMT);
+  static constexpr int BB = panel_block_bytes(FMT);
 
   // Rows r0 .. r0 + RB - 1 times panel p. One panel a tile: several panels' streams at once ran slower here.
   template <int RB>
-  FR_INLINE void tile(const Q4Group& g, int64_t r0, int64_t p) const {
+  FR_INLINE void tile(const QGroup& g, int64_t r0, int64_t p) const {
     constexpr int PV = kPanelVectors;
     F acc[RB * PV];
     repeat<RB * PV>([&](auto a) FR_LAMBDA { acc[a] = V::zero(); });
@@ -1353,15 +835,23 @@ struct PanelQ4Run {
       // Two int32 sums a (row, vector), for the low and the high nibbles: two dependency chains, summed exactly.
       typename V::I lo_sum[RB * PV], hi_sum[RB * PV];
       repeat<RB>([&](auto i) FR_LAMBDA {
-        const int32_t c = FMT == Q4_0 ? g.corr[b * RB + i] : 0;
+        const int32_t c = FMT == Q4_1 ? 0 : g.corr[b * RB + i];
         repeat<PV>([&](auto v) FR_LAMBDA { lo_sum[i * PV + v] = V::qset1(c), hi_sum[i * PV + v] = V::qset1(0); });
       });
       const uint32_t* xq = g.q + b * RB * 8;
-      for (int j = 0; j < 4; ++j) {  // nibble vector j: k = 4 j .. 4 j + 3 (low) and 16 + 4 j .. (high)
+      for (int j = 0; j < 4; ++j) {  // two vectors of 4 k each: groups ga and gb of the block's 8
         typename V::QW lo[PV], hi[PV];
-        repeat<PV>([&](auto v) FR_LAMBDA { V::nibbles(blk + q4_nibbles(FMT) + j * 64 + v * V::W * 4, lo[v], hi[v]); });
+        const int ga = FMT == Q8_0 ? 2 * j : j, gb = FMT == Q8_0 ? 2 * j + 1 : j + 4;
+        repeat<PV>([&](auto v) FR_LAMBDA {
+          if constexpr (FMT == Q8_0) {
+            V::bytes(blk + panel_data(FMT) + ga * 64 + v * V::W * 4, lo[v]);
+            V::bytes(blk + panel_data(FMT) + gb * 64 + v * V::W * 4, hi[v]);
+          } else {  // the low nibbles are group j, the high ones group j + 4
+            V::nibbles(blk + panel_data(FMT) + j * 64 + v * V::W * 4, lo[v], hi[v]);
+          }
+        });
         repeat<RB>([&](auto i) FR_LAMBDA {
-          const uint32_t xl = xq[i * 8 + j], xh = xq[i * 8 + 4 + j];
+          const uint32_t xl = xq[i * 8 + ga], xh = xq[i * 8 + gb];
           repeat<PV>([&](auto v) FR_LAMBDA {
             lo_sum[i * PV + v] = V::qdot(lo_sum[i * PV + v], lo[v], xl);
             hi_sum[i * PV + v] = V::qdot(hi_sum[i * PV + v], hi[v], xh);
@@ -1389,7 +879,7 @@ struct PanelQ4Run {
   }
 
   template <int RB>
-  FR_INLINE void walk_rows(const Q4Group& g, int64_t r0, int64_t b0, int64_t b1) const {
+  FR_INLINE void walk_rows(const QGroup& g, int64_t r0, int64_t b0, int64_t b1) const {
     if constexpr (RB > 0) {
       if (g.rows == RB) {
         for (int64_t p = b0; p < b1; ++p) tile<RB>(g, r0, p);
@@ -1401,13 +891,13 @@ struct PanelQ4Run {
 };
 
 template <int FMT>
-static void linear_q4_panels(const float* x, const uint8_t* w, int64_t R, int64_t N, int64_t K, float* y) {
-  constexpr int64_t G = V::kQ4Rows;
+static void linear_q_panels(const float* x, const uint8_t* w, int64_t R, int64_t N, int64_t K, float* y) {
+  constexpr int64_t G = V::kQRows;
   const int64_t nb = K / kBlock;
   std::vector<uint32_t> q(R * nb * 8);
   std::vector<float> d(R * nb), dsum(R * nb);
   std::vector<int32_t> corr(R * nb);
-  std::vector<Q4Group> groups;
+  std::vector<QGroup> groups;
   for (int64_t r0 = 0; r0 < R; r0 += G) {
     const int64_t rb = std::min(G, R - r0);
     groups.push_back({rb, q.data() + r0 * nb * 8, d.data() + r0 * nb, corr.data() + r0 * nb, dsum.data() + r0 * nb});
@@ -1422,12 +912,12 @@ static void linear_q4_panels(const float* x, const uint8_t* w, int64_t R, int64_
         for (int e = 0; e < kBlock; ++e) sum += qb[e];
         const int64_t at = r0 * nb + b * rb + i;
         std::memcpy(q.data() + at * 8, qb, kBlock);
-        d[at] = scale, corr[at] = -8 * sum, dsum[at] = scale * float(sum);
+        d[at] = scale, corr[at] = -panel_zero(FMT) * sum, dsum[at] = scale * float(sum);
       }
     }
   });
-  const PanelQ4Run<FMT> run{w, y, N, nb};
-  const int64_t P = (N + kPanel - 1) / kPanel, panel_bytes = nb * q4_block_bytes(FMT);
+  const PanelQRun<FMT> run{w, y, N, nb};
+  const int64_t P = (N + kPanel - 1) / kPanel, panel_bytes = nb * panel_block_bytes(FMT);
   const int64_t block = R > G ? std::max<int64_t>(1, kL2BlockBytes / panel_bytes) : P;
   at::parallel_for(0, P, tile_grain(panel_bytes), [&](int64_t p0, int64_t p1) {
     for (int64_t b0 = p0; b0 < p1; b0 += block) {
@@ -1439,9 +929,9 @@ static void linear_q4_panels(const float* x, const uint8_t* w, int64_t R, int64_
 }
 
 void linear_q_impl(int fmt, const float* x, const uint8_t* w, int64_t R, int64_t N, int64_t K, float* y) {
-  if (fmt == Q8_0) linear_q_fmt<Q8_0>(x, w, R, N, K, y);
-  else if (fmt == Q4_0) linear_q4_panels<Q4_0>(x, w, R, N, K, y);
-  else linear_q4_panels<Q4_1>(x, w, R, N, K, y);
+  if (fmt == Q8_0) linear_q_panels<Q8_0>(x, w, R, N, K, y);
+  else if (fmt == Q4_0) linear_q_panels<Q4_0>(x, w, R, N, K, y);
+  else linear_q_panels<Q4_1>(x, w, R, N, K, y);
 }
 
 // ---- attention ----

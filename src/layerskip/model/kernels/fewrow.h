@@ -14,7 +14,7 @@ enum Fmt : int { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, kFloat32 = -1, kBFloat16 = -2 };
 // Float weights as panels [ceil(N/16), K, 16]: 16 output features a panel, each k's 16 weights adjacent.
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, int64_t out_features);
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, int64_t out_features);
-// Q8_0 blocks [N, K/32 * 34]; Q4_0 / Q4_1 panels [ceil(N/16), K/32 * 16 * block bytes].
+// Block weights as panels of 16 features [ceil(N/16), K/32 * 16 * block bytes] (linear.py: block_panels).
 at::Tensor linear_q(int fmt, const at::Tensor& x, const at::Tensor& w, int64_t out_features);
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t start_pos,
                      const c10::optional<at::Tensor>& attendable, const c10::optional<at::Tensor>& starts,

@@ -22,9 +22,9 @@ BLOCK_FORMATS = ("q8_0", "q4_0", "q4_1")
 WEIGHT_FORMATS = ("float32", "bfloat16", *BLOCK_FORMATS)
 KERNEL_NAMES = {"float32": "f32", "bfloat16": "bf16"}  # the extension's names for the float formats
 BITS_PER_WEIGHT = {"float32": 32.0, "bfloat16": 16.0, "q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0}
-PANEL = 16  # output features per panel of the native float and 4-bit layouts
-PANEL_BLOCK_FORMATS = ("q4_0", "q4_1")  # block formats the native kernels take as panels (Q8_0: as stored)
+PANEL = 16  # output features per panel of the native layouts
 BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
+BLOCK_HEADS = {"q8_0": 2, "q4_0": 2, "q4_1": 4}  # bytes of fp16 scale (and Q4_1's min) before a block's data
 
 
 class KernelError(ValueError):
@@ -68,29 +68,31 @@ def float_panels(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def block_panels(blocks: torch.Tensor, weight_format: str) -> torch.Tensor:
-    """Q4_0/Q4_1 GGUF blocks [N, K/32 * bytes] as the native kernels' panels of 16 features, uint8 [ceil(N/16),
-    K/32 * 16 * bytes] (fewrow.cpp: PanelQ4Run): per block, the 16 features' fp16 scales, Q4_1's 16 mins, then
-    the 16 bytes of nibbles of each, 4 bytes of every feature in turn. Only the bytes move: no value changes."""
+    """GGUF blocks [N, K/32 * bytes] as the native kernels' panels of 16 features, uint8 [ceil(N/16), K/32 * 16 *
+    bytes] (fewrow.cpp: PanelQRun): per block, the 16 features' fp16 scales (and Q4_1's 16 mins), then 4 bytes
+    of each feature's data in turn (Q8_0's weights + 128, as unsigned bytes; Q4's nibble bytes as they are)."""
     count, row_bytes = blocks.shape
-    size = BLOCK_BYTES[weight_format]
-    heads = size - BLOCK // 2  # the fp16 scale, and Q4_1's fp16 min
+    size, heads = BLOCK_BYTES[weight_format], BLOCK_HEADS[weight_format]
     padded = torch.zeros(-(-count // PANEL) * PANEL, row_bytes, dtype=torch.uint8)
     padded[:count] = blocks
     grid = padded.view(-1, PANEL, row_bytes // size, size)  # [P, 16 features, blocks, bytes]
     scales = grid[..., :heads].reshape(*grid.shape[:3], heads // 2, 2).permute(0, 2, 3, 1, 4)  # [P, b, field, f, 2]
-    nibbles = grid[..., heads:].reshape(*grid.shape[:3], 4, 4).permute(0, 2, 3, 1, 4)  # [P, b, j, f, 4 bytes]
-    parts = [scales.reshape(*scales.shape[:2], -1), nibbles.reshape(*nibbles.shape[:2], -1)]
+    data = grid[..., heads:].reshape(*grid.shape[:3], -1, 4).permute(0, 2, 3, 1, 4)  # [P, b, j, f, 4 bytes]
+    if weight_format == "q8_0":
+        data = data ^ 0x80
+    parts = [scales.reshape(*scales.shape[:2], -1), data.reshape(*data.shape[:2], -1)]
     return torch.cat(parts, -1).reshape(grid.shape[0], -1).contiguous()
 
 
 def unpanel_blocks(panels: torch.Tensor, weight_format: str, out_features: int) -> torch.Tensor:
     """The GGUF blocks [N, K/32 * bytes] that block_panels laid out."""
-    size = BLOCK_BYTES[weight_format]
-    heads = size - BLOCK // 2
+    size, heads = BLOCK_BYTES[weight_format], BLOCK_HEADS[weight_format]
     grid = panels.view(panels.shape[0], -1, PANEL * size)  # [P, blocks, 16 * bytes]
     scales = grid[..., :PANEL * heads].reshape(*grid.shape[:2], heads // 2, PANEL, 2).permute(0, 3, 1, 2, 4)
-    nibbles = grid[..., PANEL * heads:].reshape(*grid.shape[:2], 4, PANEL, 4).permute(0, 3, 1, 2, 4)
-    blocks = torch.cat([scales.reshape(*scales.shape[:3], -1), nibbles.reshape(*nibbles.shape[:3], -1)], -1)
+    data = grid[..., PANEL * heads:].reshape(*grid.shape[:2], -1, PANEL, 4).permute(0, 3, 1, 2, 4)
+    if weight_format == "q8_0":
+        data = data ^ 0x80
+    blocks = torch.cat([scales.reshape(*scales.shape[:3], -1), data.reshape(*data.shape[:3], -1)], -1)
     return blocks.reshape(panels.shape[0] * PANEL, -1)[:out_features].contiguous()
 
 
@@ -144,8 +146,7 @@ class NativeLinear(PreparedLinear):
     """Our kernels: every pass without autograd, whatever its length, so a row never depends on its neighbours.
 
     Made from the weights in their natural form (`weights`: a float matrix [N, K], or GGUF blocks uint8
-    [N, K/32 * bytes per block]), which it lays out for the kernel: panels of 16 features for the float formats
-    and Q4_0/Q4_1, Q8_0's blocks as they are."""
+    [N, K/32 * bytes per block]), which it lays out for the kernels as panels of 16 output features."""
 
     path = "native"
     row_invariant = True
@@ -157,10 +158,8 @@ class NativeLinear(PreparedLinear):
         self.weight_format = weight_format
         self.in_features = in_features
         self.kernel = getattr(extension, f"linear_{KERNEL_NAMES.get(weight_format, weight_format)}")
-        if weight_format in PANEL_BLOCK_FORMATS:
+        if weight_format in BLOCK_FORMATS:
             self.data = block_panels(weights, weight_format)
-        elif weight_format in BLOCK_FORMATS:
-            self.data = weights.contiguous()
         else:
             self.data = float_panels(weights, torch.float32 if weight_format == "float32" else torch.bfloat16)
 
@@ -177,10 +176,8 @@ class NativeLinear(PreparedLinear):
 
     def weights(self) -> torch.Tensor:
         """The weights in their natural form: GGUF blocks [N, K/32 * bytes] or the float matrix [N, K]."""
-        if self.weight_format in PANEL_BLOCK_FORMATS:
-            return unpanel_blocks(self.data, self.weight_format, self.out_features)
         if self.weight_format in BLOCK_FORMATS:
-            return self.data
+            return unpanel_blocks(self.data, self.weight_format, self.out_features)
         return unpanel(self.data, self.out_features, self.in_features)
 
     def rows(self, ids: torch.Tensor, weight: torch.Tensor) -> NativeLinear:
