@@ -11,7 +11,7 @@ Measured before the decoding loop, in the same run:
 - the read bandwidth: median of several torch.sum over a 512 MB float32 tensor;
 - per format: the bytes of weights streamed per token (all prepared linears, the head included), the
   weight-stream bound bandwidth / bytes on tokens/s, and the cost model's c_d and c_v (measure_step_costs) at
-  each --configs point;
+  each --configs point, and c_v for verifications of 2 to 8 rows at the first point's exit;
 - per format: perplexity on held-out text (--ppl_text, tokenized without the chat template, the first
   --ppl_tokens tokens, in non-overlapping windows of --ppl_window tokens, one forward pass each); also HF's
   and llama.cpp's on the same token ids, as checks.
@@ -63,6 +63,9 @@ PROMPTS = [
 LLAMA = "llama.cpp"
 HF = "hf"
 FORMAT_NAMES = {"none": "float32", "bf16": "bfloat16", "int8": "Q8_0", "int4": "Q4_1"}
+
+
+VERIFY_DRAFTS = range(1, 8)  # c_v is also measured for these k: verifications of 2 to 8 rows
 
 
 def parse_args() -> argparse.Namespace:
@@ -225,10 +228,13 @@ def main() -> None:
         nbytes = sum(weight_bytes(model))  # read per decoded token, the head included
         with torch.inference_mode():
             costs = {config: measure_step_costs(model, *config) for config in configs}
+            exit_layer = configs[0][0] if configs else model.num_layers // 4
+            verify_rows = {k + 1: measure_step_costs(model, exit_layer, k)[1] for k in VERIFY_DRAFTS}
             ppl = perplexity(lambda window: model(torch.tensor([window]))[0], ids_for_ppl, args.ppl_window)
         metrics[quantize] = {"weight_format": model.weight_format, "kernel_path": model.kernel_path,
                              "weight_bytes": nbytes, "bound_tokens_per_second": bandwidth * 1e9 / nbytes if nbytes else None,
-                             "costs": {f"{e}:{k}": list(cost) for (e, k), cost in costs.items()}, "perplexity": ppl}
+                             "costs": {f"{e}:{k}": list(cost) for (e, k), cost in costs.items()},
+                             "c_v_by_rows": {"exit_layer": exit_layer, **verify_rows}, "perplexity": ppl}
     extra_ppl = {}
     if hf_model is not None:
         with torch.inference_mode():
@@ -401,6 +407,12 @@ def render(rows, system, metrics, extra_ppl, notes, args, prompts) -> list[str]:
                      f"{fmt(m['bound_tokens_per_second'], '.0f')} | {m['perplexity']:.3f} |")
     for engine, value in extra_ppl.items():
         lines.append(f"| {engine} | - | - | - | {value:.3f} |")
+    counts = [k + 1 for k in VERIFY_DRAFTS]
+    exit_layer = next(iter(metrics.values()))["c_v_by_rows"]["exit_layer"] if metrics else None
+    lines += ["", f"c_v by the rows a verification holds (k drafts + 1, through layers [{exit_layer}, L) and the head):", "",
+              "| format | " + " | ".join(f"{n} rows" for n in counts) + " |", "|---|" + "---|" * len(counts)]
+    for quantize, m in metrics.items():
+        lines.append(f"| {quantize} | " + " | ".join(f"{m['c_v_by_rows'][n]:.3f}" for n in counts) + " |")
     lines += ["",
               "| engine | weights | tokens/s | median | vs llama.cpp | of bound | c_d | c_v | acceptance | tokens/round | "
               "cost model vs AR | measured vs AR | agree fp32 | agree llama.cpp | perplexity |",
