@@ -257,6 +257,19 @@ def test_a_long_pass_across_several_weight_blocks_equals_its_rows_alone(ext, fmt
             assert_close_to(together, rows.double() @ w.double().T, 1e-5)
 
 
+def test_silu_gate_matches_torch_and_is_elementwise(ext):
+    """The gated MLP's SiLU(gate) * up, against float64, with large, tiny and zero gates; a row alone equals the
+    same row among others (elementwise), on every path."""
+    generator = torch.Generator().manual_seed(7)
+    gate_up = torch.randn(9, 2 * 37, generator=generator) * 6  # 37: a vector tail on every path
+    gate_up[0, :4] = torch.tensor([100.0, -100.0, 0.0, 1e-30])
+    reference = F.silu(gate_up[:, :37].double()) * gate_up[:, 37:].double()
+    for _ in every_isa(ext):
+        out = ext.silu_gate(gate_up)
+        assert ((out.double() - reference).abs() <= 1e-6 * reference.abs() + 1e-37).all()
+        assert torch.equal(torch.cat([ext.silu_gate(gate_up[i:i + 1]) for i in range(9)]), out)
+
+
 def sdpa_reference(q, k, v, start_pos, attendable):
     """SDPA with the boolean mask the kernel means: causal, attendable keys, and always the query's own position."""
     batch, heads, length, _ = q.shape

@@ -179,6 +179,7 @@ struct V {
     return f;
   }
   static F zero_below(F x, F lo, F r) { return x < lo ? 0.f : r; }
+  static F select_ge(F x, F lo, F a, F b) { return x >= lo ? a : b; }
 
 };
 #define FEWROW_ISA_BODY
@@ -260,6 +261,7 @@ struct V {
     return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
   }
   static FR_INLINE F zero_below(F x, F lo, F r) { return _mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_GE_OQ), r); }
+  static FR_INLINE F select_ge(F x, F lo, F a, F b) { return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, lo, _CMP_GE_OQ)); }
 
 };
 #include __FILE__
@@ -326,6 +328,7 @@ struct V {
     return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
   }
   static FR_INLINE F zero_below(F x, F lo, F r) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), r); }
+  static FR_INLINE F select_ge(F x, F lo, F a, F b) { return _mm512_mask_mov_ps(b, _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), a); }
 
 };
 #include __FILE__
@@ -393,17 +396,25 @@ struct Impl {
   decltype(&scalar::linear_bf16_impl) linear_bf16;
   decltype(&scalar::linear_q_impl) linear_q;
   decltype(&scalar::attention_impl) attention;
+  decltype(&scalar::silu_gate_impl) silu_gate;
 };
 
 static Impl impl() {
   switch (Isa(g_isa.load())) {
 #if FEWROW_X86
     case Isa::avx512bf16:
-      return {avx512::linear_f32_impl, avx512bf16::linear_bf16_impl, avx512::linear_q_impl, avx512::attention_impl};
-    case Isa::avx512: return {avx512::linear_f32_impl, avx512::linear_bf16_impl, avx512::linear_q_impl, avx512::attention_impl};
-    case Isa::avx2: return {avx2::linear_f32_impl, avx2::linear_bf16_impl, avx2::linear_q_impl, avx2::attention_impl};
+      return {avx512::linear_f32_impl, avx512bf16::linear_bf16_impl, avx512::linear_q_impl, avx512::attention_impl,
+              avx512::silu_gate_impl};
+    case Isa::avx512:
+      return {avx512::linear_f32_impl, avx512::linear_bf16_impl, avx512::linear_q_impl, avx512::attention_impl,
+              avx512::silu_gate_impl};
+    case Isa::avx2:
+      return {avx2::linear_f32_impl, avx2::linear_bf16_impl, avx2::linear_q_impl, avx2::attention_impl,
+              avx2::silu_gate_impl};
 #endif
-    default: return {scalar::linear_f32_impl, scalar::linear_bf16_impl, scalar::linear_q_impl, scalar::attention_impl};
+    default:
+      return {scalar::linear_f32_impl, scalar::linear_bf16_impl, scalar::linear_q_impl, scalar::attention_impl,
+              scalar::silu_gate_impl};
   }
 }
 
@@ -465,6 +476,16 @@ at::Tensor linear_q(int fmt, const at::Tensor& x_, const at::Tensor& w, int64_t 
   at::Tensor y = at::empty({x.size(0), out_features}, x.options());
   impl().linear_q(fmt, x.data_ptr<float>(), w.data_ptr<uint8_t>(), x.size(0), out_features, K, y.data_ptr<float>());
   return y;
+}
+
+at::Tensor silu_gate(const at::Tensor& gate_up) {
+  check_cpu(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0 && gate_up.scalar_type() == at::kFloat,
+              "gate_up must be float32 [R, 2 I]");
+  const at::Tensor gu = gate_up.contiguous();
+  at::Tensor out = at::empty({gu.size(0), gu.size(1) / 2}, gu.options());
+  impl().silu_gate(gu.data_ptr<float>(), gu.size(0), gu.size(1) / 2, out.data_ptr<float>());
+  return out;
 }
 
 std::vector<int64_t> row_starts(int64_t B, int64_t start_pos, const c10::optional<at::Tensor>& starts) {
@@ -572,6 +593,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &attention, "few-query causal attention, q [B,H,T,D], k/v [B,Hkv,S,D] -> [B,H,T,D]",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("start_pos"), py::arg("attendable") = py::none(),
         py::arg("starts") = py::none(), py::arg("rows") = py::none(), nogil);
+  m.def("silu_gate", &silu_gate, "SiLU(gate) * up from gate_up float32 [R, 2 I] -> [R, I]", py::arg("gate_up"), nogil);
   m.def("isa", &isa, "the instruction-set path in use: avx512bf16, avx512, avx2 or scalar");
   m.def("available_isas", &available_isas, "the paths this CPU can run, best last");
   m.def("set_isa", &set_isa, "force a path (error if this CPU lacks it)", py::arg("name"));
@@ -954,6 +976,35 @@ static FR_INLINE F exp_nonpos(F x) {
   p = V::fma(p, r, V::set1(1.f));
   p = V::fma(p, r, V::set1(1.f));
   return V::zero_below(x, lo, V::mul(p, V::pow2i(n)));
+}
+
+// ---- the gated MLP's activation ----
+
+// SiLU(a) * up = a * sigmoid(a) * up, the sigmoid from t = exp(-|a|): 1 / (1 + t) for a >= 0, t / (1 + t) below.
+static FR_INLINE F silu_gate_vector(F a, F up) {
+  const F t = exp_nonpos(V::sub(V::zero(), V::abs(a)));
+  const F s = V::div(V::set1(1.f), V::add(V::set1(1.f), t));
+  return V::mul(V::mul(a, V::select_ge(a, V::zero(), s, V::mul(t, s))), up);
+}
+
+// out [R, I] = SiLU(gate) * up from gate_up [R, 2 I] (model/transformer.py's MLP), elementwise: row-invariant.
+void silu_gate_impl(const float* gate_up, int64_t R, int64_t inner, float* out) {
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* a = gate_up + r * 2 * inner;
+      const float* up = a + inner;
+      float* o = out + r * inner;
+      int64_t i = 0;
+      for (; i + V::W <= inner; i += V::W) V::store(o + i, silu_gate_vector(V::load(a + i), V::load(up + i)));
+      if (i < inner) {  // the tail through one zero-padded vector: the same arithmetic per element
+        float ta[V::W] = {}, tu[V::W] = {}, to[V::W];
+        std::copy(a + i, a + inner, ta);
+        std::copy(up + i, up + inner, tu);
+        V::store(to, silu_gate_vector(V::load(ta), V::load(tu)));
+        std::copy(to, to + (inner - i), o + i);
+      }
+    }
+  });
 }
 
 static FR_INLINE float dot(const float* a, const float* b, int64_t D) {

@@ -16,6 +16,8 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, int64_t out_feat
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, int64_t out_features);
 // Block weights as panels of 16 features [ceil(N/16), K/32 * 16 * block bytes] (linear.py: block_panels).
 at::Tensor linear_q(int fmt, const at::Tensor& x, const at::Tensor& w, int64_t out_features);
+// SiLU(gate) * up, gate_up float32 [R, 2 I] -> [R, I] (the gated MLP's activation, vectorized).
+at::Tensor silu_gate(const at::Tensor& gate_up);
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t start_pos,
                      const c10::optional<at::Tensor>& attendable, const c10::optional<at::Tensor>& starts,
                      const c10::optional<at::Tensor>& rows);

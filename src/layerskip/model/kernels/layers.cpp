@@ -18,8 +18,8 @@
 namespace fewrow {
 namespace {
 
-// Rows per task of the per-row steps (norms, SiLU): a prompt's rows split across threads, a decoding step's few
-// stay on one (each row's arithmetic is the same either way).
+// Rows per task of the per-row steps (norms; fewrow.cpp's silu_gate likewise): a prompt's rows split across
+// threads, a decoding step's few stay on one (each row's arithmetic is the same either way).
 constexpr int64_t kRowGrain = 16;
 
 // y = x W^T (+ bias) for one prepared weight matrix.
@@ -141,18 +141,7 @@ at::Tensor forward_layers(const at::Tensor& hidden, const LayerStack& stack, int
     all_reduce(reduce, projected);
     x.add_(projected);
     at::Tensor gate_up = apply(layer.gate_up, rms_norm(x, layer.post_norm, eps));  // [B*T, 2 I]
-    const int64_t inner = gate_up.size(1) / 2;
-    at::Tensor gated = at::empty({B * T, inner}, x.options());
-    const float* gu = gate_up.data_ptr<float>();
-    float* g = gated.data_ptr<float>();
-    at::parallel_for(0, B * T, kRowGrain, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t i = 0; i < inner; ++i) {
-          const float a = gu[r * 2 * inner + i];
-          g[r * inner + i] = a / (1.f + std::exp(-a)) * gu[r * 2 * inner + inner + i];
-        }
-    });
-    at::Tensor down = apply(layer.down, gated);
+    at::Tensor down = apply(layer.down, silu_gate(gate_up));
     all_reduce(reduce, down);
     x.add_(down);
   }
