@@ -659,19 +659,20 @@ static FR_INLINE void store_panel_tile(const F (&acc)[RB * NP * kPanelVectors], 
 template <class WT>
 struct PanelRun {
   const WT* w; float* y; int64_t N, K;
+  int64_t xs;  // the activations' row stride, in 4-byte units (floats, or bfloat16 pairs)
 
-  // acc[i][j] += x[i] * wv[j] for the group's RB rows and the tile's NV weight vectors.
+  // acc[i][j] += x[i] * wv[j] for the group's RB rows (xk: row 0's element, rows xs apart) and NV weight vectors.
   template <int RB, int NV>
-  static FR_INLINE void multiply_add(F (&acc)[RB * NV], const F (&wv)[NV], const float* xk) {
+  FR_INLINE void multiply_add(F (&acc)[RB * NV], const F (&wv)[NV], const float* xk) const {
     repeat<RB>([&](auto i) FR_LAMBDA {
-      const F xb = V::set1(xk[i]);
+      const F xb = V::set1(xk[i * xs]);
       repeat<NV>([&](auto j) FR_LAMBDA { acc[i * NV + j] = V::fma(xb, wv[j], acc[i * NV + j]); });
     });
   }
 
   // The bfloat16 tile on the avx512bf16 path: per k pair, one vdpbf16ps per (row, vector), the pair of
-  // activations (xp: [K/2][RB], k in the low half) broadcast against 16 features' weight pairs. (VV: V, made
-  // dependent so that other paths never compile this.)
+  // activations (xp: a row's bfloat16 pairs, k in the low half) broadcast against 16 features' weight pairs.
+  // (VV: V, made dependent so that other paths never compile this.)
   template <int RB, int NP, class VV = V>
   FR_INLINE void bf16_dots(F (&acc)[RB * NP * kPanelVectors], const alias_u32* xp, const WT* wp) const {
     constexpr int NV = NP * kPanelVectors;
@@ -682,15 +683,15 @@ struct PanelRun {
         prefetch(row, 2 * kPanel * 2);
         wv[p] = VV::load_pairs(row);
       });
-      const alias_u32* xk = xp + k / 2 * RB;
+      const alias_u32* xk = xp + k / 2;
       repeat<RB>([&](auto i) FR_LAMBDA {
-        const typename VV::P xb = VV::set1_pair(xk[i]);
+        const typename VV::P xb = VV::set1_pair(xk[i * xs]);
         repeat<NV>([&](auto j) FR_LAMBDA { acc[i * NV + j] = VV::dot_pairs(acc[i * NV + j], wv[j], xb); });
       });
     }
   }
 
-  // Rows r0 .. r0 + RB - 1 (xg: those rows transposed, [K][RB]) times panels p0 .. p0 + NP - 1. The loops over
+  // Rows r0 .. r0 + RB - 1 (xg: row r0 of the activations) times panels p0 .. p0 + NP - 1. The loops over
   // rows and vectors are unrolled at compile time (repeat), so the RB x NV accumulators stay in registers.
   template <int RB, int NP>
   FR_INLINE void tile(const float* xg, int64_t r0, int64_t p0) const {
@@ -706,7 +707,7 @@ struct PanelRun {
           prefetch(row, kPanel * 4);
           repeat<kPanelVectors>([&](auto v) FR_LAMBDA { wv[p * kPanelVectors + v] = V::load(row + v * V::W); });
         });
-        multiply_add<RB, NV>(acc, wv, xg + k * RB);
+        multiply_add<RB, NV>(acc, wv, xg + k);
       }
     } else if constexpr (V::kBF16Dot) {
       bf16_dots<RB, NP>(acc, reinterpret_cast<const alias_u32*>(xg), wp);
@@ -720,8 +721,8 @@ struct PanelRun {
             V::load_bf16_pair(row + 2 * v * V::W, even[p * kPanelVectors + v], odd[p * kPanelVectors + v]);
           });
         });
-        multiply_add<RB, NV>(acc, odd, xg + (k + 1) * RB);  // k + 1 first: the order vdpbf16ps adds in
-        multiply_add<RB, NV>(acc, even, xg + k * RB);
+        multiply_add<RB, NV>(acc, odd, xg + k + 1);  // k + 1 first: the order vdpbf16ps adds in
+        multiply_add<RB, NV>(acc, even, xg + k);
       }
     }
     store_panel_tile<RB, NP>(acc, y, N, r0, p0);
@@ -748,39 +749,37 @@ struct PanelRun {
   }
 };
 
-// The rows in groups of kFloatRows (then one group of the rest), each group transposed to [K][rows] so that a
-// tile's broadcasts read one cache line per k. Parallel over panels; a pass of one group streams each thread's
-// panels once. A longer pass takes each thread's panels in L2-sized blocks and runs every group over a block
-// before the next, so the weights still come from memory once (as drive does for the block formats).
+// The rows in groups of kFloatRows (then one group of the rest), a tile broadcasting each row's activations
+// from the rows as they are (bfloat16: rounded first, into a copy). Parallel over panels; a pass of one group
+// streams each thread's panels once. A longer pass takes each thread's panels in L2-sized blocks and runs every
+// group over a block before the next, so the weights still come from memory once.
 template <class WT>
 static void linear_panels(const float* x, const WT* w, int64_t R, int64_t N, int64_t K, float* y) {
   constexpr int64_t G = V::kFloatRows;
-  const int64_t Kw = std::is_same_v<WT, float> ? K : round_up(K, 2);  // bfloat16 panels: k in pairs, zero-padded
-  std::vector<float> xt(R * Kw, 0.f);
-  for (int64_t r0 = 0; r0 < R; r0 += G) {
-    const int64_t rb = std::min(G, R - r0);
-    float* xg = xt.data() + r0 * Kw;
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t i = 0; i < rb; ++i) {
-        const float v = x[(r0 + i) * K + k];
-        if constexpr (std::is_same_v<WT, float>) {
-          xg[k * rb + i] = v;
-        } else if constexpr (V::kBF16Dot) {  // [K/2][rb] bfloat16 pairs, k in the low half
-          reinterpret_cast<alias_u16*>(xg)[(k / 2 * rb + i) * 2 + k % 2] = round_to_bf16(v);
-        } else {
-          xg[k * rb + i] = bf16_to_float(round_to_bf16(v));
-        }
+  const float* rows = x;
+  int64_t stride = K;  // in 4-byte units
+  std::vector<float> rounded;
+  if constexpr (!std::is_same_v<WT, float>) {  // bfloat16 panels: k in pairs, K padded with a zero
+    const int64_t Kw = round_up(K, 2);
+    rounded.assign(R * Kw, 0.f);
+    alias_u16* halves = reinterpret_cast<alias_u16*>(rounded.data());  // the avx512bf16 path: [R][Kw] bfloat16
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t k = 0; k < K; ++k) {
+        const uint16_t h = round_to_bf16(x[r * K + k]);
+        if constexpr (V::kBF16Dot) halves[r * Kw + k] = h;
+        else rounded[r * Kw + k] = bf16_to_float(h);
       }
-    }
+    rows = rounded.data(), stride = V::kBF16Dot ? Kw / 2 : Kw;
+    K = Kw;
   }
-  const PanelRun<WT> run{w, y, N, Kw};
-  const int64_t P = (N + kPanel - 1) / kPanel, panel_bytes = Kw * kPanel * int64_t(sizeof(WT));
+  const PanelRun<WT> run{w, y, N, K, stride};
+  const int64_t P = (N + kPanel - 1) / kPanel, panel_bytes = K * kPanel * int64_t(sizeof(WT));
   const int64_t block = R > G ? std::max<int64_t>(1, kL2BlockBytes / panel_bytes) : P;
   at::parallel_for(0, P, tile_grain(panel_bytes), [&](int64_t p0, int64_t p1) {
     for (int64_t b0 = p0; b0 < p1; b0 += block) {
       const int64_t b1 = std::min(p1, b0 + block);
       for (int64_t r0 = 0; r0 < R; r0 += G)
-        run.template walk_rows<G>(std::min(G, R - r0), xt.data() + r0 * Kw, r0, b0, b1);
+        run.template walk_rows<G>(std::min(G, R - r0), rows + r0 * stride, r0, b0, b1);
     }
   });
 }
@@ -797,17 +796,24 @@ void linear_bf16_impl(const float* x, const uint16_t* w, int64_t R, int64_t N, i
 
 #ifndef FEWROW_BF16_DOT
 // Quantize one block of 32 activations: scale = max|x| / 127, q = x / scale rounded half to even; returns the
-// scale. Division and rounding are exact IEEE operations, so every path gets the same q and scales.
-static FR_INLINE float quantize_block(const float* xb, int8_t* qb) {
+// scale, and the sum of q in `sum` (integers, exact in float32 in any order). Division and rounding are exact
+// IEEE operations, so every path gets the same q and scales.
+static FR_INLINE float quantize_block(const float* xb, int8_t* qb, int32_t& sum) {
   F m = V::zero();
   for (int e = 0; e < kBlock; e += V::W) m = V::max(m, V::abs(V::load(xb + e)));
   const float d = V::hmax(m) / 127.f;
   if (d > 0.f) {
     const F db = V::set1(d), lo = V::set1(-127.f), hi = V::set1(127.f);
-    for (int e = 0; e < kBlock; e += V::W)  // the clamp also maps nan to a number
-      V::store_i8(qb + e, V::min(V::max(V::round(V::div(V::load(xb + e), db)), lo), hi));
+    F total = V::zero();
+    for (int e = 0; e < kBlock; e += V::W) {  // the clamp also maps nan to a number
+      const F q = V::min(V::max(V::round(V::div(V::load(xb + e), db)), lo), hi);
+      V::store_i8(qb + e, q);
+      total = V::add(total, q);
+    }
+    sum = int32_t(V::hsum(total));
   } else {
     std::memset(qb, 0, kBlock);
+    sum = 0;
   }
   return d;
 }
@@ -925,15 +931,12 @@ static void linear_q_panels(const float* x, const uint8_t* w, int64_t R, int64_t
     groups.push_back({rb, q.data() + r0 * nb * 8, d.data() + r0 * nb, corr.data() + r0 * nb, dsum.data() + r0 * nb});
   }
   at::parallel_for(0, R, 16, [&](int64_t ra, int64_t rz) {
-    int8_t qb[kBlock];
     for (int64_t r = ra; r < rz; ++r) {
       const int64_t r0 = r / G * G, rb = std::min(G, R - r0), i = r - r0;
       for (int64_t b = 0; b < nb; ++b) {
-        const float scale = quantize_block(x + r * K + b * kBlock, qb);
-        int32_t sum = 0;
-        for (int e = 0; e < kBlock; ++e) sum += qb[e];
         const int64_t at = r0 * nb + b * rb + i;
-        std::memcpy(q.data() + at * 8, qb, kBlock);
+        int32_t sum;
+        const float scale = quantize_block(x + r * K + b * kBlock, reinterpret_cast<int8_t*>(q.data() + at * 8), sum);
         d[at] = scale, corr[at] = -panel_zero(FMT) * sum, dsum[at] = scale * float(sum);
       }
     }
