@@ -12,10 +12,12 @@ The extension module's functions (all tensors on the CPU; x float32 [R, K], R >=
 - ``linear_bf16(x, w, out_features)``: w bfloat16 panels [ceil(N/16), ceil(K/2), 32], k pairs interleaved; x is
   rounded to bfloat16 and each pair is added k + 1 first (vdpbf16ps on the avx512bf16 path, exact float32
   products and FMAs elsewhere: the same results, bfloat16 subnormals aside).
-- ``linear_q8_0(x, w_blocks)``, ``linear_q4_0(x, w_blocks)``, ``linear_q4_1(x, w_blocks)``: w_blocks is uint8
-  [N, K/32 * block_bytes] holding the GGUF block bytes of each row (34, 18, 20 bytes per block). K is not
-  passed: it is inferred from the row length and must equal x.shape[1]. x is quantized per row to int8 in
-  blocks of 32 (scale max|x|/127, round half to even) and the block dot products run in integers.
+- ``linear_q8_0(x, w_blocks, out_features)``, ``linear_q4_0(...)``, ``linear_q4_1(...)``: w_blocks is uint8
+  [ceil(N/16), K/32 * 16 * block_bytes], GGUF's blocks (34, 18, 20 bytes) laid out as panels of 16 features
+  (linear.py: block_panels; only the bytes move). K is not passed: it is inferred from the row length and must
+  equal x.shape[1]. x is quantized per row to int8 in blocks of 32 (scale max|x|/127, round half to even) and
+  the block dot products run in integers.
+- ``silu_gate(gate_up)``: SiLU(gate) * up for gate_up float32 [R, 2 I] -> [R, I], elementwise.
 - ``attention(q, k, v, start_pos, attendable=None)``: q [B, H, T, D]; k, v [B, Hkv, S, D], views of a cache
   are fine as long as the last dim is contiguous; H a multiple of Hkv. Query t (position start_pos + t)
   sees keys s <= start_pos + t with attendable[b, s] (bool [B, S'], S' >= S), and always its own position.
@@ -23,8 +25,7 @@ The extension module's functions (all tensors on the CPU; x float32 [R, K], R >=
   masked out of a query leaves it bit-identical to the query alone. Returns [B, H, T, D] float32. A query with
   nothing to attend (only when its position is past S) gets zeros.
 - ``isa()``, ``available_isas()``, ``set_isa(name)``: the instruction-set path ("avx512bf16", "avx512", "avx2",
-  "scalar");
-  the best one the CPU has is chosen at import, ``LAYERSKIP_ISA`` forces one.
+  "scalar"); the best one the CPU has is chosen at import, ``LAYERSKIP_ISA`` forces one.
 
 ``LAYERSKIP_NATIVE=0`` disables the extension; ``LAYERSKIP_CACHE`` moves the build directory.
 """
