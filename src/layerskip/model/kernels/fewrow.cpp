@@ -111,10 +111,10 @@ constexpr int64_t kL2BlockBytes = 256 << 10;  // weights a thread keeps in L2 ov
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-// Grain for at::parallel_for over output features: at least ~64 KiB of weights per task, so small matrices stay
-// on one thread and big ones split evenly.
-inline int64_t tile_grain(int64_t row_bytes) {
-  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, row_bytes));
+// Grain for at::parallel_for over panels: at least ~64 KiB of weights per task, so small matrices stay on one
+// thread and big ones split evenly.
+inline int64_t tile_grain(int64_t panel_bytes) {
+  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, panel_bytes));
 }
 
 // ---- vector abstractions -------------------------------------------------------------------------------
@@ -328,7 +328,9 @@ struct V {
     return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
   }
   static FR_INLINE F zero_below(F x, F lo, F r) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), r); }
-  static FR_INLINE F select_ge(F x, F lo, F a, F b) { return _mm512_mask_mov_ps(b, _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), a); }
+  static FR_INLINE F select_ge(F x, F lo, F a, F b) {
+    return _mm512_mask_mov_ps(b, _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), a);
+  }
 
 };
 #include __FILE__
@@ -614,9 +616,34 @@ FR_INLINE void repeat(Fn&& fn) {
   repeat_each(fn, std::make_integer_sequence<int, N>{});
 }
 
+// fn(rb) with rb = rows (1 <= rows <= G) as a compile-time constant: a group's row count sizes its registers.
+template <int G, class Fn>
+FR_INLINE void with_rows(int64_t rows, Fn&& fn) {
+  if constexpr (G > 0) {
+    if (rows == G) fn(std::integral_constant<int, G>{});
+    else with_rows<G - 1>(rows, fn);
+  }
+}
+
 // Software prefetch a fixed distance ahead of the weight stream (each thread reads one contiguous range).
 static FR_INLINE void prefetch(const void* p, int bytes) {
   for (int o = 0; o < bytes; o += 64) __builtin_prefetch(static_cast<const char*>(p) + kPrefetchBytes + o, 0, 3);
+}
+
+// A pass of R rows over P panels of panel_bytes each, the rows in groups of G: visit(rb, r0, b0, b1) runs rows
+// r0 .. r0 + rb - 1 (rb a compile-time constant) over panels [b0, b1). Parallel over panels; a pass of one group
+// streams each thread's panels once. A longer pass takes each thread's panels in L2-sized blocks and runs every
+// group over a block before the next, so the weights still come from memory once.
+template <int G, class Visit>
+static FR_INLINE void over_panels(int64_t R, int64_t P, int64_t panel_bytes, const Visit& visit) {
+  const int64_t block = R > G ? std::max<int64_t>(1, kL2BlockBytes / panel_bytes) : P;
+  at::parallel_for(0, P, tile_grain(panel_bytes), [&](int64_t p0, int64_t p1) {
+    for (int64_t b0 = p0; b0 < p1; b0 += block) {
+      const int64_t b1 = std::min(p1, b0 + block);
+      for (int64_t r0 = 0; r0 < R; r0 += G)
+        with_rows<G>(std::min<int64_t>(G, R - r0), [&](auto rb) FR_LAMBDA { visit(rb, r0, b0, b1); });
+    }
+  });
 }
 
 // ---- f32 / bf16 weights: panels ----
@@ -739,23 +766,12 @@ struct PanelRun {
     if constexpr (NP > 1)
       for (; p < b1; ++p) tile<RB, 1>(xg, r0, p);
   }
-
-  template <int RB>
-  FR_INLINE void walk_rows(int64_t rows, const float* xg, int64_t r0, int64_t b0, int64_t b1) const {
-    if constexpr (RB > 0) {
-      if (rows == RB) walk<RB>(xg, r0, b0, b1);
-      else walk_rows<RB - 1>(rows, xg, r0, b0, b1);
-    }
-  }
 };
 
-// The rows in groups of kFloatRows (then one group of the rest), a tile broadcasting each row's activations
-// from the rows as they are (bfloat16: rounded first, into a copy). Parallel over panels; a pass of one group
-// streams each thread's panels once. A longer pass takes each thread's panels in L2-sized blocks and runs every
-// group over a block before the next, so the weights still come from memory once.
+// The rows in groups of kFloatRows (over_panels), a tile broadcasting each row's activations from the rows as
+// they are (bfloat16: rounded first, into a copy).
 template <class WT>
 static void linear_panels(const float* x, const WT* w, int64_t R, int64_t N, int64_t K, float* y) {
-  constexpr int64_t G = V::kFloatRows;
   const float* rows = x;
   int64_t stride = K;  // in 4-byte units
   std::vector<float> rounded;
@@ -773,15 +789,10 @@ static void linear_panels(const float* x, const WT* w, int64_t R, int64_t N, int
     K = Kw;
   }
   const PanelRun<WT> run{w, y, N, K, stride};
-  const int64_t P = (N + kPanel - 1) / kPanel, panel_bytes = K * kPanel * int64_t(sizeof(WT));
-  const int64_t block = R > G ? std::max<int64_t>(1, kL2BlockBytes / panel_bytes) : P;
-  at::parallel_for(0, P, tile_grain(panel_bytes), [&](int64_t p0, int64_t p1) {
-    for (int64_t b0 = p0; b0 < p1; b0 += block) {
-      const int64_t b1 = std::min(p1, b0 + block);
-      for (int64_t r0 = 0; r0 < R; r0 += G)
-        run.template walk_rows<G>(std::min(G, R - r0), rows + r0 * stride, r0, b0, b1);
-    }
-  });
+  over_panels<V::kFloatRows>(R, (N + kPanel - 1) / kPanel, K * kPanel * int64_t(sizeof(WT)),
+                             [&](auto rb, int64_t r0, int64_t b0, int64_t b1) FR_LAMBDA {
+                               run.template walk<decltype(rb)::value>(rows + r0 * stride, r0, b0, b1);
+                             });
 }
 
 #ifndef FEWROW_BF16_DOT  // that namespace compiles only the bfloat16 kernel
@@ -838,7 +849,6 @@ static FR_INLINE float quantize_block(const float* xb, int8_t* qb, int32_t& sum)
 // A group's quantized activations, by block: q [nb][rb][8] dwords, d [nb][rb], and per (block, row) the
 // int32 -Z * sum(q) and the float d * sum(q) (Q4_1).
 struct QGroup {
-  int64_t rows = 0;
   const uint32_t* q = nullptr;
   const float* d = nullptr;
   const int32_t* corr = nullptr;
@@ -905,17 +915,6 @@ struct PanelQRun {
     }
     store_panel_tile<RB, 1>(acc, y, N, r0, p);
   }
-
-  template <int RB>
-  FR_INLINE void walk_rows(const QGroup& g, int64_t r0, int64_t b0, int64_t b1) const {
-    if constexpr (RB > 0) {
-      if (g.rows == RB) {
-        for (int64_t p = b0; p < b1; ++p) tile<RB>(g, r0, p);
-      } else {
-        walk_rows<RB - 1>(g, r0, b0, b1);
-      }
-    }
-  }
 };
 
 template <int FMT>
@@ -925,11 +924,6 @@ static void linear_q_panels(const float* x, const uint8_t* w, int64_t R, int64_t
   std::vector<uint32_t> q(R * nb * 8);
   std::vector<float> d(R * nb), dsum(R * nb);
   std::vector<int32_t> corr(R * nb);
-  std::vector<QGroup> groups;
-  for (int64_t r0 = 0; r0 < R; r0 += G) {
-    const int64_t rb = std::min(G, R - r0);
-    groups.push_back({rb, q.data() + r0 * nb * 8, d.data() + r0 * nb, corr.data() + r0 * nb, dsum.data() + r0 * nb});
-  }
   at::parallel_for(0, R, 16, [&](int64_t ra, int64_t rz) {
     for (int64_t r = ra; r < rz; ++r) {
       const int64_t r0 = r / G * G, rb = std::min(G, R - r0), i = r - r0;
@@ -942,15 +936,12 @@ static void linear_q_panels(const float* x, const uint8_t* w, int64_t R, int64_t
     }
   });
   const PanelQRun<FMT> run{w, y, N, nb};
-  const int64_t P = (N + kPanel - 1) / kPanel, panel_bytes = nb * panel_block_bytes(FMT);
-  const int64_t block = R > G ? std::max<int64_t>(1, kL2BlockBytes / panel_bytes) : P;
-  at::parallel_for(0, P, tile_grain(panel_bytes), [&](int64_t p0, int64_t p1) {
-    for (int64_t b0 = p0; b0 < p1; b0 += block) {
-      const int64_t b1 = std::min(p1, b0 + block);
-      for (size_t gi = 0; gi < groups.size(); ++gi)
-        run.template walk_rows<G>(groups[gi], int64_t(gi) * G, b0, b1);
-    }
-  });
+  over_panels<G>(R, (N + kPanel - 1) / kPanel, nb * panel_block_bytes(FMT),
+                 [&](auto rb, int64_t r0, int64_t b0, int64_t b1) FR_LAMBDA {
+                   const int64_t at = r0 * nb;  // the group's first record
+                   const QGroup g{q.data() + at * 8, d.data() + at, corr.data() + at, dsum.data() + at};
+                   for (int64_t p = b0; p < b1; ++p) run.template tile<decltype(rb)::value>(g, r0, p);
+                 });
 }
 
 void linear_q_impl(int fmt, const float* x, const uint8_t* w, int64_t R, int64_t N, int64_t K, float* y) {
